@@ -1,0 +1,38 @@
+//! One error type for the library. Nothing on the request path panics or
+//! exits: every failure travels up as an `Error` and becomes an API error.
+
+use crate::tensor::DType;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("this build of Kestrel has no CUDA kernels (nvcc was not found when it was built); run tools/install_cuda.sh and rebuild, or use the CPU backend")]
+    NoKernels,
+    #[error("no usable CUDA device: {0}")]
+    NoDevice(String),
+    #[error("CUDA driver error: {0}")]
+    Driver(#[from] cudarc::driver::DriverError),
+    #[error("cuBLAS error: {0}")]
+    Cublas(#[from] cudarc::cublas::result::CublasError),
+    #[error("kernel `{0}` is not in the embedded CUDA modules")]
+    KernelNotFound(String),
+    #[error("out of GPU memory: asked for {requested} bytes with {in_use} bytes in use")]
+    OutOfMemory { requested: usize, in_use: usize },
+    #[error("{op}: {msg}")]
+    Shape { op: &'static str, msg: String },
+    #[error("{op}: dtype {got:?} is not supported here (supported: {supported})")]
+    DType { op: &'static str, got: DType, supported: &'static str },
+    #[error("{op}: tensors live on different devices")]
+    DeviceMismatch { op: &'static str },
+}
+
+/// `Err(Error::Shape)` unless `cond` holds; the message is built only on failure.
+#[macro_export]
+macro_rules! ensure_shape {
+    ($cond:expr, $op:expr, $($fmt:tt)+) => {
+        if !$cond {
+            return Err($crate::error::Error::Shape { op: $op, msg: format!($($fmt)+) });
+        }
+    };
+}

@@ -1,0 +1,14 @@
+//! Kestrel: serve vision-language models on hand-written CUDA kernels.
+//!
+//! Layout (docs/architecture.md has the longer story):
+//! - `cuda`   device context, stream, memory pool, kernel registry, cuBLAS
+//! - `tensor` a minimal tensor over host (f32/i32) or device memory
+//! - `ops`    every op with a CPU f32 reference and a CUDA launcher
+
+pub mod cuda;
+pub mod error;
+pub mod ops;
+pub mod tensor;
+
+pub use error::{Error, Result};
+pub use tensor::{DType, Device, Tensor};
