@@ -12,3 +12,6 @@ pub mod tensor;
 
 pub use error::{Error, Result};
 pub use tensor::{DType, Device, Tensor};
+pub mod model;
+pub mod multimodal;
+pub mod text;

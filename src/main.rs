@@ -1,1 +1,54 @@
-fn main() {}
+//! The `kestrel` command line.
+
+use clap::{Parser, Subcommand};
+
+use kestrel::cuda::{registry, Gpu, HAVE_KERNELS};
+
+#[derive(Parser)]
+#[command(name = "kestrel", version, about = "Serve vision-language models on hand-written CUDA kernels")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// What this build holds and which GPU it sees.
+    Info {
+        /// Fail (exit 1) unless a GPU with the kernels is usable.
+        #[arg(long)]
+        require_gpu: bool,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Info { require_gpu } => std::process::exit(info(require_gpu)),
+    }
+}
+
+fn info(require_gpu: bool) -> i32 {
+    println!("kestrel {}", env!("CARGO_PKG_VERSION"));
+    if HAVE_KERNELS {
+        let names: Vec<&str> = registry::module_names().collect();
+        println!("CUDA kernels: embedded ({} modules: {})", names.len(), names.join(", "));
+    } else {
+        println!("CUDA kernels: not built in (nvcc was missing at build time; run tools/install_cuda.sh and rebuild)");
+    }
+    match Gpu::new(0) {
+        Ok(gpu) => {
+            let (maj, min) = gpu.capability();
+            println!("GPU 0: {} (sm_{maj}{min}, {} SMs)", gpu.name(), gpu.sm_count());
+            0
+        }
+        Err(e) => {
+            println!("GPU: none usable: {e}");
+            if require_gpu {
+                1
+            } else {
+                0
+            }
+        }
+    }
+}

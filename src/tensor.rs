@@ -127,7 +127,10 @@ impl Tensor {
     /// Float data, stored as `dtype` (rounded to it) on either device.
     pub fn from_f32(dev: &Device, shape: &[usize], data: &[f32], dtype: DType) -> Result<Self> {
         if numel(shape) != data.len() {
-            return Err(Error::Shape { op: "from_f32", msg: format!("shape {shape:?} needs {} values, got {}", numel(shape), data.len()) });
+            return Err(Error::Shape {
+                op: "from_f32",
+                msg: format!("shape {shape:?} needs {} values, got {}", numel(shape), data.len()),
+            });
         }
         if !dtype.is_float() {
             return Err(Error::DType { op: "from_f32", got: dtype, supported: "f32, bf16, f16" });
@@ -152,7 +155,10 @@ impl Tensor {
 
     pub fn from_i32(dev: &Device, shape: &[usize], data: &[i32]) -> Result<Self> {
         if numel(shape) != data.len() {
-            return Err(Error::Shape { op: "from_i32", msg: format!("shape {shape:?} needs {} values, got {}", numel(shape), data.len()) });
+            return Err(Error::Shape {
+                op: "from_i32",
+                msg: format!("shape {shape:?} needs {} values, got {}", numel(shape), data.len()),
+            });
         }
         let storage = match dev {
             Device::Cpu => Storage::I32(data.to_vec()),

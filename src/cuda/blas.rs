@@ -52,7 +52,17 @@ impl Blas {
     /// `y[m, n] = x[m, k] · w[n, k]ᵀ` (see the module doc). Pointers are device
     /// pointers; `in_dtype` is that of x and w, `out_dtype` that of y.
     #[allow(clippy::too_many_arguments)]
-    pub fn gemm(&self, y: u64, x: u64, w: u64, m: usize, n: usize, k: usize, in_dtype: DType, out_dtype: DType) -> Result<()> {
+    pub fn gemm(
+        &self,
+        y: u64,
+        x: u64,
+        w: u64,
+        m: usize,
+        n: usize,
+        k: usize,
+        in_dtype: DType,
+        out_dtype: DType,
+    ) -> Result<()> {
         let (Some(a_t), Some(c_t)) = (data_type(in_dtype), data_type(out_dtype)) else {
             return Err(crate::Error::DType { op: "gemm", got: DType::I32, supported: "bf16, f16, f32" });
         };

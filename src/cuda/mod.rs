@@ -89,7 +89,14 @@ impl Gpu {
     }
 
     /// Launches kernel `name` on the stream.
-    pub fn launch(&self, name: &str, grid: (u32, u32, u32), block: (u32, u32, u32), smem: u32, args: &[Arg]) -> Result<()> {
+    pub fn launch(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        smem: u32,
+        args: &[Arg],
+    ) -> Result<()> {
         let f = self.kernels.function(name)?;
         self.bind()?;
         // Each argument lives in an 8-byte slot; the driver reads as many bytes
@@ -155,11 +162,31 @@ impl Gpu {
 
     pub fn copy(&self, dst: &DeviceBuffer, src: &DeviceBuffer, bytes: usize) -> Result<()> {
         if bytes > dst.bytes || bytes > src.bytes {
-            return Err(Error::Shape { op: "copy", msg: format!("{bytes} bytes between buffers of {} and {}", src.bytes, dst.bytes) });
+            return Err(Error::Shape {
+                op: "copy",
+                msg: format!("{bytes} bytes between buffers of {} and {}", src.bytes, dst.bytes),
+            });
         }
         self.bind()?;
         unsafe { drv::memcpy_dtod_async(dst.ptr, src.ptr, bytes, self.stream.cu_stream())? };
         Ok(())
+    }
+
+    /// Times `f` with CUDA events: `warmup` untimed runs, then `iters` timed
+    /// ones; returns each run's milliseconds (for medians in benchmarks).
+    pub fn time_ms(&self, warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f32>> {
+        for _ in 0..warmup {
+            f()?;
+        }
+        let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let mut events = Vec::with_capacity(iters);
+        for _ in 0..iters {
+            let start = self.stream.record_event(timing)?;
+            f()?;
+            events.push((start, self.stream.record_event(timing)?));
+        }
+        self.synchronize()?;
+        Ok(events.iter().map(|(a, b)| a.elapsed_ms(b)).collect::<Result<_, _>>()?)
     }
 
     /// Waits for all queued work; asynchronous kernel faults surface here.

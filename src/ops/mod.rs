@@ -55,7 +55,11 @@ pub(crate) fn float_dtype(op: &'static str, ts: &[&Tensor]) -> Result<DType> {
     let dt = ts[0].dtype();
     for t in ts {
         if t.dtype() != dt || !matches!(t.dtype(), DType::BF16 | DType::F32) {
-            return Err(Error::DType { op, got: t.dtype(), supported: "bf16 or f32, the same for every float operand" });
+            return Err(Error::DType {
+                op,
+                got: t.dtype(),
+                supported: "bf16 or f32, the same for every float operand",
+            });
         }
     }
     Ok(dt)

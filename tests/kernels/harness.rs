@@ -127,13 +127,31 @@ pub fn check_gpu(op: &str, shape: &str, dt: DType, got: &[f32], reference: &[f64
     let (max_err, rel_l2) = errors(&widen(got), reference);
     let (base_err, _) = errors(baseline, reference);
     let tol = 2.0 * base_err + 1e-6 * max_abs(reference);
-    Row { backend: "gpu", op: op.into(), shape: shape.into(), dtype: dt.name(), max_err, tol, rel_l2, pass: max_err <= tol }
+    Row {
+        backend: "gpu",
+        op: op.into(),
+        shape: shape.into(),
+        dtype: dt.name(),
+        max_err,
+        tol,
+        rel_l2,
+        pass: max_err <= tol,
+    }
 }
 
 /// Exact comparison (gathers, indices): tolerance 0.
 pub fn check_exact(backend: &'static str, op: &str, shape: &str, dt: DType, got: &[f64], reference: &[f64]) -> Row {
     let (max_err, rel_l2) = errors(got, reference);
-    Row { backend, op: op.into(), shape: shape.into(), dtype: dt.name(), max_err, tol: 0.0, rel_l2, pass: max_err == 0.0 }
+    Row {
+        backend,
+        op: op.into(),
+        shape: shape.into(),
+        dtype: dt.name(),
+        max_err,
+        tol: 0.0,
+        rel_l2,
+        pass: max_err == 0.0,
+    }
 }
 
 /// For bf16 kernels: the reference and its naive-bf16 baseline (the reference
@@ -147,7 +165,15 @@ pub fn bf16_ref_and_baseline(reference: &[f32]) -> (Vec<f64>, Vec<f64>) {
 ///
 /// `ref64` is the independent f64 result, `cpu` the CPU reference's output,
 /// `gpu` the kernel's output (downloaded, as f32), `n` the reduction length.
-pub fn rows_for(op: &str, shape: &str, dt: DType, n: usize, ref64: &[f64], cpu: &[f32], gpu: Option<&[f32]>) -> Vec<Row> {
+pub fn rows_for(
+    op: &str,
+    shape: &str,
+    dt: DType,
+    n: usize,
+    ref64: &[f64],
+    cpu: &[f32],
+    gpu: Option<&[f32]>,
+) -> Vec<Row> {
     let mut rows = vec![check_cpu(op, shape, cpu, ref64, n)];
     if let Some(g) = gpu {
         rows.push(match dt {

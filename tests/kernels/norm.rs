@@ -53,7 +53,15 @@ pub fn cases() -> Vec<Case> {
                     o
                 });
                 let r64 = rms64(&widen(&xd), &widen(&wd), cols, eps as f64);
-                rows_out.extend(rows_for("rms_norm", &label, dt, cols, &r64, &oc.to_f32_vec().unwrap(), gpu_out(&og).as_deref()));
+                rows_out.extend(rows_for(
+                    "rms_norm",
+                    &label,
+                    dt,
+                    cols,
+                    &r64,
+                    &oc.to_f32_vec().unwrap(),
+                    gpu_out(&og).as_deref(),
+                ));
             }
             rows_out
         }));
@@ -72,7 +80,8 @@ pub fn cases() -> Vec<Case> {
                 norm::add_rms_norm(&mut oc, &mut rc, &xc, &wc, eps).unwrap();
                 let og = gpu.map(|g| {
                     let mut o = poisoned(g, &shape, dt);
-                    norm::add_rms_norm(&mut o, rg.as_mut().unwrap(), xg.as_ref().unwrap(), wg.as_ref().unwrap(), eps).unwrap();
+                    norm::add_rms_norm(&mut o, rg.as_mut().unwrap(), xg.as_ref().unwrap(), wg.as_ref().unwrap(), eps)
+                        .unwrap();
                     o
                 });
                 // The residual sum: the kernel stores it in dt, so the reference
@@ -93,7 +102,15 @@ pub fn cases() -> Vec<Case> {
                 if dt == DType::F32 {
                     rows_out.push(check_cpu("add_rms_norm", &label, &oc.to_f32_vec().unwrap(), &r64, cols));
                 }
-                rows_out.extend(rows_for("add_rms_norm", &label, dt, cols, &r64, &oc2.to_f32_vec().unwrap(), gpu_out(&og).as_deref()));
+                rows_out.extend(rows_for(
+                    "add_rms_norm",
+                    &label,
+                    dt,
+                    cols,
+                    &r64,
+                    &oc2.to_f32_vec().unwrap(),
+                    gpu_out(&og).as_deref(),
+                ));
             }
             rows_out
         }));
@@ -113,11 +130,20 @@ pub fn cases() -> Vec<Case> {
                 norm::layer_norm(&mut oc, &xc, &wc, &bc, eps).unwrap();
                 let og = gpu.map(|g| {
                     let mut o = poisoned(g, &shape, dt);
-                    norm::layer_norm(&mut o, xg.as_ref().unwrap(), wg.as_ref().unwrap(), bg.as_ref().unwrap(), eps).unwrap();
+                    norm::layer_norm(&mut o, xg.as_ref().unwrap(), wg.as_ref().unwrap(), bg.as_ref().unwrap(), eps)
+                        .unwrap();
                     o
                 });
                 let r64 = ln64(&widen(&xd), &widen(&wd), &widen(&bd), cols, eps as f64);
-                rows_out.extend(rows_for("layer_norm", &label, dt, cols, &r64, &oc.to_f32_vec().unwrap(), gpu_out(&og).as_deref()));
+                rows_out.extend(rows_for(
+                    "layer_norm",
+                    &label,
+                    dt,
+                    cols,
+                    &r64,
+                    &oc.to_f32_vec().unwrap(),
+                    gpu_out(&og).as_deref(),
+                ));
             }
             rows_out
         }));

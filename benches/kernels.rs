@@ -1,0 +1,155 @@
+//! Kernel microbenchmarks on the GPU: `cargo bench --bench kernels`.
+//!
+//! First the two ceilings, measured here on this card in this run: device
+//! copy bandwidth (bytes read + written by a 1 GiB device-to-device copy) and
+//! the cuBLAS bf16 GEMM rate (8192³). Then each kernel at a size that fills
+//! the chip, its median time over 50 runs (CUDA events, after warm-up), the
+//! bytes it must move (each input read once, each output written once) or
+//! the flops it must do, and the ratio to the matching ceiling. Inputs are
+//! larger than L2 (50 MB on an H100), so repeated runs measure DRAM.
+//! Prints a table; without a GPU it says so and exits 0.
+
+use kestrel::cuda::Gpu;
+use kestrel::ops::{activation, attention, gemm, norm, softmax};
+use kestrel::{DType, Device, Tensor};
+use std::sync::Arc;
+
+const WARMUP: usize = 5;
+const ITERS: usize = 50;
+
+fn median(mut v: Vec<f32>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2] as f64
+}
+
+fn rand_tensor(dev: &Device, shape: &[usize], scale: f32, seed: &mut u64) -> Tensor {
+    let n: usize = shape.iter().product();
+    let data: Vec<f32> = (0..n)
+        .map(|_| {
+            *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((*seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
+        })
+        .collect();
+    Tensor::from_f32(dev, shape, &data, DType::BF16).expect("upload")
+}
+
+struct Row {
+    name: String,
+    shape: String,
+    ms: f64,
+    rate: f64,
+    unit: &'static str,
+    ceiling: f64,
+}
+
+fn main() {
+    let gpu = match Gpu::new(0) {
+        Ok(g) => g,
+        Err(e) => {
+            println!("kernel benchmarks skipped: no GPU: {e}");
+            return;
+        }
+    };
+    if let Err(e) = run(&gpu) {
+        eprintln!("benchmark failed: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(gpu: &Arc<Gpu>) -> kestrel::Result<()> {
+    let dev = Device::Cuda(gpu.clone());
+    let mut seed = 12345u64;
+    let mut rows: Vec<Row> = Vec::new();
+    let gb = |bytes: usize, ms: f64| bytes as f64 / (ms * 1e-3) / 1e9;
+
+    // Ceiling 1: device copy bandwidth.
+    let bytes = 1usize << 30;
+    let (a, b) = (gpu.alloc(bytes)?, gpu.alloc(bytes)?);
+    gpu.memset(&a, 0x3c)?;
+    let ms = median(gpu.time_ms(WARMUP, 20, || gpu.copy(&b, &a, bytes))?);
+    let copy_gbs = gb(2 * bytes, ms);
+    rows.push(Row { name: "copy (ceiling)".into(), shape: "1 GiB".into(), ms, rate: copy_gbs, unit: "GB/s", ceiling: copy_gbs });
+    drop((a, b));
+
+    // Ceiling 2: cuBLAS bf16 GEMM.
+    let (m, n, k) = (8192, 8192, 8192);
+    let x = rand_tensor(&dev, &[m, k], 1.0, &mut seed);
+    let w = rand_tensor(&dev, &[n, k], 1.0, &mut seed);
+    let mut y = Tensor::empty(&dev, &[m, n], DType::BF16)?;
+    let ms = median(gpu.time_ms(WARMUP, 20, || gemm::gemm(&mut y, &x, &w))?);
+    let gemm_tf = 2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e12;
+    rows.push(Row { name: "gemm bf16 (ceiling)".into(), shape: format!("{m}x{n}x{k}"), ms, rate: gemm_tf, unit: "TFLOP/s", ceiling: gemm_tf });
+    drop((x, w, y));
+
+    // Memory-bound kernels: bytes over the copy ceiling.
+    let mut mem = |name: &str, shape: String, bytes: usize, f: &mut dyn FnMut() -> kestrel::Result<()>| -> kestrel::Result<()> {
+        let ms = median(gpu.time_ms(WARMUP, ITERS, &mut *f)?);
+        rows.push(Row { name: name.into(), shape, ms, rate: gb(bytes, ms), unit: "GB/s", ceiling: copy_gbs });
+        Ok(())
+    };
+    {
+        let (r, c) = (16384, 4096);
+        let x = rand_tensor(&dev, &[r, c], 1.0, &mut seed);
+        let wt = rand_tensor(&dev, &[c], 1.0, &mut seed);
+        let mut o = Tensor::empty(&dev, &[r, c], DType::BF16)?;
+        mem("rms_norm", format!("{r}x{c} bf16"), 2 * r * c * 2 + c * 2, &mut || norm::rms_norm(&mut o, &x, &wt, 1e-6))?;
+        let bt = rand_tensor(&dev, &[c], 1.0, &mut seed);
+        mem("layer_norm", format!("{r}x{c} bf16"), 2 * r * c * 2 + 2 * c * 2, &mut || {
+            norm::layer_norm(&mut o, &x, &wt, &bt, 1e-6)
+        })?;
+        let mut res = rand_tensor(&dev, &[r, c], 1.0, &mut seed);
+        mem("add_rms_norm", format!("{r}x{c} bf16"), 4 * r * c * 2 + c * 2, &mut || {
+            norm::add_rms_norm(&mut o, &mut res, &x, &wt, 1e-6)
+        })?;
+    }
+    {
+        let (r, i) = (4096, 8960);
+        let x = rand_tensor(&dev, &[r, 2 * i], 1.0, &mut seed);
+        let mut o = Tensor::empty(&dev, &[r, i], DType::BF16)?;
+        mem("silu_and_mul", format!("{r}x{i} bf16"), 3 * r * i * 2, &mut || activation::silu_and_mul(&mut o, &x))?;
+    }
+    {
+        let (r, v) = (256, 151936);
+        let x = rand_tensor(&dev, &[r, v], 5.0, &mut seed);
+        let mut o = Tensor::empty(&dev, &[r, v], DType::BF16)?;
+        mem("softmax", format!("{r}x{v} bf16"), 2 * r * v * 2, &mut || softmax::softmax(&mut o, &x))?;
+    }
+
+    // Attention: flops over the GEMM ceiling (the simple kernel; the fast one is a later issue).
+    for (seq, causal) in [(4096usize, true), (1024, false)] {
+        let (h, kvh, d) = (16, 16, 128);
+        let q = rand_tensor(&dev, &[seq, h, d], 1.0, &mut seed);
+        let kk = rand_tensor(&dev, &[seq, kvh, d], 1.0, &mut seed);
+        let vv = rand_tensor(&dev, &[seq, kvh, d], 1.0, &mut seed);
+        let cu = Tensor::from_i32(&dev, &[2], &[0, seq as i32])?;
+        let mut o = Tensor::empty(&dev, &[seq, h, d], DType::BF16)?;
+        let scale = 1.0 / (d as f32).sqrt();
+        let ms = median(gpu.time_ms(2, 10, || attention::attention(&mut o, &q, &kk, &vv, &cu, &cu, seq, causal, scale))?);
+        let pairs = if causal { seq * (seq + 1) / 2 } else { seq * seq };
+        let flops = 4.0 * (pairs * h * d) as f64;
+        rows.push(Row {
+            name: format!("attention {}", if causal { "causal" } else { "full" }),
+            shape: format!("{seq} tok, {h} heads, d{d}"),
+            ms,
+            rate: flops / (ms * 1e-3) / 1e12,
+            unit: "TFLOP/s",
+            ceiling: gemm_tf,
+        });
+    }
+
+    let (maj, min) = gpu.capability();
+    println!("kernel benchmarks on {} (sm_{maj}{min}), median of {ITERS} runs unless noted", gpu.name());
+    println!("{:<22} {:<26} {:>10} {:>12} {:>8} {:>9}", "kernel", "shape", "ms", "rate", "unit", "% ceiling");
+    for r in &rows {
+        println!(
+            "{:<22} {:<26} {:>10.4} {:>12.1} {:>8} {:>8.1}%",
+            r.name,
+            r.shape,
+            r.ms,
+            r.rate,
+            r.unit,
+            100.0 * r.rate / r.ceiling
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The whole GPU check in two halves.
+#
+#   tools/gpu_suite.sh build        here (no GPU needed): installs nvcc if
+#                                   missing, builds the release test binaries
+#                                   and the kestrel binary with the kernels
+#                                   embedded, and copies them to .device/
+#   tools/gpu_suite.sh run LOGDIR   on the GPU host, from the repository root
+#                                   with .device/ copied along: runs the kernel
+#                                   suite (every kernel against its CPU
+#                                   reference), the unit tests and
+#                                   `kestrel info`; full logs go to LOGDIR and
+#                                   the suite's table is printed last.
+#
+# BENCH=1 with `run` also runs the kernel benchmarks (benches/kernels.rs).
+# SANITIZE=1 with `run` also runs the suite under compute-sanitizer
+# (memcheck, then racecheck) on a fixed seed.
+set -uo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+case "${1:-}" in
+build)
+  set -e
+  bash tools/install_cuda.sh >/dev/null
+  mkdir -p .device
+  # The executables cargo reports: unit tests, the kernel suite, the kernel benchmarks.
+  { cargo test --release --no-run --message-format=json --test kernels --lib
+    cargo bench --no-run --message-format=json --bench kernels; } 2>/dev/null |
+    python3 -c '
+import json, sys, shutil
+names = {("lib", "kestrel"): "unit", ("test", "kernels"): "kernels", ("bench", "kernels"): "bench_kernels"}
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        key = (m["target"]["kind"][0], m["target"]["name"])
+        if key in names:
+            shutil.copy(m["executable"], ".device/" + names[key])
+            print(".device/" + names[key])
+'
+  cargo build --release --bin kestrel
+  cp target/release/kestrel .device/kestrel
+  strip .device/kernels .device/unit .device/bench_kernels 2>/dev/null || true
+  ls -la .device
+  ;;
+run)
+  logdir="${2:?usage: tools/gpu_suite.sh run LOGDIR}"
+  mkdir -p "$logdir"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$logdir/gpu.txt" 2>&1
+  cat "$logdir/gpu.txt"
+  .device/kestrel info --require-gpu 2>&1 | tee "$logdir/info.txt"
+  .device/unit >"$logdir/unit.txt" 2>&1; unit_rc=$?
+  tail -n 3 "$logdir/unit.txt"
+  if [ "${SANITIZE:-0}" = 1 ]; then
+    for tool in memcheck racecheck; do
+      KESTREL_SEED=7 KESTREL_REQUIRE_GPU=1 compute-sanitizer --tool $tool --error-exitcode 9 .device/kernels \
+        >"$logdir/sanitize-$tool.txt" 2>&1
+      echo "compute-sanitizer $tool: exit $? ($(grep -c 'ERROR SUMMARY: 0 errors' "$logdir/sanitize-$tool.txt") clean summaries)"
+      grep -m 5 -E '========= (Invalid|Race|ERROR)' "$logdir/sanitize-$tool.txt" || true
+    done
+  fi
+  KESTREL_REQUIRE_GPU=1 .device/kernels >"$logdir/kernels.txt" 2>&1; kernels_rc=$?
+  grep -E '^(on |gpu |FAIL)' "$logdir/kernels.txt"
+  tail -n 4 "$logdir/kernels.txt"
+  if [ "${BENCH:-0}" = 1 ]; then
+    .device/bench_kernels 2>&1 | tee "$logdir/bench_kernels.txt"
+  fi
+  echo "unit tests exit $unit_rc, kernel suite exit $kernels_rc"
+  [ $unit_rc = 0 ] && [ $kernels_rc = 0 ]
+  ;;
+*)
+  sed -n '2,18p' "$0"; exit 2 ;;
+esac
