@@ -68,7 +68,14 @@ fn run(gpu: &Arc<Gpu>) -> kestrel::Result<()> {
     gpu.memset(&a, 0x3c)?;
     let ms = median(gpu.time_ms(WARMUP, 20, || gpu.copy(&b, &a, bytes))?);
     let copy_gbs = gb(2 * bytes, ms);
-    rows.push(Row { name: "copy (ceiling)".into(), shape: "1 GiB".into(), ms, rate: copy_gbs, unit: "GB/s", ceiling: copy_gbs });
+    rows.push(Row {
+        name: "copy (ceiling)".into(),
+        shape: "1 GiB".into(),
+        ms,
+        rate: copy_gbs,
+        unit: "GB/s",
+        ceiling: copy_gbs,
+    });
     drop((a, b));
 
     // Ceiling 2: cuBLAS bf16 GEMM.
@@ -78,15 +85,23 @@ fn run(gpu: &Arc<Gpu>) -> kestrel::Result<()> {
     let mut y = Tensor::empty(&dev, &[m, n], DType::BF16)?;
     let ms = median(gpu.time_ms(WARMUP, 20, || gemm::gemm(&mut y, &x, &w))?);
     let gemm_tf = 2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e12;
-    rows.push(Row { name: "gemm bf16 (ceiling)".into(), shape: format!("{m}x{n}x{k}"), ms, rate: gemm_tf, unit: "TFLOP/s", ceiling: gemm_tf });
+    rows.push(Row {
+        name: "gemm bf16 (ceiling)".into(),
+        shape: format!("{m}x{n}x{k}"),
+        ms,
+        rate: gemm_tf,
+        unit: "TFLOP/s",
+        ceiling: gemm_tf,
+    });
     drop((x, w, y));
 
     // Memory-bound kernels: bytes over the copy ceiling.
-    let mut mem = |name: &str, shape: String, bytes: usize, f: &mut dyn FnMut() -> kestrel::Result<()>| -> kestrel::Result<()> {
-        let ms = median(gpu.time_ms(WARMUP, ITERS, &mut *f)?);
-        rows.push(Row { name: name.into(), shape, ms, rate: gb(bytes, ms), unit: "GB/s", ceiling: copy_gbs });
-        Ok(())
-    };
+    let mut mem =
+        |name: &str, shape: String, bytes: usize, f: &mut dyn FnMut() -> kestrel::Result<()>| -> kestrel::Result<()> {
+            let ms = median(gpu.time_ms(WARMUP, ITERS, &mut *f)?);
+            rows.push(Row { name: name.into(), shape, ms, rate: gb(bytes, ms), unit: "GB/s", ceiling: copy_gbs });
+            Ok(())
+        };
     {
         let (r, c) = (16384, 4096);
         let x = rand_tensor(&dev, &[r, c], 1.0, &mut seed);
@@ -124,7 +139,8 @@ fn run(gpu: &Arc<Gpu>) -> kestrel::Result<()> {
         let cu = Tensor::from_i32(&dev, &[2], &[0, seq as i32])?;
         let mut o = Tensor::empty(&dev, &[seq, h, d], DType::BF16)?;
         let scale = 1.0 / (d as f32).sqrt();
-        let ms = median(gpu.time_ms(2, 10, || attention::attention(&mut o, &q, &kk, &vv, &cu, &cu, seq, causal, scale))?);
+        let ms =
+            median(gpu.time_ms(2, 10, || attention::attention(&mut o, &q, &kk, &vv, &cu, &cu, seq, causal, scale))?);
         let pairs = if causal { seq * (seq + 1) / 2 } else { seq * seq };
         let flops = 4.0 * (pairs * h * d) as f64;
         rows.push(Row {
