@@ -25,6 +25,24 @@ pub enum Error {
     DType { op: &'static str, got: DType, supported: &'static str },
     #[error("{op}: tensors live on different devices")]
     DeviceMismatch { op: &'static str },
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    /// config.json (or another model file) is missing a field, has a wrong
+    /// value, or names an architecture we do not serve.
+    #[error("model config: {0}")]
+    Config(String),
+    /// A checkpoint tensor is missing, has the wrong shape or dtype, or a
+    /// safetensors file is malformed.
+    #[error("weights: {0}")]
+    Weights(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("chat template: {0}")]
+    Template(String),
+    /// Input a user sent that we cannot use (bad image, too many tokens, ...);
+    /// becomes a 400 on the server.
+    #[error("{0}")]
+    InvalidInput(String),
 }
 
 /// `Err(Error::Shape)` unless `cond` holds; the message is built only on failure.

@@ -1,1 +1,5 @@
-//! (being written)
+//! Models: config parsing, safetensors loading, one folder per family.
+
+pub mod config;
+pub mod qwen2_vl;
+pub mod weights;

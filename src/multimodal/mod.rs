@@ -1,1 +1,3 @@
-//! (being written)
+//! Media: decoding images (and, later, fetching them safely).
+
+pub mod image;

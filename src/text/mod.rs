@@ -1,1 +1,4 @@
-//! (being written)
+//! Text: tokenizer and chat templates.
+
+pub mod chat_template;
+pub mod tokenizer;

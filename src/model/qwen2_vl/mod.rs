@@ -1,0 +1,4 @@
+//! Qwen2-VL (transformers `models/qwen2_vl/`).
+
+pub mod mrope;
+pub mod processor;

@@ -1,0 +1,1 @@
+//! M-RoPE position ids (being written).

@@ -1,0 +1,1 @@
+//! Image and video preprocessing (being written).

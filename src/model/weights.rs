@@ -1,0 +1,1 @@
+//! Safetensors weights (being written).

@@ -1,0 +1,1 @@
+//! Image decoding (being written).
