@@ -232,6 +232,46 @@ impl Tensor {
         Ok(Self { shape: shape.to_vec(), ..self })
     }
 
+    /// Elements per index of the first dimension (a "row").
+    pub fn row_len(&self) -> usize {
+        self.shape.iter().skip(1).product()
+    }
+
+    /// Copies rows `src_row..src_row + n` of `src` into rows `dst_row..` of
+    /// `self` (rows = indices of the first dimension; the rest must match).
+    /// Scatters image features into the token sequence and appends to KV caches.
+    pub fn copy_rows_from(&mut self, dst_row: usize, src: &Tensor, src_row: usize, n: usize) -> Result<()> {
+        const OP: &str = "copy_rows";
+        if self.row_len() != src.row_len() || self.dtype != src.dtype {
+            return Err(Error::Shape {
+                op: OP,
+                msg: format!("rows of {:?} {:?} into {:?} {:?}", src.shape, src.dtype, self.shape, self.dtype),
+            });
+        }
+        let (rows_dst, rows_src) = (self.shape.first().copied().unwrap_or(1), src.shape.first().copied().unwrap_or(1));
+        if dst_row + n > rows_dst || src_row + n > rows_src {
+            return Err(Error::Shape {
+                op: OP,
+                msg: format!("rows {src_row}+{n} of {rows_src} into {dst_row}+{n} of {rows_dst}"),
+            });
+        }
+        let len = self.row_len();
+        match (&mut self.storage, &src.storage) {
+            (Storage::F32(d), Storage::F32(s)) => {
+                d[dst_row * len..(dst_row + n) * len].copy_from_slice(&s[src_row * len..(src_row + n) * len])
+            }
+            (Storage::I32(d), Storage::I32(s)) => {
+                d[dst_row * len..(dst_row + n) * len].copy_from_slice(&s[src_row * len..(src_row + n) * len])
+            }
+            (Storage::Cuda(d), Storage::Cuda(s)) => {
+                let row_bytes = len * self.dtype.size();
+                d.gpu().copy_at(d, dst_row * row_bytes, s, src_row * row_bytes, n * row_bytes)?
+            }
+            _ => return Err(Error::DeviceMismatch { op: OP }),
+        }
+        Ok(())
+    }
+
     pub fn storage(&self) -> &Storage {
         &self.storage
     }

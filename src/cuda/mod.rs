@@ -172,6 +172,34 @@ impl Gpu {
         Ok(())
     }
 
+    /// Copies `bytes` from `src` at byte offset `src_off` to `dst` at `dst_off`.
+    pub fn copy_at(
+        &self,
+        dst: &DeviceBuffer,
+        dst_off: usize,
+        src: &DeviceBuffer,
+        src_off: usize,
+        bytes: usize,
+    ) -> Result<()> {
+        if dst_off + bytes > dst.bytes || src_off + bytes > src.bytes {
+            return Err(Error::Shape {
+                op: "copy_at",
+                msg: format!(
+                    "{bytes} bytes from offset {src_off} of {} into offset {dst_off} of {}",
+                    src.bytes, dst.bytes
+                ),
+            });
+        }
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        unsafe {
+            drv::memcpy_dtod_async(dst.ptr + dst_off as u64, src.ptr + src_off as u64, bytes, self.stream.cu_stream())?
+        };
+        Ok(())
+    }
+
     /// Times `f` with CUDA events: `warmup` untimed runs, then `iters` timed
     /// ones; returns each run's milliseconds (for medians in benchmarks).
     pub fn time_ms(&self, warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f32>> {

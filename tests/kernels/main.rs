@@ -12,6 +12,7 @@ mod harness;
 mod activation;
 mod argmax;
 mod attention;
+mod copy;
 mod embedding;
 mod gemm;
 mod norm;
@@ -33,6 +34,7 @@ fn all_cases() -> Vec<Case> {
     v.extend(softmax::cases());
     v.extend(argmax::cases());
     v.extend(attention::cases());
+    v.extend(copy::cases());
     v
 }
 
