@@ -1,1 +1,517 @@
-//! (being written)
+//! Attention over variable-length packed sequences, in flash-attn's varlen
+//! layout (`flash_attn_varlen_func`): the sequences of a batch are packed
+//! along the token axis and `cu_seqlens` holds their prefix sums. Serves the
+//! Qwen2-VL vision blocks (`VisionAttention` over `cu_seqlens`, non-causal,
+//! modeling_qwen2_vl.py) and the language model (`Qwen2VLAttention`, causal,
+//! grouped-query) for prefill, chunked prefill and decode alike.
+//! Kernels: csrc/attention.cu (its header says how they work).
+
+use rayon::prelude::*;
+
+use super::{expect_dtype, f32s, f32s_mut, float_dtype, i32s, kernel, placement, ptr, On};
+use crate::cuda::Arg;
+use crate::ensure_shape;
+use crate::error::Result;
+use crate::tensor::{DType, Tensor};
+
+/// Head dims with a compiled kernel (the ones the served models use).
+pub const HEAD_DIMS: [usize; 4] = [64, 80, 96, 128];
+
+/// Warps per block in csrc/attention.cu (`ATTN_WARPS`): rows per block.
+const WARPS: usize = 8;
+
+/// Shapes checked on every device: (total_q, n_heads, total_k, n_kv_heads, head_dim, batch).
+struct Dims {
+    total_q: usize,
+    n_heads: usize,
+    total_k: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    batch: usize,
+}
+
+fn check(
+    op: &'static str,
+    out: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cu_q: &Tensor,
+    cu_k: &Tensor,
+) -> Result<Dims> {
+    ensure_shape!(
+        q.shape().len() == 3,
+        op,
+        "q {:?}, expected (total_q, n_heads, head_dim)",
+        q.shape()
+    );
+    ensure_shape!(
+        k.shape().len() == 3,
+        op,
+        "k {:?}, expected (total_k, n_kv_heads, head_dim)",
+        k.shape()
+    );
+    ensure_shape!(
+        out.shape() == q.shape(),
+        op,
+        "out {:?} != q {:?}",
+        out.shape(),
+        q.shape()
+    );
+    ensure_shape!(
+        v.shape() == k.shape(),
+        op,
+        "v {:?} != k {:?}",
+        v.shape(),
+        k.shape()
+    );
+    let (total_q, n_heads, head_dim) = (q.shape()[0], q.shape()[1], q.shape()[2]);
+    let (total_k, n_kv_heads) = (k.shape()[0], k.shape()[1]);
+    ensure_shape!(
+        k.shape()[2] == head_dim,
+        op,
+        "head dim of k {:?} != q {:?}",
+        k.shape(),
+        q.shape()
+    );
+    ensure_shape!(
+        HEAD_DIMS.contains(&head_dim),
+        op,
+        "head dim {head_dim} not supported (supported: {HEAD_DIMS:?})"
+    );
+    ensure_shape!(
+        n_kv_heads > 0 && n_heads % n_kv_heads == 0,
+        op,
+        "{n_heads} query heads are not a multiple of {n_kv_heads} kv heads"
+    );
+    expect_dtype(op, cu_q, DType::I32)?;
+    expect_dtype(op, cu_k, DType::I32)?;
+    ensure_shape!(
+        cu_q.shape().len() == 1 && cu_q.shape()[0] >= 1,
+        op,
+        "cu_seqlens_q {:?}, expected (batch + 1,)",
+        cu_q.shape()
+    );
+    ensure_shape!(
+        cu_k.shape() == cu_q.shape(),
+        op,
+        "cu_seqlens_k {:?} != cu_seqlens_q {:?}",
+        cu_k.shape(),
+        cu_q.shape()
+    );
+    ensure_shape!(
+        total_q <= i32::MAX as usize
+            && total_k <= i32::MAX as usize
+            && n_heads <= i32::MAX as usize,
+        op,
+        "too large: {total_q} queries, {total_k} keys, {n_heads} heads"
+    );
+    Ok(Dims {
+        total_q,
+        n_heads,
+        total_k,
+        n_kv_heads,
+        head_dim,
+        batch: cu_q.shape()[0] - 1,
+    })
+}
+
+/// Host offsets must be non-decreasing and within [0, total].
+fn check_offsets(op: &'static str, name: &str, cu: &[i32], total: usize) -> Result<()> {
+    ensure_shape!(cu[0] >= 0, op, "{name}[0] = {} is negative", cu[0]);
+    for (b, w) in cu.windows(2).enumerate() {
+        ensure_shape!(
+            w[0] <= w[1],
+            op,
+            "{name} decreases at sequence {b}: {} > {}",
+            w[0],
+            w[1]
+        );
+    }
+    let last = cu[cu.len() - 1];
+    ensure_shape!(
+        last as usize <= total,
+        op,
+        "{name} ends at {last}, past the {total} packed tokens"
+    );
+    Ok(())
+}
+
+/// Packed varlen attention. q, out: (total_q, n_heads, head_dim); k, v:
+/// (total_k, n_kv_heads, head_dim); cu_seqlens_q, cu_seqlens_k: i32 (batch + 1,)
+/// prefix sums, sequence b owning query rows cu_seqlens_q[b]..cu_seqlens_q[b+1]
+/// and key rows cu_seqlens_k[b]..cu_seqlens_k[b+1]. Query head h reads kv head
+/// h / (n_heads / n_kv_heads).
+///
+/// out[t, h, :] = Σ_j softmax_j(scale · q[t, h, :] · k[j, h_kv, :]) · v[j, h_kv, :]
+/// over the keys j of t's sequence; with `causal`, query i of a sequence with
+/// Lq queries and Lk keys sees key j iff j ≤ i + Lk − Lq (flash-attn's
+/// bottom-right alignment: Lq = Lk is prefill, Lq = 1 a decode step over a
+/// cache, 1 < Lq < Lk chunked prefill). A query that sees no key gets zeros.
+/// Rows outside every sequence are not written.
+///
+/// `max_seqlen_q` is the longest query length, known on the host, which sizes
+/// the launch grid. The CPU path checks it and the offsets; on the GPU the
+/// offsets are device data the launcher cannot read, so the kernel clamps them
+/// to the tensors and a too-small `max_seqlen_q` costs speed, not results.
+/// Head dims 64, 80, 96, 128; bf16 or f32 on the GPU, f32 on the CPU.
+#[allow(clippy::too_many_arguments)] // flash-attn's varlen argument list, kept whole
+pub fn attention(
+    out: &mut Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cu_seqlens_q: &Tensor,
+    cu_seqlens_k: &Tensor,
+    max_seqlen_q: usize,
+    causal: bool,
+    scale: f32,
+) -> Result<()> {
+    const OP: &str = "attention";
+    let dims = check(OP, out, q, k, v, cu_seqlens_q, cu_seqlens_k)?;
+    let Dims {
+        total_q,
+        n_heads,
+        total_k,
+        n_kv_heads,
+        head_dim: d,
+        batch,
+    } = dims;
+    match placement(OP, &[out, q, k, v, cu_seqlens_q, cu_seqlens_k])? {
+        On::Cpu => {
+            let (cq, ck) = (i32s(OP, cu_seqlens_q)?, i32s(OP, cu_seqlens_k)?);
+            check_offsets(OP, "cu_seqlens_q", cq, total_q)?;
+            check_offsets(OP, "cu_seqlens_k", ck, total_k)?;
+            for (b, w) in cq.windows(2).enumerate() {
+                let lq = (w[1] - w[0]) as usize;
+                ensure_shape!(
+                    lq <= max_seqlen_q,
+                    OP,
+                    "sequence {b} has {lq} queries > max_seqlen_q {max_seqlen_q}"
+                );
+            }
+            let (q, k, v) = (f32s(OP, q)?, f32s(OP, k)?, f32s(OP, v)?);
+            let out = f32s_mut(OP, out)?;
+            let (q_row, kv_row, group) = (n_heads * d, n_kv_heads * d, n_heads / n_kv_heads);
+            for b in 0..batch {
+                let (q0, q1) = (cq[b] as usize, cq[b + 1] as usize);
+                let (k0, k1) = (ck[b] as usize, ck[b + 1] as usize);
+                let (lq, lk) = (q1 - q0, k1 - k0);
+                let (keys, vals) = (&k[k0 * kv_row..k1 * kv_row], &v[k0 * kv_row..k1 * kv_row]);
+                // One query token (all its heads) per task.
+                out[q0 * q_row..q1 * q_row]
+                    .par_chunks_mut(q_row)
+                    .enumerate()
+                    .for_each(|(i, o)| {
+                        // Keys 0..n of the sequence are visible: j ≤ i + lk − lq.
+                        let n = if causal {
+                            (i + lk + 1).saturating_sub(lq).min(lk)
+                        } else {
+                            lk
+                        };
+                        let mut s = vec![0f32; n];
+                        for h in 0..n_heads {
+                            let kvh = h / group;
+                            let qh = &q[(q0 + i) * q_row + h * d..][..d];
+                            for (j, s) in s.iter_mut().enumerate() {
+                                let kj = &keys[j * kv_row + kvh * d..][..d];
+                                *s = scale * qh.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>();
+                            }
+                            let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                            let mut sum = 0f32;
+                            for s in s.iter_mut() {
+                                *s = (*s - max).exp();
+                                sum += *s;
+                            }
+                            let oh = &mut o[h * d..][..d];
+                            oh.fill(0.0);
+                            for (j, &p) in s.iter().enumerate() {
+                                let vj = &vals[j * kv_row + kvh * d..][..d];
+                                for (o, &x) in oh.iter_mut().zip(vj) {
+                                    *o += p * x;
+                                }
+                            }
+                            if n > 0 {
+                                oh.iter_mut().for_each(|o| *o /= sum);
+                            }
+                        }
+                    });
+            }
+            Ok(())
+        }
+        On::Cuda(gpu) => {
+            let dt = float_dtype(OP, &[out, q, k, v])?;
+            if batch == 0 || total_q == 0 {
+                return Ok(());
+            }
+            ensure_shape!(
+                batch <= 65535 && n_kv_heads <= 65535,
+                OP,
+                "{batch} sequences or {n_kv_heads} kv heads exceed the launch grid (65535)"
+            );
+            // Rows are (query, head of the group) pairs, WARPS per block; the
+            // kernel grid-strides over them, so clamping the grid loses nothing.
+            let rows = max_seqlen_q.min(total_q) * (n_heads / n_kv_heads);
+            let grid_x = rows.div_ceil(WARPS).clamp(1, i32::MAX as usize) as u32;
+            let grid = (grid_x, n_kv_heads as u32, batch as u32);
+            let args = [
+                Arg::Ptr(ptr(out)),
+                Arg::Ptr(ptr(q)),
+                Arg::Ptr(ptr(k)),
+                Arg::Ptr(ptr(v)),
+                Arg::Ptr(ptr(cu_seqlens_q)),
+                Arg::Ptr(ptr(cu_seqlens_k)),
+                Arg::I32(total_q as i32),
+                Arg::I32(total_k as i32),
+                Arg::I32(n_heads as i32),
+                Arg::I32(n_kv_heads as i32),
+                Arg::I32(causal as i32),
+                Arg::F32(scale),
+            ];
+            let name = kernel(&format!("attention_varlen_d{d}"), dt);
+            gpu.launch(&name, grid, ((WARPS * 32) as u32, 1, 1), 0, &args)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::Device;
+
+    fn t(data: &[f32], shape: &[usize]) -> Tensor {
+        Tensor::from_f32(&Device::Cpu, shape, data, DType::F32).unwrap()
+    }
+
+    fn cu(offsets: &[i32]) -> Tensor {
+        Tensor::from_i32(&Device::Cpu, &[offsets.len()], offsets).unwrap()
+    }
+
+    /// Deterministic, varied values (no RNG needed for hand checks).
+    fn ramp(n: usize, seed: f32) -> Vec<f32> {
+        (0..n)
+            .map(|i| (i as f32 * 0.37 + seed).sin() * 1.5)
+            .collect()
+    }
+
+    /// Runs the CPU op on (tokens, heads, d) tensors built from flat data.
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        heads: (usize, usize),
+        d: usize,
+        cu_q: &[i32],
+        cu_k: &[i32],
+        causal: bool,
+    ) -> Vec<f32> {
+        let (tq, tk) = (q.len() / (heads.0 * d), k.len() / (heads.1 * d));
+        let mut out = Tensor::empty(&Device::Cpu, &[tq, heads.0, d], DType::F32).unwrap();
+        let max_q = cu_q
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as usize)
+            .max()
+            .unwrap_or(0);
+        let (qt, kt, vt) = (
+            t(q, &[tq, heads.0, d]),
+            t(k, &[tk, heads.1, d]),
+            t(v, &[tk, heads.1, d]),
+        );
+        attention(
+            &mut out,
+            &qt,
+            &kt,
+            &vt,
+            &cu(cu_q),
+            &cu(cu_k),
+            max_q,
+            causal,
+            1.0 / (d as f32).sqrt(),
+        )
+        .unwrap();
+        out.to_f32_vec().unwrap()
+    }
+
+    #[test]
+    fn single_key_gives_v() {
+        let d = 64;
+        let v = ramp(d, 2.0);
+        let out = run(
+            &ramp(d, 0.0),
+            &ramp(d, 1.0),
+            &v,
+            (1, 1),
+            d,
+            &[0, 1],
+            &[0, 1],
+            false,
+        );
+        assert_eq!(out, v, "softmax over one key is 1");
+    }
+
+    #[test]
+    fn equal_scores_give_the_mean_of_v() {
+        let d = 64;
+        let key = ramp(d, 1.0);
+        let k = [key.clone(), key].concat();
+        let v = ramp(2 * d, 3.0);
+        let out = run(&ramp(d, 0.0), &k, &v, (1, 1), d, &[0, 1], &[0, 2], false);
+        for (c, o) in out.iter().enumerate() {
+            let mean = (v[c] + v[d + c]) / 2.0;
+            assert!((o - mean).abs() < 1e-6, "dim {c}: {o} vs {mean}");
+        }
+    }
+
+    #[test]
+    fn causal_first_query_sees_only_the_first_key() {
+        let (d, n) = (80, 3);
+        let v = ramp(n * d, 3.0);
+        let out = run(
+            &ramp(n * d, 0.0),
+            &ramp(n * d, 1.0),
+            &v,
+            (1, 1),
+            d,
+            &[0, 3],
+            &[0, 3],
+            true,
+        );
+        assert_eq!(&out[..d], &v[..d]);
+        // Non-causal, the first query mixes all three.
+        let full = run(
+            &ramp(n * d, 0.0),
+            &ramp(n * d, 1.0),
+            &v,
+            (1, 1),
+            d,
+            &[0, 3],
+            &[0, 3],
+            false,
+        );
+        assert_ne!(&full[..d], &v[..d]);
+    }
+
+    #[test]
+    fn grouped_query_heads_read_their_kv_head() {
+        // 4 query heads over 2 kv heads, one key: head h outputs v of kv head h / 2.
+        let d = 96;
+        let v = ramp(2 * d, 5.0);
+        let out = run(
+            &ramp(4 * d, 0.0),
+            &ramp(2 * d, 1.0),
+            &v,
+            (4, 2),
+            d,
+            &[0, 1],
+            &[0, 1],
+            false,
+        );
+        for h in 0..4 {
+            assert_eq!(&out[h * d..][..d], &v[(h / 2) * d..][..d], "head {h}");
+        }
+    }
+
+    #[test]
+    fn decode_and_chunked_prefill_match_the_full_prefill() {
+        // 5 tokens, 2 query heads over 1 kv head: a causal prefill of all 5, then
+        // the last query alone over the 5 keys (decode), then the last 2 (chunk).
+        let (d, n, hd) = (128, 5, 2 * 128);
+        let (q, k, v) = (ramp(n * hd, 0.0), ramp(n * d, 1.0), ramp(n * d, 2.0));
+        let full = run(&q, &k, &v, (2, 1), d, &[0, 5], &[0, 5], true);
+        let decode = run(&q[4 * hd..], &k, &v, (2, 1), d, &[0, 1], &[0, 5], true);
+        assert_eq!(decode, &full[4 * hd..]);
+        let chunk = run(&q[3 * hd..], &k, &v, (2, 1), d, &[0, 2], &[0, 5], true);
+        assert_eq!(chunk, &full[3 * hd..]);
+    }
+
+    #[test]
+    fn packed_sequences_do_not_see_each_other() {
+        // Two sequences of 1 token each: each output is its own v.
+        let d = 64;
+        let v = ramp(2 * d, 4.0);
+        let out = run(
+            &ramp(2 * d, 0.0),
+            &ramp(2 * d, 1.0),
+            &v,
+            (1, 1),
+            d,
+            &[0, 1, 2],
+            &[0, 1, 2],
+            false,
+        );
+        assert_eq!(out, v);
+    }
+
+    #[test]
+    fn queries_that_see_no_key_are_zero() {
+        // Causal, 3 queries over 1 key: j ≤ i − 2, so only query 2 sees key 0.
+        let d = 64;
+        let v = ramp(d, 4.0);
+        let out = run(
+            &ramp(3 * d, 0.0),
+            &ramp(d, 1.0),
+            &v,
+            (1, 1),
+            d,
+            &[0, 3],
+            &[0, 1],
+            true,
+        );
+        assert!(out[..2 * d].iter().all(|&x| x == 0.0));
+        assert_eq!(&out[2 * d..], &v[..]);
+        // No keys at all.
+        let out = run(&ramp(d, 0.0), &[], &[], (1, 1), d, &[0, 1], &[0, 0], false);
+        assert!(out.iter().all(|&x| x == 0.0));
+    }
+
+    #[test]
+    fn bad_inputs_are_errors_not_panics() {
+        let err = |q: &[usize], k: &[usize], cq: &[i32], ck: &[i32], max_q: usize| {
+            let n = |s: &[usize]| s.iter().product::<usize>();
+            let mut out = Tensor::empty(&Device::Cpu, q, DType::F32).unwrap();
+            let (qt, kt) = (t(&vec![0.5; n(q)], q), t(&vec![0.5; n(k)], k));
+            attention(&mut out, &qt, &kt, &kt, &cu(cq), &cu(ck), max_q, true, 0.1)
+                .unwrap_err()
+                .to_string()
+        };
+        let e = err(&[2, 1, 48], &[2, 1, 48], &[0, 2], &[0, 2], 2);
+        assert!(e.contains("head dim 48 not supported"), "{e}");
+        let e = err(&[2, 3, 64], &[2, 2, 64], &[0, 2], &[0, 2], 2);
+        assert!(
+            e.contains("3 query heads are not a multiple of 2 kv heads"),
+            "{e}"
+        );
+        let e = err(&[2, 2, 64], &[2, 1, 80], &[0, 2], &[0, 2], 2);
+        assert!(e.contains("head dim of k"), "{e}");
+        let e = err(&[2, 2, 64], &[2, 1, 64], &[0, 2], &[0, 1, 2], 2);
+        assert!(e.contains("cu_seqlens_k [3] != cu_seqlens_q [2]"), "{e}");
+        let e = err(&[2, 2, 64], &[2, 1, 64], &[0, 3], &[0, 2], 3);
+        assert!(
+            e.contains("cu_seqlens_q ends at 3, past the 2 packed tokens"),
+            "{e}"
+        );
+        let e = err(&[2, 2, 64], &[2, 1, 64], &[0, 2, 1], &[0, 1, 2], 2);
+        assert!(e.contains("cu_seqlens_q decreases at sequence 1"), "{e}");
+        let e = err(&[2, 2, 64], &[2, 1, 64], &[0, 2], &[0, 2], 1);
+        assert!(e.contains("2 queries > max_seqlen_q 1"), "{e}");
+        let e = err(&[2, 2 * 64], &[2, 1, 64], &[0, 2], &[0, 2], 2);
+        assert!(e.contains("expected (total_q, n_heads, head_dim)"), "{e}");
+        // i32 offsets only.
+        let mut out = Tensor::empty(&Device::Cpu, &[1, 1, 64], DType::F32).unwrap();
+        let x = t(&[0.5; 64], &[1, 1, 64]);
+        let e = attention(
+            &mut out,
+            &x,
+            &x,
+            &x,
+            &t(&[0.0, 1.0], &[2]),
+            &cu(&[0, 1]),
+            1,
+            false,
+            0.1,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("dtype"), "{e}");
+    }
+}
