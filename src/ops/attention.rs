@@ -39,46 +39,14 @@ fn check(
     cu_q: &Tensor,
     cu_k: &Tensor,
 ) -> Result<Dims> {
-    ensure_shape!(
-        q.shape().len() == 3,
-        op,
-        "q {:?}, expected (total_q, n_heads, head_dim)",
-        q.shape()
-    );
-    ensure_shape!(
-        k.shape().len() == 3,
-        op,
-        "k {:?}, expected (total_k, n_kv_heads, head_dim)",
-        k.shape()
-    );
-    ensure_shape!(
-        out.shape() == q.shape(),
-        op,
-        "out {:?} != q {:?}",
-        out.shape(),
-        q.shape()
-    );
-    ensure_shape!(
-        v.shape() == k.shape(),
-        op,
-        "v {:?} != k {:?}",
-        v.shape(),
-        k.shape()
-    );
+    ensure_shape!(q.shape().len() == 3, op, "q {:?}, expected (total_q, n_heads, head_dim)", q.shape());
+    ensure_shape!(k.shape().len() == 3, op, "k {:?}, expected (total_k, n_kv_heads, head_dim)", k.shape());
+    ensure_shape!(out.shape() == q.shape(), op, "out {:?} != q {:?}", out.shape(), q.shape());
+    ensure_shape!(v.shape() == k.shape(), op, "v {:?} != k {:?}", v.shape(), k.shape());
     let (total_q, n_heads, head_dim) = (q.shape()[0], q.shape()[1], q.shape()[2]);
     let (total_k, n_kv_heads) = (k.shape()[0], k.shape()[1]);
-    ensure_shape!(
-        k.shape()[2] == head_dim,
-        op,
-        "head dim of k {:?} != q {:?}",
-        k.shape(),
-        q.shape()
-    );
-    ensure_shape!(
-        HEAD_DIMS.contains(&head_dim),
-        op,
-        "head dim {head_dim} not supported (supported: {HEAD_DIMS:?})"
-    );
+    ensure_shape!(k.shape()[2] == head_dim, op, "head dim of k {:?} != q {:?}", k.shape(), q.shape());
+    ensure_shape!(HEAD_DIMS.contains(&head_dim), op, "head dim {head_dim} not supported (supported: {HEAD_DIMS:?})");
     ensure_shape!(
         n_kv_heads > 0 && n_heads % n_kv_heads == 0,
         op,
@@ -100,40 +68,21 @@ fn check(
         cu_q.shape()
     );
     ensure_shape!(
-        total_q <= i32::MAX as usize
-            && total_k <= i32::MAX as usize
-            && n_heads <= i32::MAX as usize,
+        total_q <= i32::MAX as usize && total_k <= i32::MAX as usize && n_heads <= i32::MAX as usize,
         op,
         "too large: {total_q} queries, {total_k} keys, {n_heads} heads"
     );
-    Ok(Dims {
-        total_q,
-        n_heads,
-        total_k,
-        n_kv_heads,
-        head_dim,
-        batch: cu_q.shape()[0] - 1,
-    })
+    Ok(Dims { total_q, n_heads, total_k, n_kv_heads, head_dim, batch: cu_q.shape()[0] - 1 })
 }
 
 /// Host offsets must be non-decreasing and within [0, total].
 fn check_offsets(op: &'static str, name: &str, cu: &[i32], total: usize) -> Result<()> {
     ensure_shape!(cu[0] >= 0, op, "{name}[0] = {} is negative", cu[0]);
     for (b, w) in cu.windows(2).enumerate() {
-        ensure_shape!(
-            w[0] <= w[1],
-            op,
-            "{name} decreases at sequence {b}: {} > {}",
-            w[0],
-            w[1]
-        );
+        ensure_shape!(w[0] <= w[1], op, "{name} decreases at sequence {b}: {} > {}", w[0], w[1]);
     }
     let last = cu[cu.len() - 1];
-    ensure_shape!(
-        last as usize <= total,
-        op,
-        "{name} ends at {last}, past the {total} packed tokens"
-    );
+    ensure_shape!(last as usize <= total, op, "{name} ends at {last}, past the {total} packed tokens");
     Ok(())
 }
 
@@ -169,14 +118,7 @@ pub fn attention(
 ) -> Result<()> {
     const OP: &str = "attention";
     let dims = check(OP, out, q, k, v, cu_seqlens_q, cu_seqlens_k)?;
-    let Dims {
-        total_q,
-        n_heads,
-        total_k,
-        n_kv_heads,
-        head_dim: d,
-        batch,
-    } = dims;
+    let Dims { total_q, n_heads, total_k, n_kv_heads, head_dim: d, batch } = dims;
     match placement(OP, &[out, q, k, v, cu_seqlens_q, cu_seqlens_k])? {
         On::Cpu => {
             let (cq, ck) = (i32s(OP, cu_seqlens_q)?, i32s(OP, cu_seqlens_k)?);
@@ -184,11 +126,7 @@ pub fn attention(
             check_offsets(OP, "cu_seqlens_k", ck, total_k)?;
             for (b, w) in cq.windows(2).enumerate() {
                 let lq = (w[1] - w[0]) as usize;
-                ensure_shape!(
-                    lq <= max_seqlen_q,
-                    OP,
-                    "sequence {b} has {lq} queries > max_seqlen_q {max_seqlen_q}"
-                );
+                ensure_shape!(lq <= max_seqlen_q, OP, "sequence {b} has {lq} queries > max_seqlen_q {max_seqlen_q}");
             }
             let (q, k, v) = (f32s(OP, q)?, f32s(OP, k)?, f32s(OP, v)?);
             let out = f32s_mut(OP, out)?;
@@ -199,43 +137,36 @@ pub fn attention(
                 let (lq, lk) = (q1 - q0, k1 - k0);
                 let (keys, vals) = (&k[k0 * kv_row..k1 * kv_row], &v[k0 * kv_row..k1 * kv_row]);
                 // One query token (all its heads) per task.
-                out[q0 * q_row..q1 * q_row]
-                    .par_chunks_mut(q_row)
-                    .enumerate()
-                    .for_each(|(i, o)| {
-                        // Keys 0..n of the sequence are visible: j ≤ i + lk − lq.
-                        let n = if causal {
-                            (i + lk + 1).saturating_sub(lq).min(lk)
-                        } else {
-                            lk
-                        };
-                        let mut s = vec![0f32; n];
-                        for h in 0..n_heads {
-                            let kvh = h / group;
-                            let qh = &q[(q0 + i) * q_row + h * d..][..d];
-                            for (j, s) in s.iter_mut().enumerate() {
-                                let kj = &keys[j * kv_row + kvh * d..][..d];
-                                *s = scale * qh.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>();
-                            }
-                            let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                            let mut sum = 0f32;
-                            for s in s.iter_mut() {
-                                *s = (*s - max).exp();
-                                sum += *s;
-                            }
-                            let oh = &mut o[h * d..][..d];
-                            oh.fill(0.0);
-                            for (j, &p) in s.iter().enumerate() {
-                                let vj = &vals[j * kv_row + kvh * d..][..d];
-                                for (o, &x) in oh.iter_mut().zip(vj) {
-                                    *o += p * x;
-                                }
-                            }
-                            if n > 0 {
-                                oh.iter_mut().for_each(|o| *o /= sum);
+                out[q0 * q_row..q1 * q_row].par_chunks_mut(q_row).enumerate().for_each(|(i, o)| {
+                    // Keys 0..n of the sequence are visible: j ≤ i + lk − lq.
+                    let n = if causal { (i + lk + 1).saturating_sub(lq).min(lk) } else { lk };
+                    let mut s = vec![0f32; n];
+                    for h in 0..n_heads {
+                        let kvh = h / group;
+                        let qh = &q[(q0 + i) * q_row + h * d..][..d];
+                        for (j, s) in s.iter_mut().enumerate() {
+                            let kj = &keys[j * kv_row + kvh * d..][..d];
+                            *s = scale * qh.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>();
+                        }
+                        let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                        let mut sum = 0f32;
+                        for s in s.iter_mut() {
+                            *s = (*s - max).exp();
+                            sum += *s;
+                        }
+                        let oh = &mut o[h * d..][..d];
+                        oh.fill(0.0);
+                        for (j, &p) in s.iter().enumerate() {
+                            let vj = &vals[j * kv_row + kvh * d..][..d];
+                            for (o, &x) in oh.iter_mut().zip(vj) {
+                                *o += p * x;
                             }
                         }
-                    });
+                        if n > 0 {
+                            oh.iter_mut().for_each(|o| *o /= sum);
+                        }
+                    }
+                });
             }
             Ok(())
         }
@@ -289,9 +220,7 @@ mod tests {
 
     /// Deterministic, varied values (no RNG needed for hand checks).
     fn ramp(n: usize, seed: f32) -> Vec<f32> {
-        (0..n)
-            .map(|i| (i as f32 * 0.37 + seed).sin() * 1.5)
-            .collect()
+        (0..n).map(|i| (i as f32 * 0.37 + seed).sin() * 1.5).collect()
     }
 
     /// Runs the CPU op on (tokens, heads, d) tensors built from flat data.
@@ -308,28 +237,9 @@ mod tests {
     ) -> Vec<f32> {
         let (tq, tk) = (q.len() / (heads.0 * d), k.len() / (heads.1 * d));
         let mut out = Tensor::empty(&Device::Cpu, &[tq, heads.0, d], DType::F32).unwrap();
-        let max_q = cu_q
-            .windows(2)
-            .map(|w| (w[1] - w[0]) as usize)
-            .max()
-            .unwrap_or(0);
-        let (qt, kt, vt) = (
-            t(q, &[tq, heads.0, d]),
-            t(k, &[tk, heads.1, d]),
-            t(v, &[tk, heads.1, d]),
-        );
-        attention(
-            &mut out,
-            &qt,
-            &kt,
-            &vt,
-            &cu(cu_q),
-            &cu(cu_k),
-            max_q,
-            causal,
-            1.0 / (d as f32).sqrt(),
-        )
-        .unwrap();
+        let max_q = cu_q.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0);
+        let (qt, kt, vt) = (t(q, &[tq, heads.0, d]), t(k, &[tk, heads.1, d]), t(v, &[tk, heads.1, d]));
+        attention(&mut out, &qt, &kt, &vt, &cu(cu_q), &cu(cu_k), max_q, causal, 1.0 / (d as f32).sqrt()).unwrap();
         out.to_f32_vec().unwrap()
     }
 
@@ -337,16 +247,7 @@ mod tests {
     fn single_key_gives_v() {
         let d = 64;
         let v = ramp(d, 2.0);
-        let out = run(
-            &ramp(d, 0.0),
-            &ramp(d, 1.0),
-            &v,
-            (1, 1),
-            d,
-            &[0, 1],
-            &[0, 1],
-            false,
-        );
+        let out = run(&ramp(d, 0.0), &ramp(d, 1.0), &v, (1, 1), d, &[0, 1], &[0, 1], false);
         assert_eq!(out, v, "softmax over one key is 1");
     }
 
@@ -367,28 +268,10 @@ mod tests {
     fn causal_first_query_sees_only_the_first_key() {
         let (d, n) = (80, 3);
         let v = ramp(n * d, 3.0);
-        let out = run(
-            &ramp(n * d, 0.0),
-            &ramp(n * d, 1.0),
-            &v,
-            (1, 1),
-            d,
-            &[0, 3],
-            &[0, 3],
-            true,
-        );
+        let out = run(&ramp(n * d, 0.0), &ramp(n * d, 1.0), &v, (1, 1), d, &[0, 3], &[0, 3], true);
         assert_eq!(&out[..d], &v[..d]);
         // Non-causal, the first query mixes all three.
-        let full = run(
-            &ramp(n * d, 0.0),
-            &ramp(n * d, 1.0),
-            &v,
-            (1, 1),
-            d,
-            &[0, 3],
-            &[0, 3],
-            false,
-        );
+        let full = run(&ramp(n * d, 0.0), &ramp(n * d, 1.0), &v, (1, 1), d, &[0, 3], &[0, 3], false);
         assert_ne!(&full[..d], &v[..d]);
     }
 
@@ -397,16 +280,7 @@ mod tests {
         // 4 query heads over 2 kv heads, one key: head h outputs v of kv head h / 2.
         let d = 96;
         let v = ramp(2 * d, 5.0);
-        let out = run(
-            &ramp(4 * d, 0.0),
-            &ramp(2 * d, 1.0),
-            &v,
-            (4, 2),
-            d,
-            &[0, 1],
-            &[0, 1],
-            false,
-        );
+        let out = run(&ramp(4 * d, 0.0), &ramp(2 * d, 1.0), &v, (4, 2), d, &[0, 1], &[0, 1], false);
         for h in 0..4 {
             assert_eq!(&out[h * d..][..d], &v[(h / 2) * d..][..d], "head {h}");
         }
@@ -430,16 +304,7 @@ mod tests {
         // Two sequences of 1 token each: each output is its own v.
         let d = 64;
         let v = ramp(2 * d, 4.0);
-        let out = run(
-            &ramp(2 * d, 0.0),
-            &ramp(2 * d, 1.0),
-            &v,
-            (1, 1),
-            d,
-            &[0, 1, 2],
-            &[0, 1, 2],
-            false,
-        );
+        let out = run(&ramp(2 * d, 0.0), &ramp(2 * d, 1.0), &v, (1, 1), d, &[0, 1, 2], &[0, 1, 2], false);
         assert_eq!(out, v);
     }
 
@@ -448,16 +313,7 @@ mod tests {
         // Causal, 3 queries over 1 key: j ≤ i − 2, so only query 2 sees key 0.
         let d = 64;
         let v = ramp(d, 4.0);
-        let out = run(
-            &ramp(3 * d, 0.0),
-            &ramp(d, 1.0),
-            &v,
-            (1, 1),
-            d,
-            &[0, 3],
-            &[0, 1],
-            true,
-        );
+        let out = run(&ramp(3 * d, 0.0), &ramp(d, 1.0), &v, (1, 1), d, &[0, 3], &[0, 1], true);
         assert!(out[..2 * d].iter().all(|&x| x == 0.0));
         assert_eq!(&out[2 * d..], &v[..]);
         // No keys at all.
@@ -471,26 +327,18 @@ mod tests {
             let n = |s: &[usize]| s.iter().product::<usize>();
             let mut out = Tensor::empty(&Device::Cpu, q, DType::F32).unwrap();
             let (qt, kt) = (t(&vec![0.5; n(q)], q), t(&vec![0.5; n(k)], k));
-            attention(&mut out, &qt, &kt, &kt, &cu(cq), &cu(ck), max_q, true, 0.1)
-                .unwrap_err()
-                .to_string()
+            attention(&mut out, &qt, &kt, &kt, &cu(cq), &cu(ck), max_q, true, 0.1).unwrap_err().to_string()
         };
         let e = err(&[2, 1, 48], &[2, 1, 48], &[0, 2], &[0, 2], 2);
         assert!(e.contains("head dim 48 not supported"), "{e}");
         let e = err(&[2, 3, 64], &[2, 2, 64], &[0, 2], &[0, 2], 2);
-        assert!(
-            e.contains("3 query heads are not a multiple of 2 kv heads"),
-            "{e}"
-        );
+        assert!(e.contains("3 query heads are not a multiple of 2 kv heads"), "{e}");
         let e = err(&[2, 2, 64], &[2, 1, 80], &[0, 2], &[0, 2], 2);
         assert!(e.contains("head dim of k"), "{e}");
         let e = err(&[2, 2, 64], &[2, 1, 64], &[0, 2], &[0, 1, 2], 2);
         assert!(e.contains("cu_seqlens_k [3] != cu_seqlens_q [2]"), "{e}");
         let e = err(&[2, 2, 64], &[2, 1, 64], &[0, 3], &[0, 2], 3);
-        assert!(
-            e.contains("cu_seqlens_q ends at 3, past the 2 packed tokens"),
-            "{e}"
-        );
+        assert!(e.contains("cu_seqlens_q ends at 3, past the 2 packed tokens"), "{e}");
         let e = err(&[2, 2, 64], &[2, 1, 64], &[0, 2, 1], &[0, 1, 2], 2);
         assert!(e.contains("cu_seqlens_q decreases at sequence 1"), "{e}");
         let e = err(&[2, 2, 64], &[2, 1, 64], &[0, 2], &[0, 2], 1);
@@ -500,18 +348,7 @@ mod tests {
         // i32 offsets only.
         let mut out = Tensor::empty(&Device::Cpu, &[1, 1, 64], DType::F32).unwrap();
         let x = t(&[0.5; 64], &[1, 1, 64]);
-        let e = attention(
-            &mut out,
-            &x,
-            &x,
-            &x,
-            &t(&[0.0, 1.0], &[2]),
-            &cu(&[0, 1]),
-            1,
-            false,
-            0.1,
-        )
-        .unwrap_err();
+        let e = attention(&mut out, &x, &x, &x, &t(&[0.0, 1.0], &[2]), &cu(&[0, 1]), 1, false, 0.1).unwrap_err();
         assert!(e.to_string().contains("dtype"), "{e}");
     }
 }

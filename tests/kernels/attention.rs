@@ -36,23 +36,10 @@ struct Spec {
 
 impl Spec {
     fn label(&self) -> String {
-        let lens: Vec<String> = self
-            .seqs
-            .iter()
-            .map(|&(lq, lk)| {
-                if lq == lk {
-                    lq.to_string()
-                } else {
-                    format!("{lq}/{lk}")
-                }
-            })
-            .collect();
+        let lens: Vec<String> =
+            self.seqs.iter().map(|&(lq, lk)| if lq == lk { lq.to_string() } else { format!("{lq}/{lk}") }).collect();
         let mask = if self.causal { "causal" } else { "full" };
-        let rows = if self.sample > 1 {
-            format!(" q%{}", self.sample)
-        } else {
-            String::new()
-        };
+        let rows = if self.sample > 1 { format!(" q%{}", self.sample) } else { String::new() };
         let (h, hk, d) = (self.heads, self.kv_heads, self.d);
         format!("{h}/{hk} d{d} {mask} [{}]{rows}", lens.join(","))
     }
@@ -73,26 +60,17 @@ fn attention64(sp: &Spec, q: &[f64], k: &[f64], v: &[f64], scale: f64) -> (Vec<f
     let (h, hk, d) = (sp.heads, sp.kv_heads, sp.d);
     let total_q: usize = sp.seqs.iter().map(|s| s.0).sum();
     let mut out = vec![0.0; total_q * h * d];
-    let kept: Vec<bool> = sp
-        .seqs
-        .iter()
-        .flat_map(|&(lq, _)| (0..lq).map(move |i| i % sp.sample == 0 || i + 1 == lq))
-        .collect();
+    let kept: Vec<bool> =
+        sp.seqs.iter().flat_map(|&(lq, _)| (0..lq).map(move |i| i % sp.sample == 0 || i + 1 == lq)).collect();
     let (mut q0, mut k0) = (0, 0);
     for &(lq, lk) in &sp.seqs {
         for head in 0..h {
             let kvh = head * hk / h;
             // This head's rows, contiguous: Q (lq, d), K and V (lk, d).
             let rows = |x: &[f64], start: usize, n: usize, heads: usize, hh: usize| -> Vec<f64> {
-                (0..n)
-                    .flat_map(|r| x[((start + r) * heads + hh) * d..][..d].to_vec())
-                    .collect()
+                (0..n).flat_map(|r| x[((start + r) * heads + hh) * d..][..d].to_vec()).collect()
             };
-            let (qm, km, vm) = (
-                rows(q, q0, lq, h, head),
-                rows(k, k0, lk, hk, kvh),
-                rows(v, k0, lk, hk, kvh),
-            );
+            let (qm, km, vm) = (rows(q, q0, lq, h, head), rows(k, k0, lk, hk, kvh), rows(v, k0, lk, hk, kvh));
             // Scores (lq, lk), −∞ where masked.
             let mut s = vec![f64::NEG_INFINITY; lq * lk];
             for i in (0..lq).filter(|&i| kept[q0 + i]) {
@@ -136,11 +114,7 @@ fn attention64(sp: &Spec, q: &[f64], k: &[f64], v: &[f64], scale: f64) -> (Vec<f
 
 /// The rows of `x` (each `row` long) that `kept` marks.
 fn pick<T: Copy>(x: &[T], kept: &[bool], row: usize) -> Vec<T> {
-    x.chunks(row)
-        .zip(kept)
-        .filter(|(_, &k)| k)
-        .flat_map(|(r, _)| r.iter().copied())
-        .collect()
+    x.chunks(row).zip(kept).filter(|(_, &k)| k).flat_map(|(r, _)| r.iter().copied()).collect()
 }
 
 /// Naive bf16 attention: S = scale · QKᵀ and softmax in f32, P rounded to bf16
@@ -152,21 +126,13 @@ fn attention_bf16(sp: &Spec, q: &[f32], k: &[f32], v: &[f32], scale: f32) -> Vec
     let (mut q0, mut k0) = (0, 0);
     for &(lq, lk) in &sp.seqs {
         for i in 0..lq {
-            let n = if sp.causal {
-                (i as i64 + lk as i64 - lq as i64 + 1).clamp(0, lk as i64) as usize
-            } else {
-                lk
-            };
+            let n = if sp.causal { (i as i64 + lk as i64 - lq as i64 + 1).clamp(0, lk as i64) as usize } else { lk };
             for head in 0..h {
                 let kvh = head / (h / hk);
                 let qr = &q[((q0 + i) * h + head) * d..][..d];
                 let s: Vec<f32> = (0..n)
                     .map(|j| {
-                        scale
-                            * qr.iter()
-                                .zip(&k[((k0 + j) * hk + kvh) * d..][..d])
-                                .map(|(a, b)| a * b)
-                                .sum::<f32>()
+                        scale * qr.iter().zip(&k[((k0 + j) * hk + kvh) * d..][..d]).map(|(a, b)| a * b).sum::<f32>()
                     })
                     .collect();
                 let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
@@ -174,9 +140,7 @@ fn attention_bf16(sp: &Spec, q: &[f32], k: &[f32], v: &[f32], scale: f32) -> Vec
                 let z: f32 = e.iter().sum();
                 let p: Vec<f32> = e.iter().map(|x| bf16::from_f32(x / z).to_f32()).collect();
                 for c in 0..d {
-                    let o: f32 = (0..n)
-                        .map(|j| p[j] * v[((k0 + j) * hk + kvh) * d + c])
-                        .sum();
+                    let o: f32 = (0..n).map(|j| p[j] * v[((k0 + j) * hk + kvh) * d + c]).sum();
                     out[((q0 + i) * h + head) * d + c] = bf16::from_f32(o).to_f32() as f64;
                 }
             }
@@ -202,12 +166,9 @@ fn run(sp: &Spec, gpu: Option<&Device>, rng: &mut Rng) -> Vec<Row> {
     let qd = round_to(&rng.normals(total_q * h * d, sp.q_scale), DType::BF16);
     let kd = round_to(&rng.normals(total_k * hk * d, 1.0), DType::BF16);
     let vd = round_to(&rng.normals(total_k * hk * d, 1.0), DType::BF16);
-    let host =
-        |shape: &[usize], x: &[f32]| Tensor::from_f32(&Device::Cpu, shape, x, DType::F32).unwrap();
-    let (cqc, ckc) = (
-        Tensor::from_i32(&Device::Cpu, &cs, &cu_q).unwrap(),
-        Tensor::from_i32(&Device::Cpu, &cs, &cu_k).unwrap(),
-    );
+    let host = |shape: &[usize], x: &[f32]| Tensor::from_f32(&Device::Cpu, shape, x, DType::F32).unwrap();
+    let (cqc, ckc) =
+        (Tensor::from_i32(&Device::Cpu, &cs, &cu_q).unwrap(), Tensor::from_i32(&Device::Cpu, &cs, &cu_k).unwrap());
     let mut oc = Tensor::empty(&Device::Cpu, &qs, DType::F32).unwrap();
     attention::attention(
         &mut oc,
@@ -225,13 +186,7 @@ fn run(sp: &Spec, gpu: Option<&Device>, rng: &mut Rng) -> Vec<Row> {
     let (r64, kept) = attention64(sp, &widen(&qd), &widen(&kd), &widen(&vd), scale as f64);
     let (row, r64) = (h * d, pick(&r64, &kept, h * d));
     // The softmax-weighted sum is the longest reduction: max_k terms.
-    let mut rows = vec![check_cpu(
-        "attention",
-        &label,
-        &pick(&cpu, &kept, row),
-        &r64,
-        max_k,
-    )];
+    let mut rows = vec![check_cpu("attention", &label, &pick(&cpu, &kept, row), &r64, max_k)];
 
     let Some(g) = gpu else { return rows };
     for dt in FLOAT_DTYPES {
@@ -241,40 +196,20 @@ fn run(sp: &Spec, gpu: Option<&Device>, rng: &mut Rng) -> Vec<Row> {
         let ck = Tensor::from_i32(g, &cs, &cu_k).unwrap();
         let launch = |max_seqlen_q: usize| {
             let mut o = poisoned(g, &qs, dt);
-            attention::attention(&mut o, &q, &k, &v, &cq, &ck, max_seqlen_q, sp.causal, scale)
-                .unwrap();
+            attention::attention(&mut o, &q, &k, &v, &cq, &ck, max_seqlen_q, sp.causal, scale).unwrap();
             o.to_f32_vec().unwrap()
         };
         let got = launch(max_q);
         rows.push(match dt {
-            DType::F32 => check_gpu(
-                "attention",
-                &label,
-                dt,
-                &pick(&got, &kept, row),
-                &r64,
-                &widen(&pick(&cpu, &kept, row)),
-            ),
-            _ => check_gpu(
-                "attention",
-                &label,
-                dt,
-                &got,
-                &widen(&cpu),
-                &attention_bf16(sp, &qd, &kd, &vd, scale),
-            ),
+            DType::F32 => {
+                check_gpu("attention", &label, dt, &pick(&got, &kept, row), &r64, &widen(&pick(&cpu, &kept, row)))
+            }
+            _ => check_gpu("attention", &label, dt, &got, &widen(&cpu), &attention_bf16(sp, &qd, &kd, &vd, scale)),
         });
         // A grid sized for one query: the blocks grid-stride over the other
         // rows, which must come out bit for bit the same.
         let small = launch(1);
-        rows.push(check_exact(
-            "gpu",
-            "attention.grid_stride",
-            &label,
-            dt,
-            &widen(&small),
-            &widen(&got),
-        ));
+        rows.push(check_exact("gpu", "attention.grid_stride", &label, dt, &widen(&small), &widen(&got)));
     }
     rows
 }
@@ -305,24 +240,12 @@ pub fn cases() -> Vec<Case> {
         spec(1, 1, 64, &same(&[1030]), true, 1.0, 8),
         // Decode (1 over 300), chunked prefill (37 over 129), queries that see
         // no key (6 over 2: the first 4 see nothing; 2 over 0) in one batch.
-        spec(
-            12,
-            2,
-            96,
-            &[(1, 300), (37, 129), (6, 2), (2, 0)],
-            true,
-            1.0,
-            1,
-        ),
+        spec(12, 2, 96, &[(1, 300), (37, 129), (6, 2), (2, 0)], true, 1.0, 1),
         // Non-causal with Lq != Lk, an empty query sequence, groups of 7.
         spec(28, 4, 64, &[(5, 40), (0, 3), (9, 9)], false, 1.0, 1),
     ];
     specs
         .into_iter()
-        .map(|sp| {
-            Case::new(format!("attention {}", sp.label()), move |gpu, rng| {
-                run(&sp, gpu, rng)
-            })
-        })
+        .map(|sp| Case::new(format!("attention {}", sp.label()), move |gpu, rng| run(&sp, gpu, rng)))
         .collect()
 }

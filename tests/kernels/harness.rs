@@ -59,21 +59,6 @@ pub fn widen(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| x as f64).collect()
 }
 
-/// The same data on the host (f32, rounded to `dt`) and on the GPU (as `dt`).
-pub fn pair(gpu: &Device, shape: &[usize], data: &[f32], dt: DType) -> (Tensor, Tensor) {
-    (
-        Tensor::from_f32(&Device::Cpu, shape, data, dt).expect("host tensor"),
-        Tensor::from_f32(gpu, shape, data, dt).expect("device tensor"),
-    )
-}
-
-pub fn pair_i32(gpu: &Device, shape: &[usize], data: &[i32]) -> (Tensor, Tensor) {
-    (
-        Tensor::from_i32(&Device::Cpu, shape, data).expect("host tensor"),
-        Tensor::from_i32(gpu, shape, data).expect("device tensor"),
-    )
-}
-
 /// A poisoned (all bits set: NaN, or -1 for i32) output on `dev`.
 pub fn poisoned(dev: &Device, shape: &[usize], dt: DType) -> Tensor {
     Tensor::poisoned(dev, shape, dt).expect("poisoned tensor")
