@@ -51,6 +51,13 @@ run)
   .device/kestrel info --require-gpu 2>&1 | tee "$logdir/info.txt"
   .device/unit >"$logdir/unit.txt" 2>&1; unit_rc=$?
   tail -n 3 "$logdir/unit.txt"
+  KESTREL_REQUIRE_GPU=1 .device/kernels >"$logdir/kernels.txt" 2>&1; kernels_rc=$?
+  # The whole table is in $logdir/kernels.txt; here, the GPU rows that failed.
+  grep -E '^(gpu .*FAIL$|FAIL)' "$logdir/kernels.txt"
+  tail -n 4 "$logdir/kernels.txt"
+  if [ "${BENCH:-0}" = 1 ]; then
+    .device/bench_kernels 2>&1 | tee "$logdir/bench_kernels.txt"
+  fi
   if [ "${SANITIZE:-0}" = 1 ]; then
     for tool in memcheck racecheck; do
       KESTREL_SEED=7 KESTREL_REQUIRE_GPU=1 compute-sanitizer --tool $tool --error-exitcode 9 .device/kernels \
@@ -58,12 +65,6 @@ run)
       echo "compute-sanitizer $tool: exit $? ($(grep -c 'ERROR SUMMARY: 0 errors' "$logdir/sanitize-$tool.txt") clean summaries)"
       grep -m 5 -E '========= (Invalid|Race|ERROR)' "$logdir/sanitize-$tool.txt" || true
     done
-  fi
-  KESTREL_REQUIRE_GPU=1 .device/kernels >"$logdir/kernels.txt" 2>&1; kernels_rc=$?
-  grep -E '^(on |gpu |FAIL)' "$logdir/kernels.txt"
-  tail -n 4 "$logdir/kernels.txt"
-  if [ "${BENCH:-0}" = 1 ]; then
-    .device/bench_kernels 2>&1 | tee "$logdir/bench_kernels.txt"
   fi
   echo "unit tests exit $unit_rc, kernel suite exit $kernels_rc"
   [ $unit_rc = 0 ] && [ $kernels_rc = 0 ]
