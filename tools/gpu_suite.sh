@@ -14,7 +14,10 @@
 #
 # BENCH=1 with `run` also runs the kernel benchmarks (benches/kernels.rs).
 # SANITIZE=1 with `run` also runs the suite under compute-sanitizer
-# (memcheck, then racecheck) on a fixed seed.
+# (memcheck, then racecheck) on a fixed seed. API errors are not reported:
+# the kernel registry asks each module for a kernel by name until one has it,
+# and the misses are CUDA_ERROR_NOT_FOUND by design. cuBLAS's own kernels
+# (nvjet_*) are left out of racecheck: their hazards are NVIDIA's to answer.
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -60,7 +63,8 @@ run)
   fi
   if [ "${SANITIZE:-0}" = 1 ]; then
     for tool in memcheck racecheck; do
-      KESTREL_SEED=7 KESTREL_REQUIRE_GPU=1 compute-sanitizer --tool $tool --error-exitcode 9 .device/kernels \
+      KESTREL_SEED=7 KESTREL_REQUIRE_GPU=1 compute-sanitizer --tool $tool --error-exitcode 9 \
+        --report-api-errors no --kernel-name-exclude kns=nvjet .device/kernels \
         >"$logdir/sanitize-$tool.txt" 2>&1
       echo "compute-sanitizer $tool: exit $? ($(grep -c 'ERROR SUMMARY: 0 errors' "$logdir/sanitize-$tool.txt") clean summaries)"
       grep -m 5 -E '========= (Invalid|Race|ERROR)' "$logdir/sanitize-$tool.txt" || true
