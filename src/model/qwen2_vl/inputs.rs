@@ -1,0 +1,144 @@
+//! From a conversation with images and videos to what the model consumes:
+//! rendered prompt, placeholder expansion, token ids, pixel values, M-RoPE
+//! positions. Mirrors transformers `Qwen2VLProcessor.__call__`
+//! (processing_qwen2_vl.py): each `<|image_pad|>` / `<|video_pad|>` in the
+//! rendered text becomes as many copies as the item has merged patches,
+//! then the text is tokenized.
+
+use image::RgbImage;
+
+use super::mrope;
+use super::processor::{self, ImageProcessorConfig};
+use crate::error::{Error, Result};
+use crate::model::config::Qwen2VlConfig;
+use crate::text::{chat_template::ChatTemplate, tokenizer::Tokenizer};
+
+/// One media item of a prompt, in the order its placeholder appears.
+pub enum Media {
+    Image(RgbImage),
+    Video(Vec<RgbImage>),
+}
+
+/// Pixel values of several items, concatenated, with each item's grid.
+#[derive(Default, Clone)]
+pub struct Pixels {
+    pub values: Vec<f32>,          // (Σ patches, patch_dim)
+    pub grids: Vec<[usize; 3]>,    // [t, h, w] in patches, per item
+}
+
+pub struct PreparedInput {
+    pub prompt: String,
+    pub input_ids: Vec<u32>,
+    pub positions: Vec<i32>, // (3, n): temporal, height, width rows
+    pub rope_delta: i64,
+    pub images: Pixels,
+    pub videos: Pixels,
+}
+
+/// Processors for the two media kinds (preprocessor_config.json, and the
+/// video processor's defaults).
+pub struct Processors {
+    pub image: ImageProcessorConfig,
+    pub video: ImageProcessorConfig,
+}
+
+/// Renders `messages` (OpenAI/HF chat JSON) and prepares it with `media`,
+/// which must hold one entry per image or video part, in order.
+pub fn prepare_chat(
+    cfg: &Qwen2VlConfig,
+    tok: &Tokenizer,
+    template: &ChatTemplate,
+    procs: &Processors,
+    messages: &serde_json::Value,
+    media: &[Media],
+) -> Result<PreparedInput> {
+    let prompt = template.render(messages, true)?;
+    prepare_prompt(cfg, tok, procs, prompt, media)
+}
+
+/// Prepares an already rendered prompt holding one placeholder per item.
+pub fn prepare_prompt(
+    cfg: &Qwen2VlConfig,
+    tok: &Tokenizer,
+    procs: &Processors,
+    prompt: String,
+    media: &[Media],
+) -> Result<PreparedInput> {
+    let name = |id: u32| tok.id_token(id).ok_or_else(|| Error::Config(format!("token id {id} is not in the tokenizer")));
+    let image_pad = name(cfg.image_token_id)?;
+    let video_pad = name(cfg.video_token_id)?;
+    let merge = cfg.vision_config.spatial_merge_size;
+
+    let mut images = Pixels::default();
+    let mut videos = Pixels::default();
+    // Expand placeholders in order of appearance; each consumes the next item of its kind.
+    let (mut img_items, mut vid_items) = (Vec::new(), Vec::new());
+    for m in media {
+        match m {
+            Media::Image(img) => {
+                let (v, g) = processor::preprocess_image(img, &procs.image)?;
+                images.values.extend(v);
+                images.grids.push(g);
+                img_items.push(g);
+            }
+            Media::Video(frames) => {
+                let (v, g) = processor::preprocess_video(frames, &procs.video)?;
+                videos.values.extend(v);
+                videos.grids.push(g);
+                vid_items.push(g);
+            }
+        }
+    }
+    let mut expanded = String::with_capacity(prompt.len());
+    let (mut ni, mut nv) = (0, 0);
+    let mut rest = prompt.as_str();
+    loop {
+        let next_img = rest.find(&image_pad);
+        let next_vid = rest.find(&video_pad);
+        let (at, is_img) = match (next_img, next_vid) {
+            (Some(a), Some(b)) => (a.min(b), a < b),
+            (Some(a), None) => (a, true),
+            (None, Some(b)) => (b, false),
+            (None, None) => break,
+        };
+        expanded.push_str(&rest[..at]);
+        let (pad, grid) = if is_img {
+            ni += 1;
+            (&image_pad, img_items.get(ni - 1))
+        } else {
+            nv += 1;
+            (&video_pad, vid_items.get(nv - 1))
+        };
+        let Some(&grid) = grid else {
+            return Err(Error::InvalidInput(format!(
+                "the prompt has more {} placeholders than {} given",
+                if is_img { "image" } else { "video" },
+                if is_img { "images" } else { "videos" }
+            )));
+        };
+        for _ in 0..processor::num_placeholder_tokens(grid, merge) {
+            expanded.push_str(pad);
+        }
+        rest = &rest[at + pad.len()..];
+    }
+    expanded.push_str(rest);
+    if ni != img_items.len() || nv != vid_items.len() {
+        return Err(Error::InvalidInput(format!(
+            "{} images and {} videos were given but the prompt has places for {ni} and {nv}",
+            img_items.len(),
+            vid_items.len()
+        )));
+    }
+
+    let input_ids = tok.encode_prompt(&expanded)?;
+    let (positions, rope_delta) = mrope::rope_index(
+        &input_ids,
+        &images.grids,
+        &videos.grids,
+        merge,
+        cfg.image_token_id,
+        cfg.video_token_id,
+        cfg.vision_start_token_id,
+    )?;
+    Ok(PreparedInput { prompt: expanded, input_ids, positions, rope_delta, images, videos })
+}
