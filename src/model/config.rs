@@ -12,13 +12,19 @@
 //!   `{"type": "default", "rope_type": "default", "mrope_section": [..]}`.
 //! - **nested** (4.52 – 4.57): the same fields inside `text_config`.
 //! - **transformers 5**: `text_config.rope_parameters = {"rope_type": "default",
-//!   "rope_theta": .., "mrope_section": [..]}` (`rope_theta` moved inside),
-//!   `dtype` instead of `torch_dtype`, `tie_word_embeddings` on the top level;
-//!   `rope_parameters` may also be keyed by layer type (`{"full_attention": {..}}`).
+//!   "type": "mrope", "rope_theta": .., "mrope_section": [..]}` (`rope_theta`
+//!   moved inside), `dtype` instead of `torch_dtype`, `tie_word_embeddings` on
+//!   the top level, `vision_config.rope_parameters = {"rope_type": "axial",
+//!   "rope_theta": 10000.0}`; `rope_parameters` may also be keyed by layer type
+//!   (`{"full_attention": {..}}`).
+//!
+//! tests/loader/configs/ holds the published 2B and 7B files and what
+//! transformers 4.46.3, 4.53.3 and 5.24.0 write when they re-save them; all
+//! parse to the same values here, as they do in transformers 5.24.
 //!
 //! Field names stay HF's. Language-model fields are read from `text_config`
 //! first and from the top level when `text_config` lacks them (files written
-//! in between carry both). Where HF falls back to a default we do too, except
+//! by 4.52–4.57 carry both). Where HF falls back to a default we do too, except
 //! for the sizes that define the network (hidden, intermediate, layers, heads,
 //! kv heads, vocab): HF would silently default those to its 72B values, we
 //! say which field is missing.
@@ -109,6 +115,9 @@ pub struct VisionConfig {
     pub patch_size: usize,
     pub temporal_patch_size: usize,
     pub spatial_merge_size: usize,
+    /// Base of the 2-D vision RoPE (`VisionRotaryEmbedding`, 10000 before
+    /// transformers 5 made it `vision_config.rope_parameters.rope_theta`).
+    pub rope_theta: f64,
 }
 
 impl VisionConfig {
@@ -363,6 +372,16 @@ fn text_config(lm: &Lm) -> Result<TextConfig> {
     }
     let (rope_theta, mrope_section) = rope(lm)?;
     let head_dim = hidden_size.checked_div(num_attention_heads).unwrap_or(0);
+    // Qwen2VLAttention always uses hidden_size / heads; transformers 5's
+    // rotary embedding would read a `head_dim` field, so one that differs
+    // would make the two disagree.
+    if let Some((d, at)) = lm.get("head_dim", Obj::usize)? {
+        if d != head_dim {
+            return Err(Error::Config(format!(
+                "`{at}head_dim` is {d}, but Qwen2-VL attention uses hidden_size / num_attention_heads = {head_dim}"
+            )));
+        }
+    }
     Ok(TextConfig {
         hidden_size,
         intermediate_size: lm.required("intermediate_size")?,
@@ -380,18 +399,17 @@ fn text_config(lm: &Lm) -> Result<TextConfig> {
     })
 }
 
-/// transformers 5 keeps `tie_word_embeddings` on the top-level config (and an
-/// early 5.x also wrote a stale `false` into `text_config`); 4.52–4.57 kept it
-/// in `text_config` and left the top-level one out when it was true. So: top
-/// level when present, else `text_config`, else false (HF's default).
+/// transformers 5 keeps `tie_word_embeddings` on the top-level config;
+/// 4.52–4.57 kept it in `text_config` and left the top-level one out when it
+/// was true (the 2B file 4.53.3 writes). transformers 5.24
+/// (`Qwen2VLConfig.__post_init__`) ties when either says true; so do we.
 fn tie_word_embeddings(lm: &Lm) -> Result<bool> {
-    if let Some(v) = lm.top.bool("tie_word_embeddings")? {
-        return Ok(v);
-    }
-    Ok(match &lm.text {
+    let top = lm.top.bool("tie_word_embeddings")?.unwrap_or(false);
+    let text = match &lm.text {
         Some(t) => t.bool("tie_word_embeddings")?.unwrap_or(false),
         None => false,
-    })
+    };
+    Ok(top || text)
 }
 
 /// (rope_theta, mrope_section) from whichever RoPE dict the file has.
@@ -493,6 +511,26 @@ fn vision_config(v: &Obj) -> Result<VisionConfig> {
         Some(c) => c,
         None => v.usize("in_chans")?.unwrap_or(3),
     };
+    let rope_theta = match v.get("rope_parameters") {
+        None => 10000.0,
+        Some(p) => {
+            let p = Obj::new(p, "vision_config.rope_parameters.")?;
+            match p.str("rope_type")? {
+                None | Some("axial") => {}
+                Some(t) => {
+                    return Err(Error::Config(format!(
+                        "`vision_config.rope_parameters.rope_type` is `{t}`; the vision tower uses `axial`"
+                    )))
+                }
+            }
+            p.f64("rope_theta")?.unwrap_or(10000.0)
+        }
+    };
+    if !(rope_theta.is_finite() && rope_theta > 0.0) {
+        return Err(Error::Config(format!(
+            "`vision_config.rope_parameters.rope_theta` is {rope_theta}; expected a finite value > 0"
+        )));
+    }
     Ok(VisionConfig {
         depth,
         embed_dim,
@@ -506,6 +544,7 @@ fn vision_config(v: &Obj) -> Result<VisionConfig> {
         patch_size: v.usize("patch_size")?.unwrap_or(14),
         temporal_patch_size: v.usize("temporal_patch_size")?.unwrap_or(2),
         spatial_merge_size: v.usize("spatial_merge_size")?.unwrap_or(2),
+        rope_theta,
     })
 }
 
@@ -623,13 +662,20 @@ mod tests {
     /// Qwen/Qwen2-VL-7B-Instruct config.json as published (flat layout).
     const QWEN2_VL_7B: &str = include_str!("../../tests/loader/configs/qwen2_vl_7b_instruct.json");
 
-    /// The 2B model as transformers 4.52–4.57 re-saves it: LM fields nested,
-    /// `rope_scaling` rewritten to "default" with `rope_type` copied.
-    const NESTED_4_5X: &str = include_str!("../../tests/loader/configs/qwen2_vl_2b_nested_4_5x.json");
-
-    /// The 7B model as transformers 5 saves it: `rope_parameters` with
-    /// `rope_theta` inside, `dtype`, `layer_types`, tie on the top level.
-    const V5_ROPE_PARAMETERS: &str = include_str!("../../tests/loader/configs/qwen2_vl_7b_transformers_v5.json");
+    /// What `Qwen2VLConfig(**published).save_pretrained()` writes, per
+    /// transformers version (4.46.3: flat, `rope_scaling.type` "default",
+    /// vision fields equal to the class defaults left out; 4.53.3: flat and
+    /// `text_config` both; 5.24.0: `text_config` with `rope_parameters`).
+    const RESAVED: [(&str, &str, &str); 6] = [
+        ("2b", "4.46.3", include_str!("../../tests/loader/configs/qwen2_vl_2b_saved_by_transformers_4.46.3.json")),
+        ("7b", "4.46.3", include_str!("../../tests/loader/configs/qwen2_vl_7b_saved_by_transformers_4.46.3.json")),
+        ("2b", "4.53.3", include_str!("../../tests/loader/configs/qwen2_vl_2b_saved_by_transformers_4.53.3.json")),
+        ("7b", "4.53.3", include_str!("../../tests/loader/configs/qwen2_vl_7b_saved_by_transformers_4.53.3.json")),
+        ("2b", "5.24.0", include_str!("../../tests/loader/configs/qwen2_vl_2b_saved_by_transformers_5.24.0.json")),
+        ("7b", "5.24.0", include_str!("../../tests/loader/configs/qwen2_vl_7b_saved_by_transformers_5.24.0.json")),
+    ];
+    const NESTED_4_53: &str = RESAVED[2].2;
+    const V5_24: &str = RESAVED[5].2;
 
     fn parse(s: &str) -> Qwen2VlConfig {
         Qwen2VlConfig::from_json_str(s).unwrap()
@@ -663,6 +709,7 @@ mod tests {
             patch_size: 14,
             temporal_patch_size: 2,
             spatial_merge_size: 2,
+            rope_theta: 10000.0,
         }
     }
 
@@ -712,28 +759,16 @@ mod tests {
     }
 
     #[test]
-    fn flat_resaved_by_4_4x_with_rope_type_default() {
-        let c = edited(QWEN2_VL_2B, |v| {
-            v["rope_scaling"] =
-                serde_json::json!({"type": "default", "rope_type": "default", "mrope_section": [16, 24, 24]});
-        })
-        .unwrap();
-        assert_eq!(c, parse(QWEN2_VL_2B));
-    }
-
-    #[test]
-    fn nested_text_config_matches_flat() {
-        assert_eq!(parse(NESTED_4_5X), parse(QWEN2_VL_2B));
-    }
-
-    #[test]
-    fn v5_rope_parameters_matches_flat() {
-        assert_eq!(parse(V5_ROPE_PARAMETERS), parse(QWEN2_VL_7B));
+    fn every_resaved_file_matches_the_published_one() {
+        for (size, version, text) in RESAVED {
+            let published = if size == "2b" { QWEN2_VL_2B } else { QWEN2_VL_7B };
+            assert_eq!(parse(text), parse(published), "{size} saved by transformers {version}");
+        }
     }
 
     #[test]
     fn v5_rope_parameters_keyed_by_layer_type_and_theta_inside() {
-        let c = edited(V5_ROPE_PARAMETERS, |v| {
+        let c = edited(V5_24, |v| {
             v["text_config"]["rope_parameters"] = serde_json::json!({
                 "full_attention": {"rope_type": "default", "rope_theta": 10000, "mrope_section": [8, 28, 28]}
             });
@@ -744,19 +779,45 @@ mod tests {
     }
 
     #[test]
-    fn v5_top_level_tie_wins_over_a_stale_text_config_value() {
-        let c = edited(V5_ROPE_PARAMETERS, |v| {
-            v["tie_word_embeddings"] = true.into();
-            v["text_config"]["tie_word_embeddings"] = false.into();
-        })
-        .unwrap();
-        assert!(c.text_config.tie_word_embeddings);
-        // Without a top-level value, text_config decides (4.52–4.57 files).
-        let c = edited(NESTED_4_5X, |v| {
-            v.as_object_mut().unwrap().remove("tie_word_embeddings");
-        })
-        .unwrap();
-        assert!(c.text_config.tie_word_embeddings);
+    fn tied_when_either_level_says_so() {
+        for (top, text, tied) in [
+            (None, None, false),
+            (Some(false), None, false),
+            (None, Some(true), true),
+            (Some(true), Some(false), true),
+            (Some(false), Some(true), true),
+            (Some(false), Some(false), false),
+        ] {
+            let c = edited(V5_24, |v| {
+                let o = v.as_object_mut().unwrap();
+                o.remove("tie_word_embeddings");
+                if let Some(t) = top {
+                    o.insert("tie_word_embeddings".into(), t.into());
+                }
+                if let Some(t) = text {
+                    v["text_config"]["tie_word_embeddings"] = t.into();
+                }
+            })
+            .unwrap();
+            assert_eq!(c.text_config.tie_word_embeddings, tied, "top {top:?}, text_config {text:?}");
+        }
+    }
+
+    #[test]
+    fn vision_rope_theta() {
+        assert_eq!(parse(V5_24).vision_config.rope_theta, 10000.0);
+        let c = edited(V5_24, |v| v["vision_config"]["rope_parameters"]["rope_theta"] = 5e5.into()).unwrap();
+        assert_eq!(c.vision_config.rope_theta, 5e5);
+        let msg = config_err(edited(V5_24, |v| v["vision_config"]["rope_parameters"]["rope_type"] = "default".into()));
+        assert!(msg.contains("`vision_config.rope_parameters.rope_type` is `default`"), "{msg}");
+    }
+
+    #[test]
+    fn head_dim_field_must_agree() {
+        let c = edited(QWEN2_VL_2B, |v| v["head_dim"] = 128.into()).unwrap();
+        assert_eq!(c.text_config.head_dim, 128);
+        let msg = config_err(edited(QWEN2_VL_2B, |v| v["head_dim"] = 64.into()));
+        assert!(msg.contains("`head_dim` is 64") && msg.contains("= 128"), "{msg}");
     }
 
     #[test]
@@ -819,7 +880,7 @@ mod tests {
             v.as_object_mut().unwrap().remove("hidden_size");
         }));
         assert!(msg.contains("`hidden_size` is missing"), "{msg}");
-        let msg = config_err(edited(NESTED_4_5X, |v| {
+        let msg = config_err(edited(V5_24, |v| {
             v["text_config"].as_object_mut().unwrap().remove("num_key_value_heads");
         }));
         assert!(msg.contains("`text_config.num_key_value_heads` is missing"), "{msg}");
@@ -827,7 +888,7 @@ mod tests {
 
     #[test]
     fn wrong_type_is_named() {
-        let msg = config_err(edited(NESTED_4_5X, |v| v["text_config"]["num_hidden_layers"] = "28".into()));
+        let msg = config_err(edited(NESTED_4_53, |v| v["text_config"]["num_hidden_layers"] = "28".into()));
         assert!(msg.contains("`text_config.num_hidden_layers` must be a non-negative integer"), "{msg}");
         let msg = config_err(edited(QWEN2_VL_2B, |v| v["vision_config"]["depth"] = (-1).into()));
         assert!(msg.contains("`vision_config.depth`"), "{msg}");
@@ -887,11 +948,11 @@ mod tests {
 
     #[test]
     fn layer_types_must_cover_every_layer() {
-        let msg = config_err(edited(V5_ROPE_PARAMETERS, |v| {
+        let msg = config_err(edited(V5_24, |v| {
             v["text_config"]["layer_types"] = Value::from(vec!["full_attention"; 4]);
         }));
         assert!(msg.contains("`text_config.layer_types` has 4 entries; `num_hidden_layers` is 28"), "{msg}");
-        let msg = config_err(edited(V5_ROPE_PARAMETERS, |v| {
+        let msg = config_err(edited(V5_24, |v| {
             v["text_config"]["layer_types"][27] = "sliding_attention".into();
         }));
         assert!(msg.contains("other than `full_attention`"), "{msg}");
