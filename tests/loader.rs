@@ -448,3 +448,39 @@ fn config_and_weights_from_one_folder() {
     let msg = weights_err(w.lm_head(&Device::Cpu, t.tie_word_embeddings, &[t.vocab_size, t.hidden_size]));
     assert!(msg.contains("`model.embed_tokens.weight`"), "{msg}");
 }
+
+#[test]
+fn weights_can_move_to_the_engine_thread() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Weights>();
+}
+
+/// On a GPU (skipped without one): bf16 on disk goes up byte for byte, f16
+/// and f32 are rounded to bf16 once, the same numbers the CPU path gives
+/// after `DType::BF16.round`.
+#[test]
+fn gpu_load_is_bf16_of_the_disk_values() {
+    let gpu = match Device::cuda(0) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("skipped: no GPU ({e})");
+            return;
+        }
+    };
+    let dir = TempDir::new("gpu");
+    let fl = [0.1f32, -1e-30, 123456.79, 3.0e38, -0.0, 1.0 + 1.0 / 256.0];
+    let tensors = vec![
+        ("a.bf16".to_string(), bf16_bits(&[2, 3], &[0x3F80, 0xC020, 0x3E20, 0x7F7F, 0x0001, 0x8000])),
+        ("a.f16".to_string(), f16_bits(&[5], &[0x3C00, 0xC100, 0x7BFF, 0x0001, 0x3555])),
+        ("a.f32".to_string(), f32s(&[6], &fl)),
+    ];
+    write(&dir.path().join("model.safetensors"), &tensors);
+    let w = Weights::open(dir.path()).unwrap();
+    for (name, raw) in &tensors {
+        let t = w.load(&gpu, name, &raw.shape).unwrap();
+        assert_eq!((t.dtype(), t.shape()), (DType::BF16, raw.shape.as_slice()), "{name}");
+        let want: Vec<u32> = expected_f32(raw).iter().map(|&x| DType::BF16.round(x).to_bits()).collect();
+        let got: Vec<u32> = t.to_f32_vec().unwrap().iter().map(|x| x.to_bits()).collect();
+        assert_eq!(got, want, "{name}");
+    }
+}
