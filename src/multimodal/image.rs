@@ -5,18 +5,26 @@
 //! `transformers.image_utils.load_image` applies the EXIF orientation
 //! (`PIL.ImageOps.exif_transpose`), and `image_transforms.convert_to_rgb`
 //! composites any transparency onto a white background (PIL's integer
-//! `alpha_composite`) before dropping alpha.
+//! `alpha_composite`) before dropping alpha. That is transformers 5.24's
+//! rule, and qwen-vl-utils' and vLLM's; 5.17 and 4.x called plain
+//! `convert("RGB")`, which drops alpha and leaves transparent pixels at
+//! whatever colour they store (often black).
 //!
 //! The resize is torch's `interpolate(mode="bicubic", antialias=True)` on a
 //! uint8 CPU tensor, which is what torchvision's `resize` runs for the default
 //! (torchvision-backend) HF image processors: ATen `UpSampleKernel.cpp`,
 //! `HelperInterpBase::_compute_index_ranges_int16_weights` for the weights and
 //! `UpSampleKernelAVXAntialias.h` (or `basic_loop_aa_*<uint8_t>`, the same
-//! integer arithmetic) for the two passes. It is PIL's `Image.resize` BICUBIC
-//! (a separable Keys cubic with a = -0.5 whose support widens by the
-//! downscale factor) except that the weights are int16 with a per-axis
-//! precision where PIL uses int32 with 22 bits, so the two differ by at most
-//! one level on a few pixels.
+//! integer arithmetic) for the two passes; it matches torch bit for bit
+//! (tests/preprocess.rs, and a sweep of 614 random sizes run once).
+//!
+//! It is the same filter as PIL's `Image.resize` BICUBIC (a separable Keys
+//! cubic, a = -0.5, support widened by the downscale factor) with two
+//! differences: torch's weights are int16 with a per-axis precision where PIL
+//! uses int32 with 22 bits (±1 level on ~0.2–0.9% of values, measured), and
+//! torch always runs the horizontal pass first while Pillow 13 runs the
+//! vertical one first when the height shrinks and the width grows; the uint8
+//! clamp between the passes then differs by up to ~20 levels on sharp edges.
 
 use std::io::Cursor;
 
@@ -42,7 +50,7 @@ pub fn decode_rgb8(bytes: &[u8], max_pixels: u64) -> Result<RgbImage> {
     if bytes.is_empty() {
         return Err(Error::InvalidInput("the image is empty (0 bytes)".into()));
     }
-    let reader = ImageReader::new(Cursor::new(bytes))
+    let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| Error::InvalidInput(format!("could not read the image: {e}")))?;
     let Some(format) = reader.format() else {
@@ -50,7 +58,6 @@ pub fn decode_rgb8(bytes: &[u8], max_pixels: u64) -> Result<RgbImage> {
             "the data is not an image in a format we read (JPEG, PNG, WebP, GIF, BMP)".into(),
         ));
     };
-    let mut reader = reader;
     // Decoder working memory: the output buffer at up to 16 bytes a pixel
     // (RGBA f32) plus slack for the decoder's own state.
     let mut limits = Limits::default();
@@ -352,7 +359,8 @@ mod tests {
 
     #[test]
     fn alpha_is_composited_on_white() {
-        // Values PIL 11 gives for Image.alpha_composite(white, (r, g, b, a)).
+        // Image.alpha_composite(white, (r, g, b, a)) in Pillow 13; the formula
+        // matches it on all 256 x 256 (value, alpha) pairs (checked once in Python).
         assert_eq!(composite_on_white([10, 20, 30], 0), [255, 255, 255]);
         for c in 0..=255u8 {
             assert_eq!(composite_on_white([c, c, c], 255), [c, c, c]);
