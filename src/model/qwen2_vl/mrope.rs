@@ -189,7 +189,7 @@ mod tests {
         let mut ids = vec![5, VS];
         ids.extend([IMG; 4]); // (1, 4, 4)
         ids.extend([VE, 6, VS]);
-        ids.extend([VID; 2 * 2 * 1]); // (2, 4, 2): t = 2, 2 x 1 merged
+        ids.extend([VID; 4]); // (2, 4, 2): t = 2 of 2 x 1 merged
         ids.extend([VE, VS]);
         ids.extend([IMG; 1]); // (1, 2, 2)
         ids.push(VE);

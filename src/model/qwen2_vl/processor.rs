@@ -31,8 +31,11 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 use crate::multimodal::image::{resize_rgb8, ResizeFilter, RgbImage};
 
-/// OPENAI_CLIP_MEAN / OPENAI_CLIP_STD (transformers `image_utils.py`).
+/// OPENAI_CLIP_MEAN / OPENAI_CLIP_STD (transformers `image_utils.py`), with
+/// HF's digits, rounded to f32 as `torch.tensor(image_mean)` rounds them.
+#[allow(clippy::excessive_precision)]
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+#[allow(clippy::excessive_precision)]
 pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 
 /// preprocessor_config.json of a Qwen2-VL checkpoint. Field names are HF's;
@@ -190,7 +193,7 @@ impl ImageProcessorConfig {
         if self.do_normalize && self.image_std.contains(&0.0) {
             return bad("image_std has a zero".into());
         }
-        if self.do_rescale && !(self.rescale_factor > 0.0) {
+        if self.do_rescale && (self.rescale_factor.is_nan() || self.rescale_factor <= 0.0) {
             return bad(format!("rescale_factor {} must be positive", self.rescale_factor));
         }
         Ok(())
@@ -211,7 +214,7 @@ impl ImageProcessorConfig {
             return smart_resize(height, width, self.factor(), self.min_pixels, self.max_pixels);
         }
         let f = self.factor();
-        if height % f != 0 || width % f != 0 {
+        if !height.is_multiple_of(f) || !width.is_multiple_of(f) {
             return Err(Error::InvalidInput(format!(
                 "the image is {width}x{height}; with resizing off both sides must be multiples of {f}"
             )));
@@ -374,7 +377,7 @@ pub fn preprocess_video(frames: &[RgbImage], cfg: &ImageProcessorConfig) -> Resu
     let planes = frames.iter().map(|f| frame_planes(f, h, w, cfg)).collect::<Result<Vec<_>>>()?;
     let mut refs: Vec<&[f32]> = planes.iter().map(Vec::as_slice).collect();
     let last = *refs.last().expect("at least one frame");
-    while refs.len() % cfg.temporal_patch_size != 0 {
+    while !refs.len().is_multiple_of(cfg.temporal_patch_size) {
         refs.push(last);
     }
     let grid_t = refs.len() / cfg.temporal_patch_size;
