@@ -23,6 +23,7 @@ with a spread chosen so logits have real margins: a linear layer's weights
 are N(0, 1/fan_in), norms are 1 + N(0, 0.1), biases N(0, 0.1).
 """
 import argparse
+import inspect
 import json
 import math
 import os
@@ -54,7 +55,8 @@ def token_ids(tok_dir):
 def make_config(kind, ids, vocab):
     from transformers import Qwen2VLConfig
     if kind == "tiny":
-        text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        text = dict(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, vocab_size=vocab, rms_norm_eps=1e-6, max_position_embeddings=4096,
                     rope_theta=1000000.0, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
                     tie_word_embeddings=False)
@@ -62,7 +64,8 @@ def make_config(kind, ids, vocab):
                       temporal_patch_size=2, spatial_merge_size=2, in_channels=3, hidden_act="quick_gelu")
     else:
         big = kind == "7b"
-        text = dict(hidden_size=3584 if big else 1536, intermediate_size=18944 if big else 8960,
+        text = dict(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                    hidden_size=3584 if big else 1536, intermediate_size=18944 if big else 8960,
                     num_hidden_layers=28, num_attention_heads=28 if big else 12,
                     num_key_value_heads=4 if big else 2, vocab_size=152064 if big else 151936,
                     rms_norm_eps=1e-6, max_position_embeddings=32768, rope_theta=1000000.0,
@@ -149,7 +152,8 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
 
-    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
+    from transformers import (AutoProcessor, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
+                              Qwen2VLVideoProcessor)
 
     os.makedirs(args.out, exist_ok=True)
     ids, vocab = token_ids(args.tokenizer)
@@ -167,10 +171,33 @@ def main():
     pixels = dict(min_pixels=56 * 56, max_pixels=28 * 28 * 64) if args.config == "tiny" else dict(
         min_pixels=56 * 56, max_pixels=28 * 28 * 1280)
     Qwen2VLImageProcessor(**pixels).save_pretrained(args.out)
+    Qwen2VLVideoProcessor(**pixels).save_pretrained(args.out)
     print(f"wrote {args.config} model to {args.out} ({dtype}); special ids:",
           {k: ids[k] for k in SPECIAL})
     if not args.no_dump:
         dump(args, model.to(args.device).eval(), AutoProcessor.from_pretrained(args.out))
+
+
+@torch.no_grad()
+def rope_index(model, inputs):
+    """HF's M-RoPE positions (3, n) and delta for one prompt. Text-only prompts
+    use plain positions (get_rope_index is for vision + text sequences)."""
+    ids = inputs["input_ids"]
+    grids = {k: inputs.get(k) for k in ("image_grid_thw", "video_grid_thw")}
+    if all(g is None for g in grids.values()):
+        n = ids.shape[1]
+        return torch.arange(n, dtype=torch.int32).expand(3, n).contiguous(), torch.zeros(1, dtype=torch.int32)
+    kwargs = dict(grids, attention_mask=inputs.get("attention_mask"))
+    params = inspect.signature(model.model.get_rope_index).parameters
+    if "mm_token_type_ids" in params:  # transformers >= 5.x
+        tt = inputs.get("mm_token_type_ids")
+        if tt is None:
+            tt = torch.zeros_like(ids)
+            tt[ids == model.config.image_token_id] = 1
+            tt[ids == model.config.video_token_id] = 2
+        kwargs["mm_token_type_ids"] = tt
+    pos, delta = model.model.get_rope_index(ids, **kwargs)
+    return pos[:, 0, :].to(torch.int32).cpu().contiguous(), delta.reshape(-1).to(torch.int32).cpu().contiguous()
 
 
 @torch.no_grad()
@@ -238,13 +265,10 @@ def dump(args, model, processor):
         out = model(**inputs, use_cache=False)
         for h in handles:
             h.remove()
-        tensors = {k: v[0] if k.startswith("decoder.") and v.dim() == 3 else v for k, v in captured.items()}
+        tensors = {k: (v[0] if k.startswith("decoder.") and v.dim() == 3 else v).clone() for k, v in captured.items()}
         tensors["logits"] = out.logits[0].float().cpu().contiguous()
         tensors["input_ids"] = inputs["input_ids"][0].to(torch.int32).cpu().contiguous()
-        pos, delta = model.model.get_rope_index(inputs["input_ids"], inputs.get("image_grid_thw"),
-                                                inputs.get("video_grid_thw"), inputs.get("attention_mask"))
-        tensors["position_ids"] = pos[:, 0, :].to(torch.int32).cpu().contiguous()
-        tensors["rope_delta"] = delta.reshape(-1).to(torch.int32).cpu().contiguous()
+        tensors["position_ids"], tensors["rope_delta"] = rope_index(model, inputs)
         for k in ("pixel_values", "pixel_values_videos"):
             if k in inputs:
                 tensors[k] = inputs[k].float().cpu().contiguous()

@@ -42,6 +42,33 @@ pub struct Processors {
     pub video: ImageProcessorConfig,
 }
 
+impl Processors {
+    /// From a model folder, as transformers' AutoProcessor finds them: images
+    /// from preprocessor_config.json; videos from video_preprocessor_config.json,
+    /// else from preprocessor_config.json over the video class defaults.
+    pub fn from_dir(dir: &std::path::Path) -> Result<Self> {
+        let read = |name: &str| -> Result<Option<String>> {
+            let p = dir.join(name);
+            match std::fs::read_to_string(&p) {
+                Ok(s) => Ok(Some(s)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(Error::Io { path: p.display().to_string(), source: e }),
+            }
+        };
+        let image_json = read("preprocessor_config.json")?;
+        let image = match &image_json {
+            Some(s) => ImageProcessorConfig::from_json(s)?,
+            None => ImageProcessorConfig::default(),
+        };
+        let video = match (read("video_preprocessor_config.json")?, &image_json) {
+            (Some(s), _) => ImageProcessorConfig::from_json_with_defaults(&s, ImageProcessorConfig::video_default())?,
+            (None, Some(s)) => ImageProcessorConfig::from_json_with_defaults(s, ImageProcessorConfig::video_default())?,
+            (None, None) => ImageProcessorConfig::video_default(),
+        };
+        Ok(Self { image, video })
+    }
+}
+
 /// Renders `messages` (OpenAI/HF chat JSON) and prepares it with `media`,
 /// which must hold one entry per image or video part, in order.
 pub fn prepare_chat(
