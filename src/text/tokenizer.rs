@@ -16,7 +16,6 @@
 //! chat template's `<|im_start|>` etc.) becomes one special id each, and
 //! nothing is added at the start or end (Qwen2 has no BOS).
 
-use std::collections::HashSet;
 use std::path::Path;
 
 use serde_json::Value;
@@ -46,7 +45,8 @@ pub struct SpecialTokens {
 impl SpecialTokens {
     /// Named special tokens from `dir/tokenizer_config.json` (and
     /// `dir/special_tokens_map.json`); all unset when neither file exists.
-    pub fn from_dir(dir: &Path) -> Result<Self> {
+    pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
         let config = read_json_opt(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
         let legacy = read_json_opt(&dir.join("special_tokens_map.json"))?.unwrap_or(Value::Null);
         Ok(Self::from_configs(&config, &legacy))
@@ -202,18 +202,18 @@ impl Tokenizer {
         }
 
         // Named and extra special tokens are always special added tokens
-        // (`_post_init`), even when they are ordinary vocabulary entries.
-        let mut specials: Vec<AddedToken> = Vec::new();
-        for (_, t) in special.named() {
-            specials.push(AddedToken::from(t.to_owned(), true).normalized(false));
-        }
-        for t in &special.extra {
-            specials.push(AddedToken::from(t.clone(), true).normalized(false));
-        }
-        let known: HashSet<String> = inner.get_added_tokens_decoder().values().map(|t| t.content.clone()).collect();
-        let missing: Vec<AddedToken> = specials.into_iter().filter(|t| !known.contains(&t.content)).collect();
-        if !missing.is_empty() {
-            inner.add_special_tokens(&missing);
+        // (`_post_init`), even when they are ordinary vocabulary entries; the
+        // backend skips tokens it already has with the same flags and keeps
+        // the id of known content.
+        let specials: Vec<AddedToken> = special
+            .named()
+            .into_iter()
+            .map(|(_, t)| t.to_owned())
+            .chain(special.extra.iter().cloned())
+            .map(|t| AddedToken::from(t, true).normalized(false))
+            .collect();
+        if !specials.is_empty() {
+            inner.add_special_tokens(&specials);
         }
 
         // `add_bos_token` / `add_eos_token` named in the config (or no
