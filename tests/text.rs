@@ -237,3 +237,10 @@ fn missing_folder_errors_do_not_panic() {
     assert!(matches!(Tokenizer::from_dir(nowhere), Err(Error::Io { .. })));
     assert!(matches!(ChatTemplate::from_dir(nowhere), Err(Error::Template(_))));
 }
+
+#[test]
+fn shareable_across_server_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Tokenizer>();
+    send_sync::<ChatTemplate>();
+}
