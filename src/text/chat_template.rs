@@ -1,1 +1,961 @@
-//! Chat templates (being written).
+//! Chat templates: find a model's Jinja chat template the way transformers
+//! does and render it with minijinja set up like transformers' Jinja
+//! environment, so the prompt text is the one HF would build.
+//!
+//! Mirrors, in transformers 5.x:
+//! - `ProcessorMixin.get_processor_dict` (processing_utils.py) and
+//!   `PreTrainedTokenizerBase.from_pretrained` / `__init__`
+//!   (tokenization_utils_base.py) for where the template comes from;
+//! - `_cached_compile_jinja_template` (utils/chat_template_utils.py) for the
+//!   environment: `trim_blocks`, `lstrip_blocks`, loop controls,
+//!   `raise_exception`, `strftime_now`, and a `tojson` that is Python's
+//!   `json.dumps` (no HTML escaping, `ensure_ascii`/`indent`/`separators`/
+//!   `sort_keys`);
+//! - `render_jinja_template` and `ProcessorMixin.apply_chat_template` for the
+//!   variables: `messages`, `tools` (none), `documents` (none),
+//!   `add_generation_prompt`, the named special tokens (`bos_token`,
+//!   `eos_token`, ...), then caller kwargs (e.g. `add_vision_id`), and for
+//!   the message clean-up: keys whose value is null are dropped, OpenAI
+//!   `{"type": "image_url", "image_url": {"url": u}}` parts become
+//!   `{"type": "image", "url": u}`, and `reasoning_content` / `thinking` /
+//!   `reasoning` alias each other.
+//!
+//! Python string and dict methods (`.strip()`, `.startswith()`, `.items()`,
+//! ...) come from minijinja-contrib's pycompat. Maps keep the key order of
+//! the JSON they came from (templates that iterate a dict or `tojson` it see
+//! Python's order) provided serde_json keeps it (its `preserve_order`
+//! feature). Known differences from Jinja2: `~` and `|string` print floats
+//! like 1e20 as `100000000000000000000.0` where Python prints `1e+20`, and
+//! `strftime_now` uses UTC, not the host's local time.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use minijinja::value::{from_args, Enumerator, Kwargs, Object, ObjectRepr, Rest, ValueOrKwargs};
+use minijinja::{Environment, ErrorKind, Value};
+
+use crate::error::{Error, Result};
+use crate::text::tokenizer::SpecialTokens;
+
+/// A compiled chat template plus the special-token variables it sees.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    /// Where the template came from (a file, or `--chat-template`); also the
+    /// template's name in error messages.
+    origin: String,
+    source: String,
+    special: SpecialTokens,
+}
+
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTemplate").field("origin", &self.origin).field("special", &self.special).finish()
+    }
+}
+
+impl ChatTemplate {
+    /// Compile `source`. `origin` names it in error messages. Syntax errors
+    /// are `Error::Template` with minijinja's message and line.
+    pub fn new(source: impl Into<String>, origin: impl Into<String>, special: SpecialTokens) -> Result<Self> {
+        let source = source.into();
+        let origin = origin.into();
+        let mut env = hf_environment()?;
+        env.add_template_owned(origin.clone(), source.clone()).map_err(template_error)?;
+        Ok(ChatTemplate { env, origin, source, special })
+    }
+
+    /// The model folder's own template (see [`find_in_dir`] for the order),
+    /// with the special tokens from its tokenizer_config.json.
+    pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        let Some((source, file)) = find_in_dir(dir)? else {
+            return Err(Error::Template(format!(
+                "{} has no chat template (looked in processor_config.json, chat_template.json, \
+                 chat_template.jinja, additional_chat_templates/, tokenizer_config.json); pass --chat-template",
+                dir.display()
+            )));
+        };
+        Self::new(source, file.display().to_string(), SpecialTokens::from_dir(dir)?)
+    }
+
+    /// What the server uses: `--chat-template` if given (see
+    /// [`read_override`]), else the folder's own template; special tokens
+    /// come from the folder either way.
+    pub fn load(dir: impl AsRef<Path>, chat_template: Option<&str>) -> Result<Self> {
+        let dir = dir.as_ref();
+        match chat_template {
+            Some(arg) => {
+                let (source, origin) = read_override(arg)?;
+                Self::new(source, origin, SpecialTokens::from_dir(dir)?)
+            }
+            None => Self::from_dir(dir),
+        }
+    }
+
+    /// Render a conversation: `messages` is the JSON array of messages
+    /// (`{"role": ..., "content": string | [parts]}`), as in the OpenAI API.
+    pub fn render(&self, messages: &serde_json::Value, add_generation_prompt: bool) -> Result<String> {
+        self.render_with(messages, add_generation_prompt, &serde_json::Value::Null)
+    }
+
+    /// [`render`](Self::render) with extra template variables
+    /// (`chat_template_kwargs`: a JSON object such as
+    /// `{"add_vision_id": true}`, or null). They override the special-token
+    /// variables, as in HF.
+    pub fn render_with(
+        &self,
+        messages: &serde_json::Value,
+        add_generation_prompt: bool,
+        kwargs: &serde_json::Value,
+    ) -> Result<String> {
+        let messages = normalize_messages(messages)?;
+        let mut ctx: Vec<(String, Value)> = Vec::new();
+        for (name, tok) in self.special.named() {
+            ctx.push((name.to_owned(), Value::from(tok)));
+        }
+        match kwargs {
+            serde_json::Value::Null => {}
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    ctx.retain(|(name, _)| name != k);
+                    ctx.push((k.clone(), to_value(v)));
+                }
+            }
+            other => {
+                return Err(Error::InvalidInput(format!("chat template kwargs must be a JSON object, got {other}")))
+            }
+        }
+        // These four are set last, as keyword arguments to `render` are in HF.
+        for name in ["messages", "tools", "documents", "add_generation_prompt"] {
+            ctx.retain(|(k, _)| k != name);
+        }
+        ctx.push(("messages".into(), messages));
+        ctx.push(("tools".into(), Value::from(())));
+        ctx.push(("documents".into(), Value::from(())));
+        ctx.push(("add_generation_prompt".into(), Value::from(add_generation_prompt)));
+
+        let tmpl = self.env.get_template(&self.origin).map_err(template_error)?;
+        tmpl.render(Value::from_object(OrderedMap(ctx.into_iter().map(|(k, v)| (Value::from(k), v)).collect())))
+            .map_err(template_error)
+    }
+
+    /// The template text.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Where the template came from.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    pub fn special_tokens(&self) -> &SpecialTokens {
+        &self.special
+    }
+}
+
+/// Find a model folder's chat template the way transformers 5.x does for a
+/// multimodal model (`AutoProcessor`, falling back to the tokenizer's own,
+/// as vLLM does). First match wins:
+/// 1. `processor_config.json` key `chat_template` (legacy; HF warns but uses it);
+/// 2. `chat_template.json` (`{"chat_template": "..."}`; legacy processor file);
+/// 3. `chat_template.jinja`;
+/// 4. `additional_chat_templates/default.jinja`;
+/// 5. `tokenizer_config.json` key `chat_template`: a string, or a list of
+///    `{"name", "template"}` from which "default" is taken.
+///
+/// Returns the template and the file it came from, or `None` when the folder
+/// has none. Malformed files are errors, never skipped.
+pub fn find_in_dir(dir: &Path) -> Result<Option<(String, PathBuf)>> {
+    if let Some(cfg) = read_json_opt(&dir.join("processor_config.json"))? {
+        match &cfg["chat_template"] {
+            serde_json::Value::Null => {}
+            serde_json::Value::String(s) => return Ok(Some((s.clone(), dir.join("processor_config.json")))),
+            _ => return Err(Error::Template("processor_config.json: chat_template is not a string".into())),
+        }
+    }
+
+    let additional = dir.join("additional_chat_templates");
+    let has_additional = additional_templates(&additional)?;
+
+    let legacy = dir.join("chat_template.json");
+    if let Some(cfg) = read_json_opt(&legacy)? {
+        if has_additional {
+            // transformers refuses this combination too.
+            return Err(Error::Template(format!(
+                "{} and {} are both present; replace chat_template.json with chat_template.jinja",
+                legacy.display(),
+                additional.display()
+            )));
+        }
+        return match &cfg["chat_template"] {
+            serde_json::Value::String(s) => Ok(Some((s.clone(), legacy))),
+            _ => Err(Error::Template(format!("{}: no string `chat_template` key", legacy.display()))),
+        };
+    }
+
+    let jinja = dir.join("chat_template.jinja");
+    if let Some(s) = read_text_opt(&jinja)? {
+        return Ok(Some((s, jinja)));
+    }
+    if has_additional {
+        let default = additional.join("default.jinja");
+        return match read_text_opt(&default)? {
+            Some(s) => Ok(Some((s, default))),
+            None => Err(Error::Template(format!(
+                "{} has templates but none named default.jinja and there is no chat_template.jinja",
+                additional.display()
+            ))),
+        };
+    }
+
+    let tok_cfg = dir.join("tokenizer_config.json");
+    if let Some(cfg) = read_json_opt(&tok_cfg)? {
+        match &cfg["chat_template"] {
+            serde_json::Value::Null => {}
+            serde_json::Value::String(s) => return Ok(Some((s.clone(), tok_cfg))),
+            serde_json::Value::Array(list) => {
+                let mut names = Vec::new();
+                for entry in list {
+                    let (Some(name), Some(template)) = (entry["name"].as_str(), entry["template"].as_str()) else {
+                        return Err(Error::Template(format!(
+                            "{}: chat_template list entries need string `name` and `template`",
+                            tok_cfg.display()
+                        )));
+                    };
+                    if name == "default" {
+                        return Ok(Some((template.to_owned(), tok_cfg)));
+                    }
+                    names.push(name.to_owned());
+                }
+                return Err(Error::Template(format!(
+                    "{}: no chat template named \"default\" (have: {})",
+                    tok_cfg.display(),
+                    names.join(", ")
+                )));
+            }
+            _ => return Err(Error::Template(format!("{}: chat_template is not a string or list", tok_cfg.display()))),
+        }
+    }
+    Ok(None)
+}
+
+/// `--chat-template ARG`: the contents of the file `ARG`; if there is no
+/// such file but `ARG` contains `{{` or `{%`, `ARG` is the template itself
+/// (vLLM accepts both). Returns the template and its origin.
+pub fn read_override(arg: &str) -> Result<(String, String)> {
+    let path = Path::new(arg);
+    match std::fs::metadata(path) {
+        Ok(_) => {
+            let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: arg.to_owned(), source })?;
+            Ok((text, arg.to_owned()))
+        }
+        Err(_) if arg.contains("{{") || arg.contains("{%") => Ok((arg.to_owned(), "--chat-template".to_owned())),
+        Err(source) => Err(Error::Io { path: arg.to_owned(), source }),
+    }
+}
+
+fn additional_templates(dir: &Path) -> Result<bool> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(source) => return Err(Error::Io { path: dir.display().to_string(), source }),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|source| Error::Io { path: dir.display().to_string(), source })?;
+        if entry.path().extension().is_some_and(|e| e == "jinja") {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+fn read_text_opt(path: &Path) -> Result<Option<String>> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(Error::Io { path: path.display().to_string(), source }),
+    }
+}
+
+fn read_json_opt(path: &Path) -> Result<Option<serde_json::Value>> {
+    match read_text_opt(path)? {
+        None => Ok(None),
+        Some(text) => serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| Error::Template(format!("{}: invalid JSON: {e}", path.display()))),
+    }
+}
+
+fn template_error(e: minijinja::Error) -> Error {
+    use std::fmt::Write;
+    let mut msg = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        let _ = write!(msg, ": {s}");
+        source = s.source();
+    }
+    Error::Template(msg)
+}
+
+/// The Jinja environment of transformers' `_cached_compile_jinja_template`.
+fn hf_environment() -> Result<Environment<'static>> {
+    let mut env = Environment::new();
+    let syntax = minijinja::syntax::SyntaxConfig::builder()
+        .trim_blocks(true)
+        .lstrip_blocks(true)
+        .keep_trailing_newline(false) // Jinja2's default
+        .build()
+        .map_err(template_error)?;
+    env.set_syntax(syntax);
+    env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_filter("tojson", tojson_filter);
+    env.add_function("raise_exception", |msg: String| -> std::result::Result<Value, minijinja::Error> {
+        Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+    });
+    env.add_function("strftime_now", |fmt: String| strftime(&fmt, now_utc()));
+    Ok(env)
+}
+
+// ---------------------------------------------------------------------------
+// Messages: HF's clean-up, then JSON -> template values in the JSON's order.
+
+/// `_normalize_chat_messages` + the processor's `image_url` rewrite +
+/// `_alias_reasoning_fields`.
+fn normalize_messages(messages: &serde_json::Value) -> Result<Value> {
+    use serde_json::Value as J;
+    let J::Array(list) = messages else {
+        return Err(Error::InvalidInput("messages must be a JSON array".into()));
+    };
+    if list.is_empty() {
+        return Err(Error::InvalidInput("cannot apply the chat template to an empty conversation".into()));
+    }
+    let mut out = Vec::with_capacity(list.len());
+    for (i, m) in list.iter().enumerate() {
+        let J::Object(m) = m else {
+            return Err(Error::InvalidInput(format!("messages[{i}] must be a JSON object, got {m}")));
+        };
+        let mut fields: Vec<(Value, Value)> = Vec::with_capacity(m.len() + 2);
+        for (k, v) in m {
+            if v.is_null() {
+                continue;
+            }
+            let v = if k == "content" { normalize_content(v) } else { to_value(v) };
+            fields.push((Value::from(k.as_str()), v));
+        }
+        // {"thinking": r, **message, "reasoning_content": r}
+        let reasoning =
+            ["reasoning_content", "thinking", "reasoning"].iter().find_map(|k| m.get(*k).filter(|v| !v.is_null()));
+        if let Some(r) = reasoning {
+            let r = to_value(r);
+            if m.get("thinking").is_none_or(|v| v.is_null()) {
+                fields.insert(0, (Value::from("thinking"), r.clone()));
+            }
+            match fields.iter_mut().find(|(k, _)| k.as_str() == Some("reasoning_content")) {
+                Some(slot) => slot.1 = r,
+                None => fields.push((Value::from("reasoning_content"), r)),
+            }
+        }
+        out.push(Value::from_object(OrderedMap(fields)));
+    }
+    Ok(Value::from(out))
+}
+
+/// OpenAI image parts `{"type": "image_url", "image_url": {"url": u}}` (or a
+/// bare string) become HF's `{"type": "image", "url": u}`.
+fn normalize_content(content: &serde_json::Value) -> Value {
+    let serde_json::Value::Array(parts) = content else {
+        return to_value(content);
+    };
+    let parts = parts.iter().map(|p| match p.get("image_url") {
+        Some(info) if p.get("type").and_then(|t| t.as_str()) == Some("image_url") => {
+            let url = match info {
+                serde_json::Value::Object(o) => o.get("url").map_or(Value::from(""), to_value),
+                other => to_value(other),
+            };
+            Value::from_object(OrderedMap(vec![(Value::from("type"), Value::from("image")), (Value::from("url"), url)]))
+        }
+        _ => to_value(p),
+    });
+    Value::from(parts.collect::<Vec<_>>())
+}
+
+/// JSON to a template value, keeping object key order.
+fn to_value(v: &serde_json::Value) -> Value {
+    use serde_json::Value as J;
+    match v {
+        J::Null => Value::from(()),
+        J::Bool(b) => Value::from(*b),
+        J::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                Value::from(i)
+            } else if let Some(u) = n.as_u64() {
+                Value::from(u)
+            } else {
+                Value::from(n.as_f64().unwrap_or(f64::NAN))
+            }
+        }
+        J::String(s) => Value::from(s.as_str()),
+        J::Array(a) => Value::from(a.iter().map(to_value).collect::<Vec<_>>()),
+        J::Object(o) => {
+            Value::from_object(OrderedMap(o.iter().map(|(k, v)| (Value::from(k.as_str()), to_value(v))).collect()))
+        }
+    }
+}
+
+/// A map that iterates in insertion order, like a Python dict, whatever
+/// minijinja's own map type does. Chat messages have a handful of keys, so
+/// lookup is a scan.
+#[derive(Debug)]
+struct OrderedMap(Vec<(Value, Value)>);
+
+impl Object for OrderedMap {
+    fn repr(self: &Arc<Self>) -> ObjectRepr {
+        ObjectRepr::Map
+    }
+
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        Enumerator::Values(self.0.iter().map(|(k, _)| k.clone()).collect())
+    }
+
+    fn enumerator_len(self: &Arc<Self>) -> Option<usize> {
+        Some(self.0.len())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// tojson: Python's json.dumps, as HF's override of Jinja's filter.
+
+/// `tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False)`.
+fn tojson_filter(value: &Value, args: Rest<ValueOrKwargs>) -> std::result::Result<Value, minijinja::Error> {
+    let args: Vec<Value> = args.0.into_iter().map(Value::from).collect();
+    let (pos, kwargs): (&[Value], Kwargs) = from_args(&args)?;
+    let names = ["ensure_ascii", "indent", "separators", "sort_keys"];
+    if pos.len() > names.len() {
+        return Err(minijinja::Error::new(ErrorKind::TooManyArguments, "tojson takes at most 4 arguments"));
+    }
+    let mut opts: [Option<Value>; 4] = Default::default();
+    for (slot, v) in opts.iter_mut().zip(pos) {
+        *slot = Some(v.clone());
+    }
+    for (slot, name) in opts.iter_mut().zip(names) {
+        if let Some(v) = kwargs.get::<Option<Value>>(name)? {
+            if slot.is_some() {
+                return Err(minijinja::Error::new(
+                    ErrorKind::InvalidOperation,
+                    format!("tojson got multiple values for argument {name:?}"),
+                ));
+            }
+            *slot = Some(v);
+        }
+    }
+    kwargs.assert_all_used()?;
+    let [ensure_ascii, indent, separators, sort_keys] = opts;
+    let some = |v: Option<Value>| v.filter(|v| !v.is_none() && !v.is_undefined());
+
+    let indent = match some(indent) {
+        None => None,
+        Some(v) if v.as_str().is_some() => Some(v.as_str().unwrap_or_default().to_owned()),
+        Some(v) => match i64::try_from(v.clone()) {
+            // Python has no limit; a template asking for more is broken.
+            Ok(n) if n <= 1024 => Some(" ".repeat(n.max(0) as usize)),
+            Ok(n) => return Err(bad_arg(format!("tojson: indent {n} is larger than 1024"))),
+            Err(_) => return Err(bad_arg(format!("tojson: indent must be an int or a string, got {v}"))),
+        },
+    };
+    let (item_sep, key_sep) = match some(separators) {
+        None if indent.is_some() => (",".to_owned(), ": ".to_owned()),
+        None => (", ".to_owned(), ": ".to_owned()),
+        Some(v) => {
+            let parts: Vec<Value> = v.try_iter()?.collect();
+            match parts.as_slice() {
+                [a, b] if a.as_str().is_some() && b.as_str().is_some() => {
+                    (a.as_str().unwrap_or_default().to_owned(), b.as_str().unwrap_or_default().to_owned())
+                }
+                _ => return Err(bad_arg("tojson: separators must be a pair of strings".into())),
+            }
+        }
+    };
+    let opts = JsonOpts {
+        ensure_ascii: some(ensure_ascii).is_some_and(|v| v.is_true()),
+        indent,
+        item_sep,
+        key_sep,
+        sort_keys: some(sort_keys).is_some_and(|v| v.is_true()),
+    };
+    let mut out = String::new();
+    py_json(value, &opts, 0, &mut out)?;
+    Ok(Value::from(out))
+}
+
+fn bad_arg(msg: String) -> minijinja::Error {
+    minijinja::Error::new(ErrorKind::InvalidOperation, msg)
+}
+
+struct JsonOpts {
+    ensure_ascii: bool,
+    indent: Option<String>,
+    item_sep: String,
+    key_sep: String,
+    sort_keys: bool,
+}
+
+fn not_serializable(v: &Value) -> minijinja::Error {
+    bad_arg(format!("tojson: Object of type {} is not JSON serializable", v.kind()))
+}
+
+fn py_json(v: &Value, o: &JsonOpts, depth: usize, out: &mut String) -> std::result::Result<(), minijinja::Error> {
+    use minijinja::value::ValueKind as K;
+    if depth > 512 {
+        return Err(bad_arg("tojson: nesting too deep".into()));
+    }
+    match v.kind() {
+        K::None => out.push_str("null"),
+        K::Bool => out.push_str(if v.is_true() { "true" } else { "false" }),
+        K::Number if v.is_integer() => out.push_str(&v.to_string()),
+        K::Number => out.push_str(&py_float_repr(f64::try_from(v.clone())?, true)),
+        K::String => py_json_str(v.as_str().unwrap_or_default(), o.ensure_ascii, out),
+        K::Seq | K::Iterable => {
+            let items: Vec<Value> = v.try_iter()?.collect();
+            json_container(out, o, depth, '[', ']', items.len(), |i, out| py_json(&items[i], o, depth + 1, out))?;
+        }
+        K::Map => {
+            let mut items: Vec<(String, Value)> = Vec::new();
+            for k in v.try_iter()? {
+                let key = match k.kind() {
+                    K::String => k.as_str().unwrap_or_default().to_owned(),
+                    K::None => "null".to_owned(),
+                    K::Bool => (if k.is_true() { "true" } else { "false" }).to_owned(),
+                    K::Number if k.is_integer() => k.to_string(),
+                    K::Number => py_float_repr(f64::try_from(k.clone())?, true),
+                    _ => {
+                        return Err(bad_arg(format!(
+                            "tojson: keys must be str, int, float, bool or None, not {}",
+                            k.kind()
+                        )))
+                    }
+                };
+                let val = v.get_item(&k)?;
+                items.push((key, val));
+            }
+            if o.sort_keys {
+                items.sort_by(|a, b| a.0.cmp(&b.0));
+            }
+            json_container(out, o, depth, '{', '}', items.len(), |i, out| {
+                py_json_str(&items[i].0, o.ensure_ascii, out);
+                out.push_str(&o.key_sep);
+                py_json(&items[i].1, o, depth + 1, out)
+            })?;
+        }
+        _ => return Err(not_serializable(v)),
+    }
+    Ok(())
+}
+
+/// json.dumps' layout of `[...]` / `{...}`: inline with the item separator,
+/// or one item per line when `indent` is set; empty containers stay `[]`/`{}`.
+fn json_container(
+    out: &mut String,
+    o: &JsonOpts,
+    depth: usize,
+    open: char,
+    close: char,
+    n: usize,
+    mut item: impl FnMut(usize, &mut String) -> std::result::Result<(), minijinja::Error>,
+) -> std::result::Result<(), minijinja::Error> {
+    out.push(open);
+    if n == 0 {
+        out.push(close);
+        return Ok(());
+    }
+    let newline = |out: &mut String, level: usize| {
+        if let Some(ind) = &o.indent {
+            out.push('\n');
+            for _ in 0..level {
+                out.push_str(ind);
+            }
+        }
+    };
+    for i in 0..n {
+        if i > 0 {
+            out.push_str(&o.item_sep);
+        }
+        newline(out, depth + 1);
+        item(i, out)?;
+    }
+    newline(out, depth);
+    out.push(close);
+    Ok(())
+}
+
+/// Python's JSON string encoder (`encode_basestring` / `_ascii`).
+fn py_json_str(s: &str, ensure_ascii: bool, out: &mut String) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{08}' => out.push_str("\\b"),
+            '\u{0c}' => out.push_str("\\f"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c if ensure_ascii && !(' '..='~').contains(&c) => {
+                let mut buf = [0u16; 2];
+                for unit in c.encode_utf16(&mut buf) {
+                    out.push_str(&format!("\\u{unit:04x}"));
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// Python's `repr(float)` (shortest round-trip digits; scientific notation
+/// below 1e-4 and from 1e16). `json` spells the non-finite values
+/// `NaN`/`Infinity`, `repr` spells them `nan`/`inf`.
+fn py_float_repr(f: f64, json: bool) -> String {
+    if f.is_nan() {
+        return if json { "NaN" } else { "nan" }.to_owned();
+    }
+    if f.is_infinite() {
+        let s = if json { "Infinity" } else { "inf" };
+        return if f < 0.0 { format!("-{s}") } else { s.to_owned() };
+    }
+    let sci = format!("{:e}", f.abs()); // shortest digits: "1.5e-5", "1e20", "0e0"
+    let (mant, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    let digits: String = mant.chars().filter(|c| c.is_ascii_digit()).collect();
+    let sign = if f.is_sign_negative() { "-" } else { "" };
+    if (-4..16).contains(&exp) {
+        let body = if exp >= 0 {
+            let int_len = exp as usize + 1;
+            if digits.len() <= int_len {
+                format!("{digits}{}.0", "0".repeat(int_len - digits.len()))
+            } else {
+                format!("{}.{}", &digits[..int_len], &digits[int_len..])
+            }
+        } else {
+            format!("0.{}{digits}", "0".repeat((-exp - 1) as usize))
+        };
+        format!("{sign}{body}")
+    } else {
+        let mant = if digits.len() > 1 { format!("{}.{}", &digits[..1], &digits[1..]) } else { digits };
+        format!("{sign}{mant}e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// strftime_now: Python's datetime.now().strftime(fmt), in UTC.
+
+/// Broken-down UTC time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Tm {
+    year: i64,
+    month: u32, // 1..=12
+    day: u32,   // 1..=31
+    hour: u32,
+    minute: u32,
+    second: u32,
+    weekday: u32, // 0 = Monday, as Python's weekday()
+    yearday: u32, // 1..=366
+}
+
+fn now_utc() -> Tm {
+    let secs =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    tm_from_unix(secs)
+}
+
+/// Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+fn tm_from_unix(secs: i64) -> Tm {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    const CUM: [u32; 12] = [0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334];
+    let yearday = CUM[month as usize - 1] + day + u32::from(leap && month > 2);
+    Tm {
+        year,
+        month,
+        day,
+        hour: (rem / 3600) as u32,
+        minute: (rem % 3600 / 60) as u32,
+        second: (rem % 60) as u32,
+        weekday: (days + 3).rem_euclid(7) as u32, // 1970-01-01 was a Thursday
+        yearday,
+    }
+}
+
+/// The C/glibc `strftime` directives chat templates use (`%d %b %Y`,
+/// `%-d`, `%Y-%m-%d`, ...), English names. Unknown directives are copied
+/// through, as glibc does.
+fn strftime(fmt: &str, t: Tm) -> String {
+    const MONTHS: &str = "January February March April May June July August September October November December";
+    const DAYS: &str = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday";
+    let month = MONTHS.split(' ').nth(t.month as usize - 1).unwrap_or("");
+    let day = DAYS.split(' ').nth(t.weekday as usize).unwrap_or("");
+    let mut out = String::new();
+    let mut it = fmt.chars().peekable();
+    while let Some(c) = it.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        let no_pad = it.peek() == Some(&'-');
+        if no_pad {
+            it.next();
+        }
+        let num = |out: &mut String, v: i64, width: usize| {
+            if no_pad {
+                out.push_str(&v.to_string());
+            } else {
+                out.push_str(&format!("{v:0width$}"));
+            }
+        };
+        let hour12 = if t.hour.is_multiple_of(12) { 12 } else { t.hour % 12 };
+        match it.next() {
+            Some('Y') => out.push_str(&t.year.to_string()),
+            Some('y') => num(&mut out, t.year.rem_euclid(100), 2),
+            Some('m') => num(&mut out, t.month.into(), 2),
+            Some('d') => num(&mut out, t.day.into(), 2),
+            Some('e') => out.push_str(&format!("{:>2}", t.day)),
+            Some('H') => num(&mut out, t.hour.into(), 2),
+            Some('I') => num(&mut out, hour12.into(), 2),
+            Some('M') => num(&mut out, t.minute.into(), 2),
+            Some('S') => num(&mut out, t.second.into(), 2),
+            Some('j') => num(&mut out, t.yearday.into(), 3),
+            Some('p') => out.push_str(if t.hour < 12 { "AM" } else { "PM" }),
+            Some('B') => out.push_str(month),
+            Some('b') | Some('h') => out.push_str(month.get(..3).unwrap_or(month)),
+            Some('A') => out.push_str(day),
+            Some('a') => out.push_str(day.get(..3).unwrap_or(day)),
+            Some('u') => out.push_str(&(t.weekday + 1).to_string()),
+            Some('w') => out.push_str(&((t.weekday + 1) % 7).to_string()),
+            Some('F') => out.push_str(&format!("{}-{:02}-{:02}", t.year, t.month, t.day)),
+            Some('T') => out.push_str(&format!("{:02}:{:02}:{:02}", t.hour, t.minute, t.second)),
+            Some('D') => out.push_str(&format!("{:02}/{:02}/{:02}", t.month, t.day, t.year.rem_euclid(100))),
+            Some('Z') => out.push_str("UTC"),
+            Some('z') => out.push_str("+0000"),
+            Some('%') => out.push('%'),
+            Some(other) => {
+                out.push('%');
+                if no_pad {
+                    out.push('-');
+                }
+                out.push(other);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("kestrel-tmpl-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn found(dir: &Path) -> String {
+        let (text, path) = find_in_dir(dir).unwrap().expect("a template");
+        format!("{text} <- {}", path.strip_prefix(dir).unwrap().display())
+    }
+
+    #[test]
+    fn discovery_order_follows_transformers() {
+        let d = scratch("order");
+        assert!(find_in_dir(&d).unwrap().is_none());
+        std::fs::write(d.join("tokenizer_config.json"), r#"{"chat_template": "T"}"#).unwrap();
+        assert_eq!(found(&d), "T <- tokenizer_config.json");
+        std::fs::create_dir(d.join("additional_chat_templates")).unwrap();
+        std::fs::write(d.join("additional_chat_templates/default.jinja"), "A").unwrap();
+        assert_eq!(found(&d), "A <- additional_chat_templates/default.jinja");
+        std::fs::write(d.join("chat_template.jinja"), "J").unwrap();
+        assert_eq!(found(&d), "J <- chat_template.jinja");
+        std::fs::remove_dir_all(d.join("additional_chat_templates")).unwrap();
+        std::fs::write(d.join("chat_template.json"), r#"{"chat_template": "L"}"#).unwrap();
+        assert_eq!(found(&d), "L <- chat_template.json");
+        std::fs::write(d.join("processor_config.json"), r#"{"chat_template": null}"#).unwrap();
+        assert_eq!(found(&d), "L <- chat_template.json");
+        std::fs::write(d.join("processor_config.json"), r#"{"chat_template": "P"}"#).unwrap();
+        assert_eq!(found(&d), "P <- processor_config.json");
+    }
+
+    #[test]
+    fn tokenizer_config_template_list_picks_default() {
+        let d = scratch("list");
+        let cfg =
+            json!({"chat_template": [{"name": "tool_use", "template": "X"}, {"name": "default", "template": "D"}]});
+        std::fs::write(d.join("tokenizer_config.json"), cfg.to_string()).unwrap();
+        assert_eq!(found(&d), "D <- tokenizer_config.json");
+        let cfg = json!({"chat_template": [{"name": "tool_use", "template": "X"}]});
+        std::fs::write(d.join("tokenizer_config.json"), cfg.to_string()).unwrap();
+        let err = find_in_dir(&d).unwrap_err().to_string();
+        assert!(err.contains("tool_use"), "{err}");
+    }
+
+    #[test]
+    fn legacy_json_with_additional_templates_is_refused() {
+        let d = scratch("conflict");
+        std::fs::write(d.join("chat_template.json"), r#"{"chat_template": "L"}"#).unwrap();
+        std::fs::create_dir(d.join("additional_chat_templates")).unwrap();
+        std::fs::write(d.join("additional_chat_templates/tool_use.jinja"), "X").unwrap();
+        assert!(matches!(find_in_dir(&d), Err(Error::Template(_))));
+    }
+
+    #[test]
+    fn malformed_files_are_errors() {
+        let d = scratch("malformed");
+        std::fs::write(d.join("chat_template.json"), "{").unwrap();
+        assert!(matches!(find_in_dir(&d), Err(Error::Template(_))));
+        std::fs::write(d.join("chat_template.json"), r#"{"template": "x"}"#).unwrap();
+        assert!(matches!(find_in_dir(&d), Err(Error::Template(_))));
+        assert!(matches!(ChatTemplate::from_dir(scratch("empty")), Err(Error::Template(_))));
+    }
+
+    #[test]
+    fn override_is_a_path_or_the_template_itself() {
+        let d = scratch("override");
+        let file = d.join("custom.jinja");
+        std::fs::write(&file, "F{{ messages|length }}").unwrap();
+        let arg = file.to_str().unwrap();
+        assert_eq!(read_override(arg).unwrap(), ("F{{ messages|length }}".to_owned(), arg.to_owned()));
+        let (text, origin) = read_override("{% for m in messages %}{{ m.role }}{% endfor %}").unwrap();
+        assert_eq!(text, "{% for m in messages %}{{ m.role }}{% endfor %}");
+        assert_eq!(origin, "--chat-template");
+        assert!(matches!(read_override("/no/such/template.jinja"), Err(Error::Io { .. })));
+        // The override wins over the folder's own template.
+        std::fs::write(d.join("chat_template.jinja"), "own").unwrap();
+        let t = ChatTemplate::load(&d, Some(arg)).unwrap();
+        assert_eq!(t.render(&json!([{"role": "user", "content": "hi"}]), false).unwrap(), "F1");
+        let t = ChatTemplate::load(&d, None).unwrap();
+        assert_eq!(t.render(&json!([{"role": "user", "content": "hi"}]), false).unwrap(), "own");
+    }
+
+    #[test]
+    fn syntax_error_names_origin_and_line() {
+        let err =
+            ChatTemplate::new("line one\n{% for m in messages %}\n{{ m.role }", "bad.jinja", SpecialTokens::default())
+                .unwrap_err();
+        let Error::Template(msg) = err else { panic!("{err:?}") };
+        assert!(msg.contains("bad.jinja:3"), "{msg}");
+        assert!(msg.contains("syntax error"), "{msg}");
+    }
+
+    #[test]
+    fn render_errors_are_template_errors() {
+        let t = ChatTemplate::new(
+            "{% if messages[0].role != 'user' %}{{ raise_exception('must start with user') }}{% endif %}ok",
+            "t",
+            SpecialTokens::default(),
+        )
+        .unwrap();
+        assert_eq!(t.render(&json!([{"role": "user", "content": "x"}]), false).unwrap(), "ok");
+        let err = t.render(&json!([{"role": "assistant", "content": "x"}]), false).unwrap_err();
+        assert!(matches!(&err, Error::Template(m) if m.contains("must start with user") && m.contains("t:1")), "{err}");
+        let t = ChatTemplate::new("{{ messages[0].content.nope() }}", "t", SpecialTokens::default()).unwrap();
+        assert!(matches!(t.render(&json!([{"role": "user", "content": "x"}]), false), Err(Error::Template(_))));
+        assert!(matches!(t.render(&json!([]), false), Err(Error::InvalidInput(_))));
+        assert!(matches!(t.render(&json!({"role": "user"}), false), Err(Error::InvalidInput(_))));
+        assert!(matches!(t.render(&json!(["hi"]), false), Err(Error::InvalidInput(_))));
+    }
+
+    #[test]
+    fn messages_are_cleaned_up_like_hf() {
+        let t = ChatTemplate::new(
+            "{% for m in messages %}{% for k, v in m.items() %}{{ k }}={{ v }};{% endfor %}|{% endfor %}",
+            "t",
+            SpecialTokens::default(),
+        )
+        .unwrap();
+        let msgs = json!([
+            {"role": "user", "name": null, "content": [{"type": "image_url", "image_url": {"url": "u"}}]},
+            {"role": "assistant", "content": "a", "reasoning": "r"},
+        ]);
+        let out = t.render(&msgs, false).unwrap();
+        let want = if serde_json_keeps_order() {
+            "role=user;content=[{'type': 'image', 'url': 'u'}];|thinking=r;role=assistant;content=a;reasoning=r;reasoning_content=r;|"
+        } else {
+            "content=[{'type': 'image', 'url': 'u'}];role=user;|thinking=r;content=a;reasoning=r;role=assistant;reasoning_content=r;|"
+        };
+        assert_eq!(out, want);
+    }
+
+    fn serde_json_keeps_order() -> bool {
+        let v: serde_json::Value = serde_json::from_str(r#"{"b": 1, "a": 2}"#).unwrap();
+        v.as_object().unwrap().keys().next().map(String::as_str) == Some("b")
+    }
+
+    #[test]
+    fn float_repr_matches_python() {
+        for (f, want) in [
+            (1.0, "1.0"),
+            (0.1, "0.1"),
+            (-2.5, "-2.5"),
+            (1e16, "1e+16"),
+            (1234567890123456.0, "1234567890123456.0"),
+            (1e-4, "0.0001"),
+            (1.5e-5, "1.5e-05"),
+            (-0.0, "-0.0"),
+            (0.1 + 0.2, "0.30000000000000004"),
+            (1e300, "1e+300"),
+        ] {
+            assert_eq!(py_float_repr(f, false), want, "{f}");
+        }
+        assert_eq!(py_float_repr(f64::NAN, true), "NaN");
+        assert_eq!(py_float_repr(f64::NEG_INFINITY, true), "-Infinity");
+    }
+
+    #[test]
+    fn strftime_directives() {
+        // 2024-02-29 13:05:09 UTC, a Thursday.
+        let t = tm_from_unix(1_709_211_909);
+        assert_eq!(t, Tm { year: 2024, month: 2, day: 29, hour: 13, minute: 5, second: 9, weekday: 3, yearday: 60 });
+        assert_eq!(
+            strftime("%d %b %Y|%-d %B|%A %a|%H:%M:%S %I%p|%j|%F %T|%%|%Q", t),
+            "29 Feb 2024|29 February|Thursday Thu|13:05:09 01PM|060|2024-02-29 13:05:09|%|%Q"
+        );
+        assert_eq!(tm_from_unix(0).weekday, 3);
+        assert_eq!(tm_from_unix(-1).year, 1969);
+        let tmpl = ChatTemplate::new("{{ strftime_now('%Y')|length }}", "t", SpecialTokens::default()).unwrap();
+        assert_eq!(tmpl.render(&json!([{"role": "user", "content": ""}]), false).unwrap(), "4");
+    }
+
+    #[test]
+    fn special_tokens_and_kwargs_are_variables() {
+        let special =
+            SpecialTokens { bos_token: Some("<s>".into()), eos_token: Some("</s>".into()), ..Default::default() };
+        let t =
+            ChatTemplate::new("[{{ bos_token }}][{{ eos_token }}][{{ pad_token }}][{{ add_vision_id }}]", "t", special)
+                .unwrap();
+        let m = json!([{"role": "user", "content": ""}]);
+        assert_eq!(t.render(&m, false).unwrap(), "[<s>][</s>][][]");
+        assert_eq!(
+            t.render_with(&m, false, &json!({"eos_token": "E", "add_vision_id": true})).unwrap(),
+            "[<s>][E][][True]"
+        );
+        assert!(matches!(t.render_with(&m, false, &json!([1])), Err(Error::InvalidInput(_))));
+    }
+}
