@@ -5,9 +5,12 @@
 //! the logits at every position, and the greedy continuation — on the CPU
 //! backend (f32) against HF in f32.
 //!
-//! Bound: ‖ours − HF‖ / ‖HF‖ ≤ 1e-4 per stage (both are f32; the only
-//! differences are summation order and libm, ~1e-6 per op, compounded over
-//! a few dozen ops). Token ids, positions and greedy tokens must be equal.
+//! Bound: ‖ours − HF‖ / ‖HF‖ ≤ 1e-5 per stage. Both are f32 on the same
+//! weights; what differs is summation order and libm, measured at ≤ 1e-6 at
+//! every stage (2026-11-27, transformers 5.17 / torch 2.11 on the CPU), so
+//! the bound leaves 10× room and still catches any real error (a wrong RoPE
+//! frequency table, for one, showed up as 7e-4). Token ids, positions and
+//! greedy tokens must be equal.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -19,7 +22,7 @@ use kestrel::text::{chat_template::ChatTemplate, tokenizer::Tokenizer};
 use kestrel::{Device, Tensor};
 use safetensors::{Dtype, SafeTensors};
 
-const REL_BOUND: f64 = 1e-4;
+const REL_BOUND: f64 = 1e-5;
 
 fn model_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-qwen2-vl")
@@ -34,7 +37,9 @@ fn golden(case: &str) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
         .map(|(name, v)| {
             let data: Vec<f32> = match v.dtype() {
                 Dtype::F32 => v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
-                Dtype::I32 => v.data().chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
+                Dtype::I32 => {
+                    v.data().chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f32).collect()
+                }
                 other => panic!("{name}: unexpected dtype {other:?}"),
             };
             (name, (v.shape().to_vec(), data))
@@ -118,7 +123,8 @@ fn tiny_qwen2_vl_matches_hf_stage_by_stage() {
         stages.insert("logits".into(), model.text.logits(&h).unwrap().to_f32_vec().unwrap());
         let mut checked = 0;
         for (key, (_, hf)) in &g {
-            if !(key.starts_with("vision.") || key.starts_with("decoder.") || key == "logits") || key == "decoder.token_embeds"
+            if !(key.starts_with("vision.") || key.starts_with("decoder.") || key == "logits")
+                || key == "decoder.token_embeds"
             {
                 continue;
             }

@@ -56,11 +56,12 @@ def make_config(kind, ids, vocab):
     from transformers import Qwen2VLConfig
     if kind == "tiny":
         text = dict(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-                    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, vocab_size=vocab, rms_norm_eps=1e-6, max_position_embeddings=4096,
-                    rope_theta=1000000.0, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+                    hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                    num_key_value_heads=1, vocab_size=vocab, rms_norm_eps=1e-6, max_position_embeddings=4096,
+                    rope_theta=1000000.0, rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]},
                     tie_word_embeddings=False)
-        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=4, patch_size=14,
+        # Head dims 64 (LM and ViT) so the same model runs on our GPU kernels too.
+        vision = dict(depth=2, embed_dim=64, hidden_size=128, num_heads=1, mlp_ratio=4, patch_size=14,
                       temporal_patch_size=2, spatial_merge_size=2, in_channels=3, hidden_act="quick_gelu")
     else:
         big = kind == "7b"
@@ -145,7 +146,7 @@ def main():
     ap.add_argument("out")
     ap.add_argument("--tokenizer", default=os.path.join(ROOT, "tests/fixtures/tiny-qwen2-vl"))
     ap.add_argument("--config", default="tiny", choices=["tiny", "2b", "7b"])
-    ap.add_argument("--dtype", default=None, help="weights on disk (default f32 tiny, bf16 otherwise)")
+    ap.add_argument("--dtype", default="bfloat16", help="weights on disk; HF then computes in f32 on them")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-dump", action="store_true")
     ap.add_argument("--max-new-tokens", type=int, default=8)
@@ -158,12 +159,17 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     ids, vocab = token_ids(args.tokenizer)
     cfg = make_config(args.config, ids, vocab)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
-        args.dtype or ("float32" if args.config == "tiny" else "bfloat16")]
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     torch.manual_seed(args.seed)
-    model = Qwen2VLForConditionalGeneration(cfg).to(dtype)
+    model = Qwen2VLForConditionalGeneration(cfg)
     randomize(model, args.seed)
+    model = model.to(dtype)
     model.save_pretrained(args.out, safe_serialization=True)
+    # The reference computes in f32 on exactly the values on disk, loaded as a
+    # user would load them (casting this model back would keep buffers such as
+    # the RoPE inverse frequencies rounded to the disk dtype).
+    del model
+    model = Qwen2VLForConditionalGeneration.from_pretrained(args.out, dtype=torch.float32)
     for f in os.listdir(args.tokenizer):
         if f.startswith("tokenizer") or f.startswith("chat_template") or f == "special_tokens_map.json":
             shutil.copy(os.path.join(args.tokenizer, f), os.path.join(args.out, f))

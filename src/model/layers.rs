@@ -40,7 +40,12 @@ pub fn concat_rows(dev: &Device, parts: &[Tensor]) -> Result<Tensor> {
     let mut data = Vec::new();
     let mut rows = 0;
     for p in parts {
-        crate::ensure_shape!(p.shape().len() == 2 && p.shape()[1] == cols, "concat_rows", "{:?} vs {cols} columns", p.shape());
+        crate::ensure_shape!(
+            p.shape().len() == 2 && p.shape()[1] == cols,
+            "concat_rows",
+            "{:?} vs {cols} columns",
+            p.shape()
+        );
         rows += p.shape()[0];
         data.extend(p.to_f32_vec()?);
     }

@@ -22,8 +22,8 @@ pub enum Media {
 /// Pixel values of several items, concatenated, with each item's grid.
 #[derive(Default, Clone)]
 pub struct Pixels {
-    pub values: Vec<f32>,          // (Σ patches, patch_dim)
-    pub grids: Vec<[usize; 3]>,    // [t, h, w] in patches, per item
+    pub values: Vec<f32>,       // (Σ patches, patch_dim)
+    pub grids: Vec<[usize; 3]>, // [t, h, w] in patches, per item
 }
 
 pub struct PreparedInput {
@@ -91,7 +91,8 @@ pub fn prepare_prompt(
     prompt: String,
     media: &[Media],
 ) -> Result<PreparedInput> {
-    let name = |id: u32| tok.id_token(id).ok_or_else(|| Error::Config(format!("token id {id} is not in the tokenizer")));
+    let name =
+        |id: u32| tok.id_token(id).ok_or_else(|| Error::Config(format!("token id {id} is not in the tokenizer")));
     let image_pad = name(cfg.image_token_id)?;
     let video_pad = name(cfg.video_token_id)?;
     let merge = cfg.vision_config.spatial_merge_size;

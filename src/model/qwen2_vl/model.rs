@@ -130,7 +130,12 @@ impl Qwen2Vl {
 
     /// Runs the prompt through the model into `cache`; returns the
     /// final-normed hidden states of every prompt token (n, hidden).
-    pub fn prefill(&self, input: &PreparedInput, cache: &mut KvCache, observe: &mut dyn FnMut(&str, &Tensor)) -> Result<Tensor> {
+    pub fn prefill(
+        &self,
+        input: &PreparedInput,
+        cache: &mut KvCache,
+        observe: &mut dyn FnMut(&str, &Tensor),
+    ) -> Result<Tensor> {
         let x = self.embed_prompt(input, observe)?;
         let n = input.input_ids.len();
         let pos = Tensor::from_i32(&self.device, &[3, n], &input.positions)?;

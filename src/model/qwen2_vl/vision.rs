@@ -13,15 +13,15 @@ use crate::tensor::{Device, Tensor};
 #[derive(Clone, Debug)]
 pub struct VisionDims {
     pub depth: usize,
-    pub embed_dim: usize,   // ViT width (1280)
-    pub num_heads: usize,   // 16 → head_dim 80
-    pub mlp_hidden: usize,  // embed_dim · mlp_ratio
-    pub out_hidden: usize,  // merger output = LM hidden size
-    pub in_channels: usize, // 3
+    pub embed_dim: usize,      // ViT width (1280)
+    pub num_heads: usize,      // 16 → head_dim 80
+    pub mlp_hidden: usize,     // embed_dim · mlp_ratio
+    pub out_hidden: usize,     // merger output = LM hidden size
+    pub in_channels: usize,    // 3
     pub temporal_patch: usize, // 2
-    pub patch: usize,       // 14
-    pub merge: usize,       // spatial_merge_size (2)
-    pub act: VisionAct,     // hidden_act of the block MLP
+    pub patch: usize,          // 14
+    pub merge: usize,          // spatial_merge_size (2)
+    pub act: VisionAct,        // hidden_act of the block MLP
 }
 
 impl VisionDims {
@@ -78,7 +78,8 @@ impl VisionTower {
         let pre = "model.visual";
         // Conv3d with stride = kernel is a matrix product over flattened patches.
         let conv = [e, dims.in_channels, dims.temporal_patch, dims.patch, dims.patch];
-        let patch_embed = w.load(dev, &format!("{pre}.patch_embed.proj.weight"), &conv)?.reshape(&[e, dims.patch_dim()])?;
+        let patch_embed =
+            w.load(dev, &format!("{pre}.patch_embed.proj.weight"), &conv)?.reshape(&[e, dims.patch_dim()])?;
         let mut blocks = Vec::with_capacity(dims.depth);
         for i in 0..dims.depth {
             let b = format!("{pre}.blocks.{i}");
@@ -133,11 +134,20 @@ impl VisionTower {
                 max_len = max_len.max(h * w);
             }
         }
-        crate::ensure_shape!(*cu.last().unwrap() as usize == n, "vision", "grids cover {} patches, pixel_values has {n}", cu.last().unwrap());
+        crate::ensure_shape!(
+            *cu.last().unwrap() as usize == n,
+            "vision",
+            "grids cover {} patches, pixel_values has {n}",
+            cu.last().unwrap()
+        );
         let cu = Tensor::from_i32(&dev, &[cu.len()], &cu)?;
 
         let dt = dev.activation_dtype();
-        let pv = if pixel_values.dtype() == dt { None } else { Some(Tensor::from_f32(&dev, pixel_values.shape(), &pixel_values.to_f32_vec()?, dt)?) };
+        let pv = if pixel_values.dtype() == dt {
+            None
+        } else {
+            Some(Tensor::from_f32(&dev, pixel_values.shape(), &pixel_values.to_f32_vec()?, dt)?)
+        };
         let mut x = Tensor::empty(&dev, &[n, d.embed_dim], dt)?;
         crate::ops::gemm::gemm(&mut x, pv.as_ref().unwrap_or(pixel_values), &self.patch_embed)?;
         observe("vision.patch_embed", &x);
@@ -181,4 +191,3 @@ impl VisionTower {
         Ok(out)
     }
 }
-
