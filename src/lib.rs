@@ -5,6 +5,7 @@
 //! - `tensor` a minimal tensor over host (f32/i32) or device memory
 //! - `ops`    every op with a CPU f32 reference and a CUDA launcher
 
+pub mod cli;
 pub mod cuda;
 pub mod error;
 pub mod ops;

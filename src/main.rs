@@ -13,6 +13,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Answer one prompt (with images) greedily and print the answer.
+    Generate(kestrel::cli::generate::GenerateArgs),
     /// What this build holds and which GPU it sees.
     Info {
         /// Fail (exit 1) unless a GPU with the kernels is usable.
@@ -25,6 +27,13 @@ fn main() {
     let cli = Cli::parse();
     match cli.command {
         Command::Info { require_gpu } => std::process::exit(info(require_gpu)),
+        Command::Generate(args) => match kestrel::cli::generate::run(&args) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("kestrel generate: {e}");
+                std::process::exit(1);
+            }
+        },
     }
 }
 
