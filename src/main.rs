@@ -15,6 +15,9 @@ struct Cli {
 enum Command {
     /// Answer one prompt (with images) greedily and print the answer.
     Generate(kestrel::cli::generate::GenerateArgs),
+    /// Our logits on HF's tokens for a golden folder (tools/gpu_compare.sh).
+    #[command(hide = true)]
+    CompareHf(kestrel::cli::compare::CompareArgs),
     /// What this build holds and which GPU it sees.
     Info {
         /// Fail (exit 1) unless a GPU with the kernels is usable.
@@ -27,6 +30,12 @@ fn main() {
     let cli = Cli::parse();
     match cli.command {
         Command::Info { require_gpu } => std::process::exit(info(require_gpu)),
+        Command::CompareHf(args) => {
+            if let Err(e) = kestrel::cli::compare::run(&args) {
+                eprintln!("kestrel compare-hf: {e}");
+                std::process::exit(1);
+            }
+        }
         Command::Generate(args) => match kestrel::cli::generate::run(&args) {
             Ok(text) => println!("{text}"),
             Err(e) => {

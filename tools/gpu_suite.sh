@@ -28,11 +28,12 @@ build)
   bash tools/install_cuda.sh >/dev/null
   mkdir -p .device
   # The executables cargo reports: unit tests, the kernel suite, the kernel benchmarks.
-  { cargo test --release --no-run --message-format=json --test kernels --lib
+  { cargo test --release --no-run --message-format=json --test kernels --test loader --lib
     cargo bench --no-run --message-format=json --bench kernels; } 2>/dev/null |
     python3 -c '
 import json, sys, shutil
-names = {("lib", "kestrel"): "unit", ("test", "kernels"): "kernels", ("bench", "kernels"): "bench_kernels"}
+names = {("lib", "kestrel"): "unit", ("test", "kernels"): "kernels", ("test", "loader"): "loader",
+         ("bench", "kernels"): "bench_kernels"}
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable"):
@@ -43,7 +44,7 @@ for line in sys.stdin:
 '
   cargo build --release --bin kestrel
   cp target/release/kestrel .device/kestrel
-  strip .device/kernels .device/unit .device/bench_kernels 2>/dev/null || true
+  strip .device/kernels .device/unit .device/loader .device/bench_kernels 2>/dev/null || true
   ls -la .device
   ;;
 run)
@@ -54,6 +55,8 @@ run)
   .device/kestrel info --require-gpu 2>&1 | tee "$logdir/info.txt"
   .device/unit >"$logdir/unit.txt" 2>&1; unit_rc=$?
   tail -n 3 "$logdir/unit.txt"
+  KESTREL_REQUIRE_GPU=1 .device/loader >"$logdir/loader.txt" 2>&1 || unit_rc=1
+  tail -n 3 "$logdir/loader.txt"
   KESTREL_REQUIRE_GPU=1 .device/kernels >"$logdir/kernels.txt" 2>&1; kernels_rc=$?
   # The whole table is in $logdir/kernels.txt; here, the GPU rows that failed.
   grep -E '^(gpu .*FAIL$|FAIL)' "$logdir/kernels.txt"

@@ -84,18 +84,20 @@ def make_config(kind, ids, vocab):
 
 @torch.no_grad()
 def randomize(model, seed):
-    g = torch.Generator().manual_seed(seed)
+    dev = next(model.parameters()).device
+    g = torch.Generator(device=dev).manual_seed(seed)
     for name, p in model.named_parameters():
         shape = p.shape
+        rnd = lambda: torch.randn(shape, generator=g, device=dev)  # noqa: E731
         if name.endswith("bias"):
-            v = torch.randn(shape, generator=g) * 0.1
+            v = rnd() * 0.1
         elif p.dim() == 1:  # norm weights
-            v = 1.0 + torch.randn(shape, generator=g) * 0.1
+            v = 1.0 + rnd() * 0.1
         else:
             fan_in = math.prod(shape[1:])
-            v = torch.randn(shape, generator=g) / math.sqrt(fan_in)
+            v = rnd() / math.sqrt(fan_in)
             if "embed_tokens" in name:
-                v = torch.randn(shape, generator=g)
+                v = rnd()
         p.copy_(v.to(p.dtype))
 
 
@@ -149,9 +151,13 @@ def main():
     ap.add_argument("--dtype", default="bfloat16", help="weights on disk; HF then computes in f32 on them")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-dump", action="store_true")
-    ap.add_argument("--max-new-tokens", type=int, default=8)
+    ap.add_argument("--logits-dump", action="store_true",
+                    help="the full-size shapes' dump (greedy + f32/bf16 logits) even for --config tiny")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="default 8 (tiny) or 32")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 8 if args.config == "tiny" else 32
 
     from transformers import (AutoProcessor, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
                               Qwen2VLVideoProcessor)
@@ -161,7 +167,8 @@ def main():
     cfg = make_config(args.config, ids, vocab)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     torch.manual_seed(args.seed)
-    model = Qwen2VLForConditionalGeneration(cfg)
+    with torch.device(args.device if args.config != "tiny" else "cpu"):
+        model = Qwen2VLForConditionalGeneration(cfg)
     randomize(model, args.seed)
     model = model.to(dtype)
     model.save_pretrained(args.out, safe_serialization=True)
@@ -180,8 +187,13 @@ def main():
     Qwen2VLVideoProcessor(**pixels).save_pretrained(args.out)
     print(f"wrote {args.config} model to {args.out} ({dtype}); special ids:",
           {k: ids[k] for k in SPECIAL})
-    if not args.no_dump:
-        dump(args, model.to(args.device).eval(), AutoProcessor.from_pretrained(args.out))
+    if args.no_dump:
+        return
+    processor = AutoProcessor.from_pretrained(args.out)
+    if args.config == "tiny" and not args.logits_dump:
+        dump(args, model.to(args.device).eval(), processor)
+    else:
+        dump_logits(args, model.to(args.device).eval(), processor)
 
 
 @torch.no_grad()
@@ -204,6 +216,100 @@ def rope_index(model, inputs):
         kwargs["mm_token_type_ids"] = tt
     pos, delta = model.model.get_rope_index(ids, **kwargs)
     return pos[:, 0, :].to(torch.int32).cpu().contiguous(), delta.reshape(-1).to(torch.int32).cpu().contiguous()
+
+
+def materialize_case(name, messages, gdir):
+    """Writes a case's synthetic images to gdir; returns (messages naming the
+    files, PIL images, video frame stacks, file names)."""
+    images, videos, files = [], [], []
+    msgs = json.loads(json.dumps(messages))
+    for m in msgs:
+        for part in m["content"]:
+            if part["type"] == "image":
+                w, h, s = part["image"]
+                fn = f"{name}_img{len(images)}.png"
+                img = synthetic_image(w, h, s)
+                img.save(os.path.join(gdir, fn))
+                images.append(img)
+                files.append(fn)
+                part["image"] = fn
+            elif part["type"] == "video":
+                frames, fns = [], []
+                for j, (w, h, s) in enumerate(part["video"]):
+                    fn = f"{name}_vid{len(videos)}_f{j}.png"
+                    im = synthetic_image(w, h, s)
+                    im.save(os.path.join(gdir, fn))
+                    frames.append(np.asarray(im))
+                    fns.append(fn)
+                videos.append(np.stack(frames))
+                files.extend(fns)
+                part["video"] = fns
+    return msgs, images, videos, files
+
+
+def processor_inputs(processor, msgs, images, videos, device):
+    text = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    kw = {}
+    if images:
+        kw["images"] = images
+    if videos:
+        kw["videos"] = videos
+        kw["videos_kwargs"] = {"do_sample_frames": False}
+    return text, processor(text=[text], return_tensors="pt", **kw).to(device)
+
+
+@torch.no_grad()
+def forced_logits(model, inputs, tokens):
+    """f32 logits at the positions predicting `tokens`, teacher-forced."""
+    n = inputs["input_ids"].shape[1]
+    full = dict(inputs)
+    ids = torch.cat([inputs["input_ids"], tokens[None, :-1].to(inputs["input_ids"].device)], 1)
+    full["input_ids"] = ids
+    full["attention_mask"] = torch.ones_like(ids)
+    if full.get("mm_token_type_ids") is not None:
+        tt = inputs["mm_token_type_ids"]
+        full["mm_token_type_ids"] = torch.cat([tt, torch.zeros_like(ids[:, n:]).to(tt.dtype)], 1)
+    for k in ("pixel_values", "pixel_values_videos"):
+        if k in full:
+            full[k] = full[k].to(model.dtype)
+    out = model(**full, use_cache=False)
+    return out.logits[0, n - 1:].float().cpu().contiguous()
+
+
+@torch.no_grad()
+def dump_logits(args, model, processor):
+    """For the full-size shapes: HF's greedy continuation in f32, and the
+    logits predicting each of its tokens from the f32 model and from the
+    same weights loaded in bf16 (HF's own bf16 noise, for the bound)."""
+    from safetensors.torch import save_file
+    gdir = os.path.join(args.out, "golden")
+    os.makedirs(gdir, exist_ok=True)
+    meta = {"processor": type(processor.image_processor).__name__, "config": args.config, "cases": {}}
+    results = {}
+    cases = BIG_CASES if args.config != "tiny" else CASES
+    for name, messages in cases.items():
+        msgs, images, videos, files = materialize_case(name, messages, gdir)
+        text, inputs = processor_inputs(processor, msgs, images, videos, model.device)
+        gen = model.generate(**inputs, max_new_tokens=args.max_new_tokens,
+                             do_sample=False, top_k=None, top_p=None, temperature=None)
+        new = gen[0, inputs["input_ids"].shape[1]:]
+        results[name] = dict(input_ids=inputs["input_ids"][0].to(torch.int32).cpu().contiguous(),
+                             greedy=new.to(torch.int32).cpu().contiguous(),
+                             logits_f32=forced_logits(model, inputs, new))
+        meta["cases"][name] = {"messages": msgs, "prompt": text, "files": files}
+        print(f"{name}: {inputs['input_ids'].shape[1]} tokens, greedy {new.tolist()[:8]}...", flush=True)
+    model.to("cpu")
+    del model
+    torch.cuda.empty_cache()
+    from transformers import Qwen2VLForConditionalGeneration
+    bf = Qwen2VLForConditionalGeneration.from_pretrained(args.out, dtype=torch.bfloat16).to(args.device).eval()
+    for name, messages in cases.items():
+        msgs, images, videos, _ = materialize_case(name, messages, gdir)
+        _, inputs = processor_inputs(processor, msgs, images, videos, bf.device)
+        results[name]["logits_bf16"] = forced_logits(bf, inputs, results[name]["greedy"].long())
+        save_file(results[name], os.path.join(gdir, f"{name}.safetensors"))
+    with open(os.path.join(gdir, "cases.json"), "w") as f:
+        json.dump(meta, f, indent=1)
 
 
 @torch.no_grad()

@@ -1,3 +1,4 @@
 //! Subcommands of the `kestrel` binary that are more than a few lines.
 
+pub mod compare;
 pub mod generate;
