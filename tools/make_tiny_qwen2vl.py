@@ -20,7 +20,8 @@ for each case in CASES a safetensors file of HF's tensors plus cases.json:
 
 Needs torch and transformers (the GPU host has both). Weights are random
 with a spread chosen so logits have real margins: a linear layer's weights
-are N(0, 1/fan_in), norms are 1 + N(0, 0.1), biases N(0, 0.1).
+are N(0, 1/fan_in), token embeddings N(0, 4/hidden) (they double as the LM
+head when tied), norms are 1 + N(0, 0.1), biases N(0, 0.1).
 """
 import argparse
 import inspect
@@ -97,7 +98,11 @@ def randomize(model, seed):
             fan_in = math.prod(shape[1:])
             v = rnd() / math.sqrt(fan_in)
             if "embed_tokens" in name:
-                v = rnd()
+                # std 2/sqrt(hidden): as an input embedding any scale works (the
+                # first RMSNorm rescales it), but a tied LM head with N(0, 1)
+                # rows gives logits of std ~sqrt(hidden) (~40 for 2B): every
+                # step a certain one-token answer, a degenerate comparison.
+                v = rnd() * (2.0 / math.sqrt(shape[1]))
         p.copy_(v.to(p.dtype))
 
 
