@@ -325,37 +325,8 @@ def dump(args, model, processor):
     cases = CASES if args.config == "tiny" else BIG_CASES
     meta = {"processor": type(processor.image_processor).__name__, "cases": {}}
     for name, messages in cases.items():
-        images, videos, files = [], [], []
-        msgs = json.loads(json.dumps(messages))
-        for m in msgs:
-            for part in m["content"]:
-                if part["type"] == "image":
-                    w, h, s = part["image"]
-                    fn = f"{name}_img{len(images)}.png"
-                    img = synthetic_image(w, h, s)
-                    img.save(os.path.join(gdir, fn))
-                    images.append(img)
-                    files.append(fn)
-                    part["image"] = fn
-                elif part["type"] == "video":
-                    frames, fns = [], []
-                    for j, (w, h, s) in enumerate(part["video"]):
-                        fn = f"{name}_vid{len(videos)}_f{j}.png"
-                        im = synthetic_image(w, h, s)
-                        im.save(os.path.join(gdir, fn))
-                        frames.append(np.asarray(im))
-                        fns.append(fn)
-                    videos.append(np.stack(frames))
-                    files.extend(fns)
-                    part["video"] = fns
-        text = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        kw = {}
-        if images:
-            kw["images"] = images
-        if videos:
-            kw["videos"] = videos
-            kw["videos_kwargs"] = {"do_sample_frames": False}
-        inputs = processor(text=[text], return_tensors="pt", **kw).to(model.device)
+        msgs, images, videos, files = materialize_case(name, messages, gdir)
+        text, inputs = processor_inputs(processor, msgs, images, videos, model.device)
         captured = {}
 
         def keep(key):
