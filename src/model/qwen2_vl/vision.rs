@@ -109,7 +109,8 @@ impl VisionTower {
         })
     }
 
-    /// pixel_values (patches, patch_dim) in the processor's patch order;
+    /// pixel_values (patches, patch_dim) in the processor's patch order, in
+    /// the device's activation dtype;
     /// grids [t, h, w] per image or video, in patches; `positions` (patches, 2)
     /// i32 = (row, col) per patch (mrope::vision_position_ids). Returns
     /// (patches / merge², out_hidden). `observe` sees each stage's output.
@@ -143,13 +144,8 @@ impl VisionTower {
         let cu = Tensor::from_i32(&dev, &[cu.len()], &cu)?;
 
         let dt = dev.activation_dtype();
-        let pv = if pixel_values.dtype() == dt {
-            None
-        } else {
-            Some(Tensor::from_f32(&dev, pixel_values.shape(), &pixel_values.to_f32_vec()?, dt)?)
-        };
         let mut x = Tensor::empty(&dev, &[n, d.embed_dim], dt)?;
-        crate::ops::gemm::gemm(&mut x, pv.as_ref().unwrap_or(pixel_values), &self.patch_embed)?;
+        crate::ops::gemm::gemm(&mut x, pixel_values, &self.patch_embed)?;
         observe("vision.patch_embed", &x);
 
         let scale = 1.0 / (hd as f32).sqrt();
