@@ -16,8 +16,8 @@
 # SANITIZE=1 with `run` also runs the suite under compute-sanitizer
 # (memcheck, then racecheck) on a fixed seed. API errors are not reported:
 # the kernel registry asks each module for a kernel by name until one has it,
-# and the misses are CUDA_ERROR_NOT_FOUND by design. cuBLAS's own kernels
-# (nvjet_*) are left out of racecheck: their hazards are NVIDIA's to answer.
+# and the misses are CUDA_ERROR_NOT_FOUND by design. Racecheck hazards inside
+# cuBLAS's own kernels (nvjet_*) are counted apart: they are NVIDIA's to answer.
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -65,13 +65,17 @@ run)
     .device/bench_kernels 2>&1 | tee "$logdir/bench_kernels.txt"
   fi
   if [ "${SANITIZE:-0}" = 1 ]; then
-    for tool in memcheck racecheck; do
-      KESTREL_SEED=7 KESTREL_REQUIRE_GPU=1 compute-sanitizer --tool $tool --error-exitcode 9 \
-        --report-api-errors no --kernel-name-exclude kns=nvjet .device/kernels \
-        >"$logdir/sanitize-$tool.txt" 2>&1
-      echo "compute-sanitizer $tool: exit $? ($(grep -c 'ERROR SUMMARY: 0 errors' "$logdir/sanitize-$tool.txt") clean summaries)"
-      grep -m 5 -E '========= (Invalid|Race|ERROR)' "$logdir/sanitize-$tool.txt" || true
-    done
+    KESTREL_SEED=7 KESTREL_REQUIRE_GPU=1 compute-sanitizer --tool memcheck --error-exitcode 9 \
+      --report-api-errors no .device/kernels >"$logdir/sanitize-memcheck.txt" 2>&1
+    echo "compute-sanitizer memcheck: exit $?; $(grep 'ERROR SUMMARY' "$logdir/sanitize-memcheck.txt")"
+    # racecheck sees every kernel, cuBLAS's too; excluding those (--kernel-name-exclude)
+    # made cuBLAS fault under the tool, so instead count only hazards outside them.
+    KESTREL_SEED=7 KESTREL_REQUIRE_GPU=1 compute-sanitizer --tool racecheck .device/kernels \
+      >"$logdir/sanitize-racecheck.txt" 2>&1
+    ours=$(grep 'Race reported' "$logdir/sanitize-racecheck.txt" | grep -vc nvjet)
+    theirs=$(grep 'Race reported' "$logdir/sanitize-racecheck.txt" | grep -c nvjet)
+    echo "compute-sanitizer racecheck: $ours hazards in our kernels, $theirs inside cuBLAS (nvjet_*); $(grep '^kernels:' "$logdir/sanitize-racecheck.txt")"
+    [ "$ours" = 0 ] || grep -m 5 'Race reported' "$logdir/sanitize-racecheck.txt" | grep -v nvjet
   fi
   echo "unit tests exit $unit_rc, kernel suite exit $kernels_rc"
   [ $unit_rc = 0 ] && [ $kernels_rc = 0 ]
