@@ -11,16 +11,11 @@
 
 use rayon::prelude::*;
 
-use super::{blocks, expect_dtype, f32s, float_dtype, i32s_mut, kernel, placement, ptr, rows_cols, On};
+use super::{blocks, expect_dtype, f32s, float_dtype, i32s_mut, kernel, placement, ptr, row_threads, rows_cols, On};
 use crate::cuda::Arg;
 use crate::ensure_shape;
 use crate::error::Result;
 use crate::tensor::{DType, Tensor};
-
-/// Threads per row: enough to cover the row once, a multiple of 32, ≤ 1024.
-fn threads_for(cols: usize) -> u32 {
-    (cols.div_ceil(32) * 32).clamp(32, 1024) as u32
-}
 
 /// Whether (a, ia) comes before (b, ib): NaN first (lowest index among NaNs),
 /// then larger values, then lower indices. The kernel's `beats` is its twin.
@@ -65,7 +60,7 @@ pub fn argmax(out: &mut Tensor, x: &Tensor) -> Result<()> {
                 return Ok(());
             }
             let args = [Arg::Ptr(ptr(out)), Arg::Ptr(ptr(x)), Arg::I32(cols as i32)];
-            gpu.launch(&kernel(OP, dt), (blocks(rows, 1), 1, 1), (threads_for(cols), 1, 1), 0, &args)
+            gpu.launch(&kernel(OP, dt), (blocks(rows, 1), 1, 1), (row_threads(cols), 1, 1), 0, &args)
         }
     }
 }

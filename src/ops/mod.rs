@@ -121,6 +121,12 @@ pub(crate) fn blocks(n: usize, per: usize) -> u32 {
     n.div_ceil(per).max(1) as u32
 }
 
+/// Threads for a one-block-per-row kernel: enough to cover the row once,
+/// a multiple of 32, at most 1024.
+pub(crate) fn row_threads(cols: usize) -> u32 {
+    (cols.div_ceil(32) * 32).clamp(32, 1024) as u32
+}
+
 /// Rows and columns of a tensor viewed as [rows, last dim].
 pub(crate) fn rows_cols(t: &Tensor) -> (usize, usize) {
     let cols = t.shape().last().copied().unwrap_or(1);

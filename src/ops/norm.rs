@@ -4,16 +4,11 @@
 
 use rayon::prelude::*;
 
-use super::{blocks, f32s, f32s_mut, float_dtype, kernel, placement, ptr, rows_cols, On};
+use super::{blocks, f32s, f32s_mut, float_dtype, kernel, placement, ptr, row_threads, rows_cols, On};
 use crate::cuda::Arg;
 use crate::ensure_shape;
 use crate::error::Result;
 use crate::tensor::Tensor;
-
-/// Threads per row: enough to cover the row once, a multiple of 32, ≤ 1024.
-fn threads_for(cols: usize) -> u32 {
-    (cols.div_ceil(32) * 32).clamp(32, 1024) as u32
-}
 
 fn check(op: &'static str, out: &Tensor, x: &Tensor, w: &Tensor) -> Result<(usize, usize)> {
     let (rows, cols) = rows_cols(x);
@@ -42,7 +37,7 @@ pub fn rms_norm(out: &mut Tensor, x: &Tensor, w: &Tensor, eps: f32) -> Result<()
         On::Cuda(gpu) => {
             let dt = float_dtype(OP, &[out, x, w])?;
             let args = [Arg::Ptr(ptr(out)), Arg::Ptr(ptr(x)), Arg::Ptr(ptr(w)), Arg::I32(cols as i32), Arg::F32(eps)];
-            gpu.launch(&kernel(OP, dt), (blocks(rows, 1), 1, 1), (threads_for(cols), 1, 1), 0, &args)
+            gpu.launch(&kernel(OP, dt), (blocks(rows, 1), 1, 1), (row_threads(cols), 1, 1), 0, &args)
         }
     }
 }
@@ -80,7 +75,7 @@ pub fn add_rms_norm(out: &mut Tensor, residual: &mut Tensor, x: &Tensor, w: &Ten
                 Arg::I32(cols as i32),
                 Arg::F32(eps),
             ];
-            gpu.launch(&kernel(OP, dt), (blocks(rows, 1), 1, 1), (threads_for(cols), 1, 1), 0, &args)
+            gpu.launch(&kernel(OP, dt), (blocks(rows, 1), 1, 1), (row_threads(cols), 1, 1), 0, &args)
         }
     }
 }
@@ -113,7 +108,7 @@ pub fn layer_norm(out: &mut Tensor, x: &Tensor, w: &Tensor, b: &Tensor, eps: f32
                 Arg::I32(cols as i32),
                 Arg::F32(eps),
             ];
-            gpu.launch(&kernel(OP, dt), (blocks(rows, 1), 1, 1), (threads_for(cols), 1, 1), 0, &args)
+            gpu.launch(&kernel(OP, dt), (blocks(rows, 1), 1, 1), (row_threads(cols), 1, 1), 0, &args)
         }
     }
 }

@@ -9,16 +9,11 @@
 
 use rayon::prelude::*;
 
-use super::{blocks, f32s, f32s_mut, float_dtype, kernel, placement, ptr, rows_cols, On};
+use super::{blocks, f32s, f32s_mut, float_dtype, kernel, placement, ptr, row_threads, rows_cols, On};
 use crate::cuda::Arg;
 use crate::ensure_shape;
 use crate::error::Result;
 use crate::tensor::Tensor;
-
-/// Threads per row: enough to cover the row once, a multiple of 32, ≤ 1024.
-fn threads_for(cols: usize) -> u32 {
-    (cols.div_ceil(32) * 32).clamp(32, 1024) as u32
-}
 
 /// out[r, :] = exp(x[r, :] − max) / Σ exp(x[r, :] − max).  x, out: (rows, cols).
 pub fn softmax(out: &mut Tensor, x: &Tensor) -> Result<()> {
@@ -48,7 +43,7 @@ pub fn softmax(out: &mut Tensor, x: &Tensor) -> Result<()> {
                 return Ok(());
             }
             let args = [Arg::Ptr(ptr(out)), Arg::Ptr(ptr(x)), Arg::I32(cols as i32)];
-            gpu.launch(&kernel(OP, dt), (blocks(rows, 1), 1, 1), (threads_for(cols), 1, 1), 0, &args)
+            gpu.launch(&kernel(OP, dt), (blocks(rows, 1), 1, 1), (row_threads(cols), 1, 1), 0, &args)
         }
     }
 }
