@@ -1,0 +1,3 @@
+//! The serving engine: requests, scheduling, sampling.
+
+pub mod sampling;
