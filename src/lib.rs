@@ -7,6 +7,7 @@
 
 pub mod cli;
 pub mod cuda;
+pub mod engine;
 pub mod error;
 pub mod ops;
 pub mod tensor;
