@@ -11,7 +11,8 @@
 //! without it those tests print SKIPPED, and with
 //! KESTREL_REQUIRE_QWEN_TOKENIZER=1 a missing folder fails instead.
 
-use std::io::Write;
+mod common;
+
 use std::path::PathBuf;
 
 use kestrel::text::detokenizer::{IncrementalDetokenizer, StopChecker};
@@ -35,31 +36,9 @@ fn tiny() -> Tokenizer {
     Tokenizer::from_dir(dir).expect("tiny tokenizer loads")
 }
 
-/// Printed past the test harness's capture, so a skip is always visible.
-fn notice(msg: &str) {
-    let _ = writeln!(std::io::stderr(), "{msg}");
-}
-
 fn qwen() -> Option<Tokenizer> {
-    match std::env::var_os("KESTREL_QWEN_TOKENIZER_DIR") {
-        Some(d) if !d.is_empty() => {
-            let d = PathBuf::from(d);
-            assert!(
-                d.join("tokenizer.json").is_file(),
-                "KESTREL_QWEN_TOKENIZER_DIR={} has no tokenizer.json",
-                d.display()
-            );
-            Some(Tokenizer::from_dir(&d).expect("Qwen tokenizer loads"))
-        }
-        _ => {
-            let require = std::env::var("KESTREL_REQUIRE_QWEN_TOKENIZER").is_ok_and(|v| v == "1");
-            let msg = "detokenizer: SKIPPED real Qwen tokenizer tests: KESTREL_QWEN_TOKENIZER_DIR is not set \
-                       (export KESTREL_QWEN_TOKENIZER_DIR=$(tools/fetch_qwen_tokenizer.sh))";
-            assert!(!require, "{msg}; KESTREL_REQUIRE_QWEN_TOKENIZER=1 makes this a failure");
-            notice(msg);
-            None
-        }
-    }
+    let dir = common::qwen_tokenizer_dir("detokenizer: real Qwen tokenizer tests")?;
+    Some(Tokenizer::from_dir(&dir).expect("Qwen tokenizer loads"))
 }
 
 fn encode(tok: &Tokenizer, text: &str) -> Vec<u32> {

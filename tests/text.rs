@@ -11,7 +11,8 @@
 //! Without it those comparisons are skipped and say so on stderr; with
 //! KESTREL_REQUIRE_QWEN_TOKENIZER=1 (CI) a missing folder fails instead.
 
-use std::io::Write;
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use kestrel::text::chat_template::ChatTemplate;
@@ -31,11 +32,6 @@ fn golden() -> Value {
     let path = root().join("tests/fixtures/text/golden.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).expect("golden.json is JSON")
-}
-
-/// Printed past the test harness's capture, so a skip is always visible.
-fn notice(msg: &str) {
-    let _ = writeln!(std::io::stderr(), "{msg}");
 }
 
 fn ids(v: &Value) -> Vec<u32> {
@@ -141,7 +137,7 @@ fn template_environment_matches_hf() {
     for case in g["template_cases"].as_array().unwrap() {
         let name = s(&case["name"]);
         if case["needs_key_order"].as_bool() == Some(true) && !keeps_order {
-            notice(&format!(
+            common::notice(&format!(
                 "text: SKIPPED template case {name:?}: serde_json does not keep object key order \
                  (enable serde_json's `preserve_order` feature to check it)"
             ));
@@ -164,32 +160,9 @@ fn template_environment_matches_hf() {
     }
 }
 
-/// The real Qwen tokenizer folder, or None (after saying so) when unset.
-fn qwen_dir() -> Option<PathBuf> {
-    match std::env::var_os("KESTREL_QWEN_TOKENIZER_DIR") {
-        Some(d) if !d.is_empty() => {
-            let d = PathBuf::from(d);
-            assert!(
-                d.join("tokenizer.json").is_file(),
-                "KESTREL_QWEN_TOKENIZER_DIR={} has no tokenizer.json",
-                d.display()
-            );
-            Some(d)
-        }
-        _ => {
-            let require = std::env::var("KESTREL_REQUIRE_QWEN_TOKENIZER").is_ok_and(|v| v == "1");
-            let msg = "text: SKIPPED real Qwen tokenizer comparisons: KESTREL_QWEN_TOKENIZER_DIR is not set \
-                       (export KESTREL_QWEN_TOKENIZER_DIR=$(tools/fetch_qwen_tokenizer.sh))";
-            assert!(!require, "{msg}; KESTREL_REQUIRE_QWEN_TOKENIZER=1 makes this a failure");
-            notice(msg);
-            None
-        }
-    }
-}
-
 #[test]
 fn qwen_tokenizer_matches_hf() {
-    let Some(dir) = qwen_dir() else { return };
+    let Some(dir) = common::qwen_tokenizer_dir("text: real Qwen tokenizer comparisons") else { return };
     let g = golden();
     let tok = Tokenizer::from_dir(&dir).unwrap();
     check_info(&tok, &g["qwen"], "qwen");
