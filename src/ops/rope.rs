@@ -77,6 +77,24 @@ fn block_for(half: usize, heads: usize) -> (u32, u32, u32) {
 /// Qwen2 1-D RoPE, in place: a_i = pos[t] · theta^(−2i/head_dim).
 /// x: (tokens, heads, head_dim), bf16 or f32; positions: i32 (tokens,).
 ///
+/// Launches `rope_*` or `vision_rope_*`, which share their arguments
+/// (x, positions, heads, half, theta) and their grid (a block per token).
+fn launch_one_table(
+    gpu: &crate::cuda::Gpu,
+    op: &'static str,
+    x: &Tensor,
+    positions: &Tensor,
+    heads: usize,
+    half: usize,
+    theta: f32,
+) -> Result<()> {
+    let dt = float_dtype(op, &[x])?;
+    let tokens = x.shape()[0];
+    let args =
+        [Arg::Ptr(ptr(x)), Arg::Ptr(ptr(positions)), Arg::I32(heads as i32), Arg::I32(half as i32), Arg::F32(theta)];
+    gpu.launch(&kernel(op, dt), (tokens as u32, 1, 1), block_for(half, heads), 0, &args)
+}
+
 /// Mirrors transformers `Qwen2VLRotaryEmbedding` (default rope init,
 /// attention_scaling 1) + `apply_rotary_pos_emb` with equal position rows,
 /// i.e. `mrope` with all three rows equal.
@@ -94,17 +112,7 @@ pub fn rope(x: &mut Tensor, positions: &Tensor, theta: f32) -> Result<()> {
             rotate_cpu(f32s_mut(OP, x)?, heads, half, |t, i| pos[t] as f32 * inv[i]);
             Ok(())
         }
-        On::Cuda(gpu) => {
-            let dt = float_dtype(OP, &[&*x])?;
-            let args = [
-                Arg::Ptr(ptr(x)),
-                Arg::Ptr(ptr(positions)),
-                Arg::I32(heads as i32),
-                Arg::I32(half as i32),
-                Arg::F32(theta),
-            ];
-            gpu.launch(&kernel(OP, dt), (tokens as u32, 1, 1), block_for(half, heads), 0, &args)
-        }
+        On::Cuda(gpu) => launch_one_table(&gpu, OP, x, positions, heads, half, theta),
     }
 }
 
@@ -209,17 +217,7 @@ pub fn vision_rope(x: &mut Tensor, positions: &Tensor, theta: f32) -> Result<()>
             rotate_cpu(f32s_mut(OP, x)?, heads, half, angle);
             Ok(())
         }
-        On::Cuda(gpu) => {
-            let dt = float_dtype(OP, &[&*x])?;
-            let args = [
-                Arg::Ptr(ptr(x)),
-                Arg::Ptr(ptr(positions)),
-                Arg::I32(heads as i32),
-                Arg::I32(half as i32),
-                Arg::F32(theta),
-            ];
-            gpu.launch(&kernel(OP, dt), (tokens as u32, 1, 1), block_for(half, heads), 0, &args)
-        }
+        On::Cuda(gpu) => launch_one_table(&gpu, OP, x, positions, heads, half, theta),
     }
 }
 
