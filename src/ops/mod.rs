@@ -14,6 +14,7 @@ pub mod argmax;
 pub mod attention;
 pub mod embedding;
 pub mod gemm;
+pub mod kv_cache;
 pub mod norm;
 pub mod rope;
 pub mod softmax;
