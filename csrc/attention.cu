@@ -1,8 +1,16 @@
 // Attention over variable-length packed sequences (flash-attn varlen layout):
-// q, out (total_q, n_heads, D); k, v (total_k, n_kv_heads, D); sequence b owns
-// query rows cu_q[b]..cu_q[b+1] and key rows cu_k[b]..cu_k[b+1]. Grouped-query:
-// query head h reads kv head h / (n_heads / n_kv_heads). Causal masking is
-// flash-attn's bottom-right alignment: query i of Lq sees key j of Lk iff
+// q, out (total_q, n_heads, D); sequence b owns query rows cu_q[b]..cu_q[b+1].
+// Its keys and values are found one of two ways (the `Keys` policy of the one
+// device function below, so both kernels share every line of the body):
+// - attention_varlen (flash_attn_varlen_func): k, v (total_k, n_kv_heads, D)
+//   packed like q, sequence b owning key rows cu_k[b]..cu_k[b+1];
+// - paged_attention (vLLM's paged KV cache, flash_attn_varlen_func with a
+//   block_table): k_cache, v_cache (num_blocks, block_size, n_kv_heads, D),
+//   viewed as (num_blocks * block_size, n_kv_heads, D) rows; sequence b has
+//   seq_lens_k[b] keys and its key j is row
+//   block_tables[b, j / block_size] * block_size + j % block_size. Always causal.
+// Grouped-query: query head h reads kv head h / (n_heads / n_kv_heads). Causal
+// masking is flash-attn's bottom-right alignment: query i of Lq sees key j of Lk iff
 // j <= i + Lk - Lq (prefill, decode over a cache and chunked prefill alike).
 // fp32 accumulation and an online softmax (running max and sum), so shared
 // memory stays bounded for any sequence length. T is bf16 or f32.
@@ -15,16 +23,18 @@
 // 6) fills 6 of the 8 warps and reads each K/V tile once for all of them,
 // instead of one block per head re-reading the cache group times.
 // The block walks the keys its rows may see in tiles of 32, staged in shared
-// memory as f32 and shared by all 8 warps. Per tile, lane j of a warp scores
-// key j against the warp's query (a D-long dot product out of shared memory,
+// memory as f32 and shared by all 8 warps: 8 threads per key, each finding the
+// key's row once (for the paged policy a division and a block-table read per
+// key, not per element) and copying it in 16-byte words. Per tile, lane j of a
+// warp scores key j against the warp's query (a D-long dot product out of shared memory,
 // float4 reads, K rows padded to D + 4 floats so the 8 lanes of each
 // quarter-warp hit distinct banks for every D here); the warp takes the tile
 // max and sum with shuffles, rescales its accumulator, and adds P·V with each
 // lane owning output dims lane, lane + 32, ... (p_j broadcast by shuffle).
 // Why this shape: it is correct for any lengths, has no block-wide reductions,
 // reuses each K/V tile 8 times, and needs 37 KB of static shared memory at most
-// (D = 128), so no opt-in; at ~59 registers a thread (ptxas, sm_90a) an SM
-// holds 4 blocks, 32 warps.
+// (D = 128), so no opt-in; at 48 to 76 registers a thread (ptxas, sm_90a,
+// depending on D, dtype and policy) an SM holds 3 to 5 blocks.
 // What the fast version will change: Q·Kᵀ and P·V on tensor cores (mma /
 // wgmma) over 64-128 query tiles per block in bf16 with P kept in registers,
 // K/V tiles double-buffered with cp.async / TMA, causal tiles above the
@@ -32,33 +42,97 @@
 //
 // Robustness: the block grid-strides over its sequence's rows, so a launch
 // grid sized from a too-small max_seqlen_q costs speed, not rows; offsets read
-// from cu_seqlens are clamped to [0, total], so bad offsets cannot address
-// outside the tensors; only rows that belong to a sequence are written, and a
-// row that sees no key (causal with Lq > Lk, or Lk = 0) is written as zeros.
+// from cu_seqlens are clamped to [0, total], seq_lens_k to [0, what the block
+// table row holds] and block ids to [0, num_blocks), so bad device data cannot
+// address outside the tensors (it gives wrong keys, not faults); only rows that
+// belong to a sequence are written, and a row that sees no key (causal with
+// Lq > Lk, or Lk = 0) is written as zeros. k and v (k_cache, v_cache) must be
+// 16-byte aligned, which the launcher checks (every pool allocation is).
+// Row independence: a (query, head) row's result depends only on its query,
+// its sequence's keys and its causal bound (key tiles start at multiples of 32
+// of its own sequence), never on the rest of the batch or the grid, so a
+// sequence gives bit-identical output alone or in any batch, and the two
+// policies give bit-identical output on the same keys.
 //
-// Kernel names: attention_varlen_d{D}_{dtype}, e.g. attention_varlen_d128_bf16
-// (the house rule <op>[_<variant>]_<dtype>, with the head dim in the variant).
+// Kernel names: attention_varlen_d{D}_{dtype} and paged_attention_d{D}_{dtype},
+// e.g. paged_attention_d128_bf16 (the house rule <op>[_<variant>]_<dtype>,
+// with the head dim in the variant).
 #include "common.cuh"
 
 constexpr int ATTN_WARPS = 8;  // rows (query, head) per block, one warp each; blockDim.x = 32 * ATTN_WARPS
 constexpr int ATTN_KEYS = 32;  // keys per shared-memory tile, one per lane when scoring
+constexpr int ATTN_TPK = 32 * ATTN_WARPS / ATTN_KEYS;  // threads staging each key of a tile
+
+// ----------------------------------------------------------------------------
+// Key addressing policies: bind(seq) returns sequence seq's key count Lk (and
+// remembers the sequence); row(j), for j < Lk, is the row of key j in k and v
+// viewed as (rows, n_kv_heads, D). Both clamp what they read from device memory.
+
+// attention_varlen: sequence b owns the packed key rows cu_k[b]..cu_k[b+1].
+struct PackedKeys {
+    const int* __restrict__ cu_k;  // (batch + 1,) key offsets
+    int total_k;                   // rows of k and v
+    int k0;                        // first key row of the bound sequence
+
+    __device__ __forceinline__ int bind(int seq) {
+        k0 = min(max(cu_k[seq], 0), total_k);
+        return min(max(cu_k[seq + 1], k0), total_k) - k0;
+    }
+    __device__ __forceinline__ int64_t row(int j) const { return (int64_t)k0 + j; }
+};
+
+// paged_attention: key j of sequence b is in block block_tables[b, j / block_size]
+// of the cache, at offset j % block_size. num_blocks, block_size >= 1 (the launcher checks).
+struct PagedKeys {
+    const int* __restrict__ block_tables;  // (batch, max_blocks) block ids
+    const int* __restrict__ seq_lens;      // (batch,) keys per sequence
+    int max_blocks, block_size, num_blocks;
+    const int* __restrict__ table;  // the bound sequence's row of block_tables
+
+    __device__ __forceinline__ int bind(int seq) {
+        table = block_tables + (int64_t)seq * max_blocks;
+        const int64_t held = (int64_t)max_blocks * block_size;  // keys the table row can address
+        return (int)min(max((int64_t)seq_lens[seq], (int64_t)0), held);
+    }
+    __device__ __forceinline__ int64_t row(int j) const {
+        const int block = min(max(table[j / block_size], 0), num_blocks - 1);
+        return (int64_t)block * block_size + j % block_size;
+    }
+};
+
+// 16 bytes of T (16 / sizeof(T) values) widened to f32 at dst (16-byte aligned).
+__device__ __forceinline__ void widen16(const float*, uint4 w, float* dst) {
+    *reinterpret_cast<float4*>(dst) = make_float4(__uint_as_float(w.x), __uint_as_float(w.y),
+                                                  __uint_as_float(w.z), __uint_as_float(w.w));
+}
+__device__ __forceinline__ void widen16(const bf16*, uint4 w, float* dst) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&w);
+    const float2 a = __bfloat1622float2(h[0]), b = __bfloat1622float2(h[1]);
+    const float2 c = __bfloat1622float2(h[2]), d = __bfloat1622float2(h[3]);
+    reinterpret_cast<float4*>(dst)[0] = make_float4(a.x, a.y, b.x, b.y);
+    reinterpret_cast<float4*>(dst)[1] = make_float4(c.x, c.y, d.x, d.y);
+}
 
 // ----------------------------------------------------------------------------
 // CUDA kernels
 
 // grid (row tiles, n_kv_heads, batch), block 32 * ATTN_WARPS threads.
-template <typename T, int D>
+// k and v must be 16-byte aligned (rows are: D * sizeof(T) is a multiple of 16).
+template <typename T, int D, typename Keys>
 __device__ void attention_varlen(T* __restrict__ out,         // (total_q, n_heads, D)
                                  const T* __restrict__ q,     // (total_q, n_heads, D)
-                                 const T* __restrict__ k,     // (total_k, n_kv_heads, D)
-                                 const T* __restrict__ v,     // (total_k, n_kv_heads, D)
+                                 const T* __restrict__ k,     // (rows, n_kv_heads, D), rows per `keys`
+                                 const T* __restrict__ v,     // (rows, n_kv_heads, D)
                                  const int* __restrict__ cu_q,  // (batch + 1,) query offsets
-                                 const int* __restrict__ cu_k,  // (batch + 1,) key offsets
-                                 int total_q, int total_k, int n_heads, int n_kv_heads, int causal,
-                                 float scale) {
+                                 Keys keys,                     // where each sequence's keys are
+                                 int total_q, int n_heads, int n_kv_heads, int causal, float scale) {
     static_assert(D % 32 == 0 || D % 32 == 16, "float4 rows and the K padding assume D = 16 mod 32 or 0 mod 32");
     constexpr int KS = D + 4;            // padded row of sK, in floats (16-byte aligned rows)
     constexpr int NV = (D + 31) / 32;    // output dims per lane
+    constexpr int VEC = 16 / sizeof(T);  // values per 16-byte word of a K/V row
+    static_assert(D % VEC == 0, "K/V rows are whole 16-byte words");
+    constexpr int NW = D / VEC;                          // 16-byte words per K/V row
+    constexpr int WPT = (NW + ATTN_TPK - 1) / ATTN_TPK;  // words of a row per staging thread
     __shared__ __align__(16) float sK[ATTN_KEYS * KS];  // (ATTN_KEYS, D) of this tile, padded
     __shared__ __align__(16) float sV[ATTN_KEYS * D];   // (ATTN_KEYS, D) of this tile
     __shared__ __align__(16) float sQ[ATTN_WARPS * D];  // (ATTN_WARPS, D): each warp's query, pre-scaled
@@ -67,8 +141,7 @@ __device__ void attention_varlen(T* __restrict__ out,         // (total_q, n_hea
     const int seq = blockIdx.z, kvh = blockIdx.y;
     const int group = n_heads / n_kv_heads;
     const int q0 = min(max(cu_q[seq], 0), total_q), q1 = min(max(cu_q[seq + 1], q0), total_q);
-    const int k0 = min(max(cu_k[seq], 0), total_k), k1 = min(max(cu_k[seq + 1], k0), total_k);
-    const int Lq = q1 - q0, Lk = k1 - k0;
+    const int Lq = q1 - q0, Lk = keys.bind(seq);
     const int64_t rows = (int64_t)Lq * group;
     const int64_t q_stride = (int64_t)n_heads * D;      // elements per token of q and out
     const int64_t kv_stride = (int64_t)n_kv_heads * D;  // elements per token of k and v
@@ -104,17 +177,31 @@ __device__ void attention_varlen(T* __restrict__ out,         // (total_q, n_hea
 
         for (int kt = 0; kt < n_block; kt += ATTN_KEYS) {
             const int nk = min(ATTN_KEYS, n_block - kt);  // keys in this tile
-            // Stage the tile; rows past nk are zeros so no thread reads unwritten memory.
-            for (int idx = threadIdx.x; idx < ATTN_KEYS * D; idx += blockDim.x) {
-                const int j = idx / D, d = idx % D;
-                float kx = 0.f, vx = 0.f;
-                if (j < nk) {
-                    const int64_t off = (int64_t)(k0 + kt + j) * kv_stride + (int64_t)kvh * D + d;
-                    kx = to_float(k[off]);
-                    vx = to_float(v[off]);
+            // Stage the tile, ATTN_TPK threads per key, all loads of a thread
+            // before its stores; rows past nk are zeros so no thread reads
+            // unwritten memory.
+            {
+                const int j = threadIdx.x / ATTN_TPK, part = threadIdx.x % ATTN_TPK;
+                const bool staged = j < nk;
+                const int64_t off = staged ? keys.row(kt + j) * kv_stride + (int64_t)kvh * D : 0;
+                const uint4* kw = reinterpret_cast<const uint4*>(k + off);
+                const uint4* vw = reinterpret_cast<const uint4*>(v + off);
+                uint4 kx[WPT], vx[WPT];
+#pragma unroll
+                for (int c = 0; c < WPT; ++c) {
+                    const int w = part + c * ATTN_TPK;
+                    const bool ok = staged && (NW % ATTN_TPK == 0 || w < NW);
+                    kx[c] = ok ? kw[w] : make_uint4(0u, 0u, 0u, 0u);
+                    vx[c] = ok ? vw[w] : make_uint4(0u, 0u, 0u, 0u);
                 }
-                sK[j * KS + d] = kx;
-                sV[j * D + d] = vx;
+#pragma unroll
+                for (int c = 0; c < WPT; ++c) {
+                    const int w = part + c * ATTN_TPK;
+                    if (NW % ATTN_TPK == 0 || w < NW) {
+                        widen16(k, kx[c], sK + j * KS + w * VEC);
+                        widen16(v, vx[c], sV + j * D + w * VEC);
+                    }
+                }
             }
             __syncthreads();
 
@@ -163,14 +250,23 @@ __device__ void attention_varlen(T* __restrict__ out,         // (total_q, n_hea
 }
 
 // ----------------------------------------------------------------------------
-// Unmangled entry points: attention_varlen_d{64,80,96,128}_{f32,bf16}
+// Unmangled entry points: {attention_varlen,paged_attention}_d{64,80,96,128}_{f32,bf16}
 
 #define ATTN_KERNEL(T, S, D)                                                                              \
     extern "C" __global__ void __launch_bounds__(32 * ATTN_WARPS) attention_varlen_d##D##_##S(            \
         T* out, const T* q, const T* k, const T* v, const int* cu_q, const int* cu_k, int total_q,        \
         int total_k, int n_heads, int n_kv_heads, int causal, float scale) {                              \
-        attention_varlen<T, D>(out, q, k, v, cu_q, cu_k, total_q, total_k, n_heads, n_kv_heads, causal,   \
-                               scale);                                                                    \
+        attention_varlen<T, D>(out, q, k, v, cu_q, PackedKeys{cu_k, total_k, 0}, total_q, n_heads,       \
+                               n_kv_heads, causal, scale);                                                \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(32 * ATTN_WARPS) paged_attention_d##D##_##S(             \
+        T* out, const T* q, const T* k_cache, const T* v_cache, const int* cu_q, const int* seq_lens_k,  \
+        const int* block_tables, int total_q, int num_blocks, int block_size, int max_blocks,            \
+        int n_heads, int n_kv_heads, float scale) {                                                       \
+        attention_varlen<T, D>(out, q, k_cache, v_cache, cu_q,                                            \
+                               PagedKeys{block_tables, seq_lens_k, max_blocks, block_size, num_blocks,    \
+                                         nullptr},                                                        \
+                               total_q, n_heads, n_kv_heads, 1, scale);                                   \
     }
 #define ATTN_KERNELS(T, S) ATTN_KERNEL(T, S, 64) ATTN_KERNEL(T, S, 80) ATTN_KERNEL(T, S, 96) ATTN_KERNEL(T, S, 128)
 FOR_FLOAT_TYPES(ATTN_KERNELS)

@@ -4,7 +4,14 @@
 //! Qwen2-VL vision blocks (`VisionAttention` over `cu_seqlens`, non-causal,
 //! modeling_qwen2_vl.py) and the language model (`Qwen2VLAttention`, causal,
 //! grouped-query) for prefill, chunked prefill and decode alike.
-//! Kernels: csrc/attention.cu (its header says how they work).
+//!
+//! `paged_attention` is the same op over a paged KV cache (vLLM's
+//! `FlashAttentionImpl` calling `flash_attn_varlen_func` with a
+//! `block_table`): keys and values come from the cache that
+//! `kv_cache::kv_cache_write` fills, through each sequence's block table.
+//! Its CPU reference and unit tests live in `paged_attention.rs`.
+//! Kernels: csrc/attention.cu (its header says how they work); both ops run
+//! one device function there, so they give bit-identical results on the same keys.
 
 use rayon::prelude::*;
 
@@ -86,6 +93,83 @@ fn check_offsets(op: &'static str, name: &str, cu: &[i32], total: usize) -> Resu
     Ok(())
 }
 
+/// Host query offsets: valid prefix sums over `total_q` rows, no sequence longer than `max_seqlen_q`.
+pub(super) fn check_queries(op: &'static str, cq: &[i32], total_q: usize, max_seqlen_q: usize) -> Result<()> {
+    check_offsets(op, "cu_seqlens_q", cq, total_q)?;
+    for (b, w) in cq.windows(2).enumerate() {
+        let lq = (w[1] - w[0]) as usize;
+        ensure_shape!(lq <= max_seqlen_q, op, "sequence {b} has {lq} queries > max_seqlen_q {max_seqlen_q}");
+    }
+    Ok(())
+}
+
+/// The CPU reference for one query token: o (n_heads · d) = softmax over keys
+/// j < n of scale · q · k_j, times v_j, for every head, where key j is row
+/// `key_row(j)` of k and v (rows of n_kv_heads · d). Both ops call it, so the
+/// paged and the packed layout give bit-identical results on the same keys.
+#[allow(clippy::too_many_arguments)] // the head layout and the key rows, kept apart for the two callers
+pub(super) fn attend_token(
+    o: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    n: usize,
+    key_row: impl Fn(usize) -> usize,
+    (n_heads, n_kv_heads, d): (usize, usize, usize),
+    scale: f32,
+) {
+    let (kv_row, group) = (n_kv_heads * d, n_heads / n_kv_heads);
+    let mut s = vec![0f32; n];
+    for h in 0..n_heads {
+        let kvh = h / group;
+        let qh = &q[h * d..][..d];
+        for (j, s) in s.iter_mut().enumerate() {
+            let kj = &k[key_row(j) * kv_row + kvh * d..][..d];
+            *s = scale * qh.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>();
+        }
+        let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        let mut sum = 0f32;
+        for s in s.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        let oh = &mut o[h * d..][..d];
+        oh.fill(0.0);
+        for (j, &p) in s.iter().enumerate() {
+            let vj = &v[key_row(j) * kv_row + kvh * d..][..d];
+            for (o, &x) in oh.iter_mut().zip(vj) {
+                *o += p * x;
+            }
+        }
+        if n > 0 {
+            oh.iter_mut().for_each(|o| *o /= sum);
+        }
+    }
+}
+
+/// The launch grid of both kernels, (row tiles, n_kv_heads, batch), after the
+/// checks only the GPU needs: grid limits and 16-byte aligned K/V (the kernel
+/// stages them in 16-byte words; every pool allocation is aligned).
+fn launch_grid(
+    op: &'static str,
+    dims: (usize, usize, usize, usize),
+    max_seqlen_q: usize,
+    kv: [&Tensor; 2],
+) -> Result<(u32, u32, u32)> {
+    let (total_q, n_heads, n_kv_heads, batch) = dims;
+    ensure_shape!(
+        batch <= 65535 && n_kv_heads <= 65535,
+        op,
+        "{batch} sequences or {n_kv_heads} kv heads exceed the launch grid (65535)"
+    );
+    ensure_shape!(kv.iter().all(|t| ptr(t).is_multiple_of(16)), op, "k and v must be 16-byte aligned on the GPU");
+    // Rows are (query, head of the group) pairs, WARPS per block; the
+    // kernel grid-strides over them, so clamping the grid loses nothing.
+    let rows = max_seqlen_q.min(total_q) * (n_heads / n_kv_heads);
+    let grid_x = rows.div_ceil(WARPS).clamp(1, i32::MAX as usize) as u32;
+    Ok((grid_x, n_kv_heads as u32, batch as u32))
+}
+
 /// Packed varlen attention. q, out: (total_q, n_heads, head_dim); k, v:
 /// (total_k, n_kv_heads, head_dim); cu_seqlens_q, cu_seqlens_k: i32 (batch + 1,)
 /// prefix sums, sequence b owning query rows cu_seqlens_q[b]..cu_seqlens_q[b+1]
@@ -122,50 +206,21 @@ pub fn attention(
     match placement(OP, &[out, q, k, v, cu_seqlens_q, cu_seqlens_k])? {
         On::Cpu => {
             let (cq, ck) = (i32s(OP, cu_seqlens_q)?, i32s(OP, cu_seqlens_k)?);
-            check_offsets(OP, "cu_seqlens_q", cq, total_q)?;
+            check_queries(OP, cq, total_q, max_seqlen_q)?;
             check_offsets(OP, "cu_seqlens_k", ck, total_k)?;
-            for (b, w) in cq.windows(2).enumerate() {
-                let lq = (w[1] - w[0]) as usize;
-                ensure_shape!(lq <= max_seqlen_q, OP, "sequence {b} has {lq} queries > max_seqlen_q {max_seqlen_q}");
-            }
             let (q, k, v) = (f32s(OP, q)?, f32s(OP, k)?, f32s(OP, v)?);
             let out = f32s_mut(OP, out)?;
-            let (q_row, kv_row, group) = (n_heads * d, n_kv_heads * d, n_heads / n_kv_heads);
+            let q_row = n_heads * d;
             for b in 0..batch {
                 let (q0, q1) = (cq[b] as usize, cq[b + 1] as usize);
                 let (k0, k1) = (ck[b] as usize, ck[b + 1] as usize);
                 let (lq, lk) = (q1 - q0, k1 - k0);
-                let (keys, vals) = (&k[k0 * kv_row..k1 * kv_row], &v[k0 * kv_row..k1 * kv_row]);
                 // One query token (all its heads) per task.
                 out[q0 * q_row..q1 * q_row].par_chunks_mut(q_row).enumerate().for_each(|(i, o)| {
                     // Keys 0..n of the sequence are visible: j ≤ i + lk − lq.
                     let n = if causal { (i + lk + 1).saturating_sub(lq).min(lk) } else { lk };
-                    let mut s = vec![0f32; n];
-                    for h in 0..n_heads {
-                        let kvh = h / group;
-                        let qh = &q[(q0 + i) * q_row + h * d..][..d];
-                        for (j, s) in s.iter_mut().enumerate() {
-                            let kj = &keys[j * kv_row + kvh * d..][..d];
-                            *s = scale * qh.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>();
-                        }
-                        let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                        let mut sum = 0f32;
-                        for s in s.iter_mut() {
-                            *s = (*s - max).exp();
-                            sum += *s;
-                        }
-                        let oh = &mut o[h * d..][..d];
-                        oh.fill(0.0);
-                        for (j, &p) in s.iter().enumerate() {
-                            let vj = &vals[j * kv_row + kvh * d..][..d];
-                            for (o, &x) in oh.iter_mut().zip(vj) {
-                                *o += p * x;
-                            }
-                        }
-                        if n > 0 {
-                            oh.iter_mut().for_each(|o| *o /= sum);
-                        }
-                    }
+                    let qi = &q[(q0 + i) * q_row..][..q_row];
+                    attend_token(o, qi, k, v, n, |j| k0 + j, (n_heads, n_kv_heads, d), scale);
                 });
             }
             Ok(())
@@ -175,16 +230,7 @@ pub fn attention(
             if batch == 0 || total_q == 0 {
                 return Ok(());
             }
-            ensure_shape!(
-                batch <= 65535 && n_kv_heads <= 65535,
-                OP,
-                "{batch} sequences or {n_kv_heads} kv heads exceed the launch grid (65535)"
-            );
-            // Rows are (query, head of the group) pairs, WARPS per block; the
-            // kernel grid-strides over them, so clamping the grid loses nothing.
-            let rows = max_seqlen_q.min(total_q) * (n_heads / n_kv_heads);
-            let grid_x = rows.div_ceil(WARPS).clamp(1, i32::MAX as usize) as u32;
-            let grid = (grid_x, n_kv_heads as u32, batch as u32);
+            let grid = launch_grid(OP, (total_q, n_heads, n_kv_heads, batch), max_seqlen_q, [k, v])?;
             let args = [
                 Arg::Ptr(ptr(out)),
                 Arg::Ptr(ptr(q)),
@@ -200,6 +246,142 @@ pub fn attention(
                 Arg::F32(scale),
             ];
             let name = kernel(&format!("attention_varlen_d{d}"), dt);
+            gpu.launch(&name, grid, ((WARPS * 32) as u32, 1, 1), 0, &args)
+        }
+    }
+}
+
+/// Shapes of a paged call, checked on every device.
+pub(super) struct PagedDims {
+    pub total_q: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub batch: usize,
+    pub max_blocks: usize,
+}
+
+#[allow(clippy::too_many_arguments)] // paged_attention's arguments, checked together
+fn check_paged(
+    op: &'static str,
+    out: &Tensor,
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    cu_q: &Tensor,
+    seq_lens_k: &Tensor,
+    block_tables: &Tensor,
+) -> Result<PagedDims> {
+    let cs = k_cache.shape();
+    ensure_shape!(q.shape().len() == 3, op, "q {:?}, expected (total_q, n_heads, head_dim)", q.shape());
+    ensure_shape!(out.shape() == q.shape(), op, "out {:?} != q {:?}", out.shape(), q.shape());
+    ensure_shape!(cs.len() == 4, op, "k_cache {cs:?}, expected (num_blocks, block_size, n_kv_heads, head_dim)");
+    ensure_shape!(v_cache.shape() == cs, op, "v_cache {:?} != k_cache {cs:?}", v_cache.shape());
+    let (total_q, n_heads, head_dim) = (q.shape()[0], q.shape()[1], q.shape()[2]);
+    let (num_blocks, block_size, n_kv_heads) = (cs[0], cs[1], cs[2]);
+    ensure_shape!(cs[3] == head_dim, op, "head dim of k_cache {cs:?} != q {:?}", q.shape());
+    ensure_shape!(HEAD_DIMS.contains(&head_dim), op, "head dim {head_dim} not supported (supported: {HEAD_DIMS:?})");
+    ensure_shape!(
+        n_kv_heads > 0 && n_heads % n_kv_heads == 0,
+        op,
+        "{n_heads} query heads are not a multiple of {n_kv_heads} kv heads"
+    );
+    ensure_shape!(num_blocks > 0 && block_size > 0, op, "k_cache {cs:?} has no slots");
+    for t in [cu_q, seq_lens_k, block_tables] {
+        expect_dtype(op, t, DType::I32)?;
+    }
+    ensure_shape!(
+        cu_q.shape().len() == 1 && cu_q.shape()[0] >= 1,
+        op,
+        "cu_seqlens_q {:?}, expected (batch + 1,)",
+        cu_q.shape()
+    );
+    let batch = cu_q.shape()[0] - 1;
+    ensure_shape!(seq_lens_k.shape() == [batch], op, "seq_lens_k {:?}, expected [{batch}]", seq_lens_k.shape());
+    let bt = block_tables.shape();
+    ensure_shape!(bt.len() == 2 && bt[0] == batch, op, "block_tables {bt:?}, expected ({batch}, max_blocks_per_seq)");
+    let max_blocks = bt[1];
+    ensure_shape!(
+        [total_q, n_heads, num_blocks, block_size, max_blocks].iter().all(|&x| x <= i32::MAX as usize),
+        op,
+        "too large: {total_q} queries, {n_heads} heads, k_cache {cs:?}, block_tables {bt:?}"
+    );
+    Ok(PagedDims { total_q, n_heads, n_kv_heads, head_dim, num_blocks, block_size, batch, max_blocks })
+}
+
+/// Causal (bottom-right) attention of packed queries over a paged KV cache.
+///
+/// q, out: (total_q, n_heads, head_dim), packed as in [`attention`];
+/// k_cache, v_cache: (num_blocks, block_size, n_kv_heads, head_dim), as
+/// `kv_cache::kv_cache_write` fills them; cu_seqlens_q: i32 (batch + 1,);
+/// seq_lens_k: i32 (batch,), the keys of sequence b already in the cache,
+/// its new tokens' included; block_tables: i32 (batch, max_blocks_per_seq):
+/// key j of sequence b is cache row block_tables[b, j / block_size] ·
+/// block_size + j % block_size. Entries past a sequence's last block are not read.
+///
+/// Query i of a sequence with Lq queries and Lk keys sees key j iff
+/// j ≤ i + Lk − Lq (flash-attn's bottom-right alignment), so one call serves
+/// full prefills (Lq = Lk), prefills after cached tokens (Lq < Lk) and decode
+/// steps (Lq = 1) in one batch. Grouped-query heads and the result otherwise
+/// as [`attention`]: a query that sees no key gets zeros; rows outside every
+/// sequence are not written. Each row is computed the same way whatever else
+/// is in the batch, so a sequence's output does not depend on the batch (bit
+/// for bit, on both devices), and it equals [`attention`]'s on the same keys.
+///
+/// The CPU path checks the offsets, `max_seqlen_q`, seq_lens_k[b] ≤
+/// max_blocks_per_seq · block_size and the block ids a sequence uses. On the
+/// GPU these are device data the launcher cannot read: the kernel clamps
+/// offsets, lengths and block ids to the tensors, so bad ones give wrong keys,
+/// never an access outside them. Any block size; head dims 64, 80, 96, 128;
+/// bf16 or f32 on the GPU, f32 on the CPU.
+#[allow(clippy::too_many_arguments)] // flash-attn's varlen argument list with a block table, kept whole
+pub fn paged_attention(
+    out: &mut Tensor,
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    cu_seqlens_q: &Tensor,
+    seq_lens_k: &Tensor,
+    block_tables: &Tensor,
+    max_seqlen_q: usize,
+    scale: f32,
+) -> Result<()> {
+    const OP: &str = "paged_attention";
+    let dims = check_paged(OP, out, q, k_cache, v_cache, cu_seqlens_q, seq_lens_k, block_tables)?;
+    match placement(OP, &[out, q, k_cache, v_cache, cu_seqlens_q, seq_lens_k, block_tables])? {
+        On::Cpu => {
+            let (cq, lens, tables) = (i32s(OP, cu_seqlens_q)?, i32s(OP, seq_lens_k)?, i32s(OP, block_tables)?);
+            let (q, kc, vc) = (f32s(OP, q)?, f32s(OP, k_cache)?, f32s(OP, v_cache)?);
+            let out = f32s_mut(OP, out)?;
+            super::paged_attention::cpu(OP, &dims, out, q, kc, vc, cq, lens, tables, max_seqlen_q, scale)
+        }
+        On::Cuda(gpu) => {
+            let dt = float_dtype(OP, &[out, q, k_cache, v_cache])?;
+            let PagedDims { total_q, n_heads, n_kv_heads, head_dim: d, num_blocks, block_size, batch, max_blocks } =
+                dims;
+            if batch == 0 || total_q == 0 {
+                return Ok(());
+            }
+            let grid = launch_grid(OP, (total_q, n_heads, n_kv_heads, batch), max_seqlen_q, [k_cache, v_cache])?;
+            let args = [
+                Arg::Ptr(ptr(out)),
+                Arg::Ptr(ptr(q)),
+                Arg::Ptr(ptr(k_cache)),
+                Arg::Ptr(ptr(v_cache)),
+                Arg::Ptr(ptr(cu_seqlens_q)),
+                Arg::Ptr(ptr(seq_lens_k)),
+                Arg::Ptr(ptr(block_tables)),
+                Arg::I32(total_q as i32),
+                Arg::I32(num_blocks as i32),
+                Arg::I32(block_size as i32),
+                Arg::I32(max_blocks as i32),
+                Arg::I32(n_heads as i32),
+                Arg::I32(n_kv_heads as i32),
+                Arg::F32(scale),
+            ];
+            let name = kernel(&format!("paged_attention_d{d}"), dt);
             gpu.launch(&name, grid, ((WARPS * 32) as u32, 1, 1), 0, &args)
         }
     }

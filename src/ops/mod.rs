@@ -16,6 +16,7 @@ pub mod embedding;
 pub mod gemm;
 pub mod kv_cache;
 pub mod norm;
+mod paged_attention;
 pub mod rope;
 pub mod softmax;
 
