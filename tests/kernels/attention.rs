@@ -20,18 +20,18 @@ use kestrel::{DType, Device, Tensor};
 use crate::harness::*;
 
 /// One packed batch: heads over kv heads, head dim, (Lq, Lk) per sequence.
-struct Spec {
-    heads: usize,
-    kv_heads: usize,
-    d: usize,
-    seqs: Vec<(usize, usize)>,
-    causal: bool,
+pub(crate) struct Spec {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub d: usize,
+    pub seqs: Vec<(usize, usize)>,
+    pub causal: bool,
     /// Multiplies q: larger scores make the softmax peaked, so the running
     /// max of an online softmax moves between key tiles.
-    q_scale: f32,
+    pub q_scale: f32,
     /// The f64 formulation covers query rows i % sample == 0 and the last of
     /// each sequence (1: every row).
-    sample: usize,
+    pub sample: usize,
 }
 
 impl Spec {
@@ -56,7 +56,7 @@ impl Spec {
 /// Mask: query i of Lq sees key j of Lk iff j − i ≤ Lk − Lq (causal) or always.
 /// Returns it with the query rows it covers (`Spec::sample`). Plain indexed
 /// loops: `cargo test` builds this unoptimised.
-fn attention64(sp: &Spec, q: &[f64], k: &[f64], v: &[f64], scale: f64) -> (Vec<f64>, Vec<bool>) {
+pub(crate) fn attention64(sp: &Spec, q: &[f64], k: &[f64], v: &[f64], scale: f64) -> (Vec<f64>, Vec<bool>) {
     let (h, hk, d) = (sp.heads, sp.kv_heads, sp.d);
     let total_q: usize = sp.seqs.iter().map(|s| s.0).sum();
     let mut out = vec![0.0; total_q * h * d];
@@ -113,13 +113,13 @@ fn attention64(sp: &Spec, q: &[f64], k: &[f64], v: &[f64], scale: f64) -> (Vec<f
 }
 
 /// The rows of `x` (each `row` long) that `kept` marks.
-fn pick<T: Copy>(x: &[T], kept: &[bool], row: usize) -> Vec<T> {
+pub(crate) fn pick<T: Copy>(x: &[T], kept: &[bool], row: usize) -> Vec<T> {
     x.chunks(row).zip(kept).filter(|(_, &k)| k).flat_map(|(r, _)| r.iter().copied()).collect()
 }
 
 /// Naive bf16 attention: S = scale · QKᵀ and softmax in f32, P rounded to bf16
 /// (as a tensor-core P·V takes it), O = P·V accumulated in f32, rounded to bf16.
-fn attention_bf16(sp: &Spec, q: &[f32], k: &[f32], v: &[f32], scale: f32) -> Vec<f64> {
+pub(crate) fn attention_bf16(sp: &Spec, q: &[f32], k: &[f32], v: &[f32], scale: f32) -> Vec<f64> {
     let (h, hk, d) = (sp.heads, sp.kv_heads, sp.d);
     let total_q: usize = sp.seqs.iter().map(|s| s.0).sum();
     let mut out = vec![0.0; total_q * h * d];

@@ -16,6 +16,7 @@ mod copy;
 mod embedding;
 mod gemm;
 mod norm;
+mod paged;
 mod rope;
 mod softmax;
 
@@ -34,6 +35,7 @@ fn all_cases() -> Vec<Case> {
     v.extend(softmax::cases());
     v.extend(argmax::cases());
     v.extend(attention::cases());
+    v.extend(paged::cases());
     v.extend(copy::cases());
     v
 }

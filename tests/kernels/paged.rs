@@ -1,0 +1,318 @@
+//! The paged KV cache: `kv_cache_write` (a scatter, compared bit for bit) and
+//! `paged_attention`.
+//!
+//! paged_attention's f64 formulation gathers each sequence's keys out of the
+//! cache through its block table (written here, independently of src/ops)
+//! into the packed layout and runs attention.rs's dense causal f64 attention;
+//! the bf16 baseline is attention.rs's naive bf16 attention on the same
+//! gathered keys. Block tables are shuffled (a random permutation of the
+//! cache's blocks, spare blocks included), every slot of the cache holds random
+//! data, and table entries past a sequence's last block are out of range, so
+//! a wrong address reads wrong keys or faults. GPU outputs start as NaN.
+//! Exact checks besides the tolerance ones, on each device: the paged op
+//! against packed `attention` on the gathered keys (one device function, one
+//! CPU routine: bit for bit) and the last sequence alone against its rows in
+//! the batch (its output must not depend on the batch); on the GPU also a
+//! one-query grid (grid stride).
+
+use kestrel::ops::{attention, kv_cache};
+use kestrel::{DType, Device, Tensor};
+
+use crate::attention::{attention64, attention_bf16, pick, Spec};
+use crate::harness::*;
+
+/// A random permutation of 0..n (Fisher–Yates).
+fn shuffled(n: usize, rng: &mut Rng) -> Vec<usize> {
+    let mut p: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        p.swap(i, rng.below(i + 1));
+    }
+    p
+}
+
+// ----------------------------------------------------------------------------
+// kv_cache_write
+
+/// The scatter in f64, written independently of src/ops/kv_cache.rs: rows of
+/// `cache` with token i's row at slot_mapping[i] for slots in [0, slots).
+fn scatter64(cache: &[f32], src: &[f32], slot_mapping: &[i32], row: usize) -> Vec<f64> {
+    let mut out = widen(cache);
+    for (i, &s) in slot_mapping.iter().enumerate() {
+        if s >= 0 && (s as usize + 1) * row <= cache.len() {
+            for c in 0..row {
+                out[s as usize * row + c] = src[i * row + c] as f64;
+            }
+        }
+    }
+    out
+}
+
+/// kv_cache_write of `n` tokens into a (blocks, bs, hk, d) cache.
+fn write_case(n: usize, blocks: usize, bs: usize, hk: usize, d: usize) -> Case {
+    Case::new(format!("kv_cache_write {n} into {blocks}x{bs}x{hk}x{d}"), move |gpu, rng| {
+        let mut rows = Vec::new();
+        let (slots, row) = (blocks * bs, hk * d);
+        let (cs, ks) = ([blocks, bs, hk, d], [n, hk, d]);
+        let label = format!("{n} tok, cache {blocks}x{bs}, {hk}x{d}");
+        let got = |t: &Tensor| widen(&t.to_f32_vec().unwrap());
+        for dt in FLOAT_DTYPES {
+            // The cache starts random, not poisoned: untouched rows must keep
+            // their values, and a missed write leaves a stale value behind.
+            let (kc0, vc0) =
+                (round_to(&rng.normals(slots * row, 1.0), dt), round_to(&rng.normals(slots * row, 1.0), dt));
+            let (kd, vd) = (round_to(&rng.normals(n * row, 1.0), dt), round_to(&rng.normals(n * row, 1.0), dt));
+            // Distinct random slots; every 4th token is padding (-1 or another negative).
+            let mut map: Vec<i32> = shuffled(slots, rng)[..n].iter().map(|&s| s as i32).collect();
+            for (i, s) in map.iter_mut().enumerate().filter(|(i, _)| i % 4 == 1) {
+                *s = if i % 8 == 1 { -1 } else { i32::MIN + i as i32 };
+            }
+            // The same with two slots past the cache.
+            let mut bad = map.clone();
+            (bad[0], bad[n - 1]) = (i32::MAX, slots as i32);
+            let want = |m: &[i32]| [scatter64(&kc0, &kd, m, row), scatter64(&vc0, &vd, m, row)].concat();
+
+            let host = |shape: &[usize], x: &[f32]| Tensor::from_f32(&Device::Cpu, shape, x, dt).unwrap();
+            let (kt, vt) = (host(&ks, &kd), host(&ks, &vd));
+            let (mut kc, mut vc) = (host(&cs, &kc0), host(&cs, &vc0));
+            let mt = Tensor::from_i32(&Device::Cpu, &[n], &map).unwrap();
+            kv_cache::kv_cache_write(&mut kc, &mut vc, &kt, &vt, &mt).unwrap();
+            rows.push(check_exact("cpu", "kv_cache_write", &label, dt, &[got(&kc), got(&vc)].concat(), &want(&map)));
+            // On the CPU a slot past the cache is an error, and nothing is written.
+            let (mut kc, mut vc) = (host(&cs, &kc0), host(&cs, &vc0));
+            let bt = Tensor::from_i32(&Device::Cpu, &[n], &bad).unwrap();
+            let e = kv_cache::kv_cache_write(&mut kc, &mut vc, &kt, &vt, &bt).unwrap_err().to_string();
+            assert!(e.contains("past the cache"), "{e}");
+            let before = widen(&[kc0.clone(), vc0.clone()].concat());
+            rows.push(check_exact("cpu", "kv_cache.bad_slot", &label, dt, &[got(&kc), got(&vc)].concat(), &before));
+
+            let Some(g) = gpu else { continue };
+            let dev = |shape: &[usize], x: &[f32]| Tensor::from_f32(g, shape, x, dt).unwrap();
+            let (kg, vg) = (dev(&ks, &kd), dev(&ks, &vd));
+            // On the GPU slots past the cache are skipped (scatter64 skips them too).
+            for (name, m) in [("kv_cache_write", &map), ("kv_cache.bad_slot", &bad)] {
+                let (mut kc, mut vc) = (dev(&cs, &kc0), dev(&cs, &vc0));
+                kv_cache::kv_cache_write(&mut kc, &mut vc, &kg, &vg, &Tensor::from_i32(g, &[n], m).unwrap()).unwrap();
+                rows.push(check_exact("gpu", name, &label, dt, &[got(&kc), got(&vc)].concat(), &want(m)));
+            }
+        }
+        rows
+    })
+}
+
+// ----------------------------------------------------------------------------
+// paged_attention
+
+/// One batch over a paged cache: heads over kv heads, head dim, block size,
+/// (Lq, Lk) per sequence; `q_scale` as in attention.rs's `Spec`.
+struct Paged {
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+    block_size: usize,
+    seqs: Vec<(usize, usize)>,
+    q_scale: f32,
+}
+
+impl Paged {
+    fn label(&self) -> String {
+        let (h, hk, d, bs) = (self.heads, self.kv_heads, self.d, self.block_size);
+        let max_k = self.seqs.iter().map(|s| s.1).max().unwrap_or(0);
+        let lens = if self.seqs.len() > 6 && self.seqs.iter().all(|s| s.0 == 1) {
+            format!("{} decodes <={max_k}", self.seqs.len())
+        } else {
+            let l: Vec<String> = self
+                .seqs
+                .iter()
+                .map(|&(lq, lk)| if lq == lk { lq.to_string() } else { format!("{lq}/{lk}") })
+                .collect();
+            format!("[{}]", l.join(","))
+        };
+        format!("{h}/{hk} d{d} b{bs} {lens}")
+    }
+}
+
+fn offsets(lens: impl Iterator<Item = usize>) -> Vec<i32> {
+    let mut cu = vec![0i32];
+    for l in lens {
+        cu.push(cu[cu.len() - 1] + l as i32);
+    }
+    cu
+}
+
+fn run(p: &Paged, gpu: Option<&Device>, rng: &mut Rng) -> Vec<Row> {
+    let (h, hk, d, bs) = (p.heads, p.kv_heads, p.d, p.block_size);
+    let (batch, row, hd) = (p.seqs.len(), hk * d, h * d);
+    let (cu_q, cu_k) = (offsets(p.seqs.iter().map(|s| s.0)), offsets(p.seqs.iter().map(|s| s.1)));
+    let (total_q, total_k) = (cu_q[batch] as usize, cu_k[batch] as usize);
+    let max_q = p.seqs.iter().map(|s| s.0).max().unwrap_or(0);
+    let max_k = p.seqs.iter().map(|s| s.1).max().unwrap_or(0);
+    let lens: Vec<i32> = p.seqs.iter().map(|s| s.1 as i32).collect();
+    let scale = 1.0 / (d as f32).sqrt();
+    let label = p.label();
+
+    // Block tables: the blocks each sequence needs, drawn from a random
+    // permutation of a cache with a third more blocks than needed; entries
+    // past a sequence's last block are out of range (never read).
+    let need: Vec<usize> = p.seqs.iter().map(|s| s.1.div_ceil(bs)).collect();
+    let used: usize = need.iter().sum();
+    let (num_blocks, max_blocks) = (used + used / 3 + 2, need.iter().max().unwrap_or(&0) + 2);
+    let mut perm = shuffled(num_blocks, rng).into_iter();
+    let mut tables = vec![0i32; batch * max_blocks];
+    for b in 0..batch {
+        for i in 0..max_blocks {
+            tables[b * max_blocks + i] = match i < need[b] {
+                true => perm.next().unwrap() as i32,
+                false if i.is_multiple_of(2) => -1,
+                false => i32::MAX,
+            };
+        }
+    }
+    // Random bf16 values in every slot; q and the gathered, packed keys.
+    let cs = [num_blocks, bs, hk, d];
+    let kc = round_to(&rng.normals(num_blocks * bs * row, 1.0), DType::BF16);
+    let vc = round_to(&rng.normals(num_blocks * bs * row, 1.0), DType::BF16);
+    let qd = round_to(&rng.normals(total_q * hd, p.q_scale), DType::BF16);
+    let (mut kd, mut vd) = (Vec::with_capacity(total_k * row), Vec::with_capacity(total_k * row));
+    for (b, &(_, lk)) in p.seqs.iter().enumerate() {
+        for j in 0..lk {
+            let r = tables[b * max_blocks + j / bs] as usize * bs + j % bs;
+            kd.extend_from_slice(&kc[r * row..(r + 1) * row]);
+            vd.extend_from_slice(&vc[r * row..(r + 1) * row]);
+        }
+    }
+    // The f64 formulation covers every row (sample 1).
+    let sp = Spec { heads: h, kv_heads: hk, d, seqs: p.seqs.clone(), causal: true, q_scale: p.q_scale, sample: 1 };
+
+    // The inputs on one device, and the two ops on them. `last` runs the last
+    // sequence alone, with its row of the block tables.
+    struct Inputs {
+        q: Tensor,
+        kc: Tensor,
+        vc: Tensor,
+        cu_q: Tensor,
+        lens: Tensor,
+        tables: Tensor,
+        k: Tensor,
+        v: Tensor,
+        cu_k: Tensor,
+    }
+    let inputs = |dev: &Device, dt: DType| {
+        let f = |shape: &[usize], x: &[f32]| Tensor::from_f32(dev, shape, x, dt).unwrap();
+        let i = |shape: &[usize], x: &[i32]| Tensor::from_i32(dev, shape, x).unwrap();
+        Inputs {
+            q: f(&[total_q, h, d], &qd),
+            kc: f(&cs, &kc),
+            vc: f(&cs, &vc),
+            cu_q: i(&[batch + 1], &cu_q),
+            lens: i(&[batch], &lens),
+            tables: i(&[batch, max_blocks], &tables),
+            k: f(&[total_k, hk, d], &kd),
+            v: f(&[total_k, hk, d], &vd),
+            cu_k: i(&[batch + 1], &cu_k),
+        }
+    };
+    let out = |dev: &Device, dt: DType, tq: usize| match dev {
+        Device::Cpu => Tensor::empty(dev, &[tq, h, d], dt).unwrap(),
+        _ => poisoned(dev, &[tq, h, d], dt),
+    };
+    let paged = |x: &Inputs, dev: &Device, dt: DType, max_seqlen_q: usize| {
+        let mut o = out(dev, dt, total_q);
+        attention::paged_attention(&mut o, &x.q, &x.kc, &x.vc, &x.cu_q, &x.lens, &x.tables, max_seqlen_q, scale)
+            .unwrap();
+        o.to_f32_vec().unwrap()
+    };
+    let packed = |x: &Inputs, dev: &Device, dt: DType| {
+        let mut o = out(dev, dt, total_q);
+        attention::attention(&mut o, &x.q, &x.k, &x.v, &x.cu_q, &x.cu_k, max_q, true, scale).unwrap();
+        o.to_f32_vec().unwrap()
+    };
+    let (q0, lq) = (cu_q[batch - 1] as usize, p.seqs[batch - 1].0);
+    let last = |dev: &Device, dt: DType| {
+        let f = |shape: &[usize], x: &[f32]| Tensor::from_f32(dev, shape, x, dt).unwrap();
+        let i = |shape: &[usize], x: &[i32]| Tensor::from_i32(dev, shape, x).unwrap();
+        let (q, cu, len) = (f(&[lq, h, d], &qd[q0 * hd..]), i(&[2], &[0, lq as i32]), i(&[1], &lens[batch - 1..]));
+        let table = i(&[1, max_blocks], &tables[(batch - 1) * max_blocks..]);
+        let (kc, vc) = (f(&cs, &kc), f(&cs, &vc));
+        let mut o = out(dev, dt, lq);
+        attention::paged_attention(&mut o, &q, &kc, &vc, &cu, &len, &table, lq, scale).unwrap();
+        widen(&o.to_f32_vec().unwrap())
+    };
+
+    let host = inputs(&Device::Cpu, DType::F32);
+    let cpu = paged(&host, &Device::Cpu, DType::F32, max_q);
+    let (r64, kept) = attention64(&sp, &widen(&qd), &widen(&kd), &widen(&vd), scale as f64);
+    let r64 = pick(&r64, &kept, hd);
+    let mut rows = vec![check_cpu("paged_attention", &label, &pick(&cpu, &kept, hd), &r64, max_k)];
+    let (cpu64, tail) = (widen(&cpu), q0 * hd..);
+    let packed_cpu = widen(&packed(&host, &Device::Cpu, DType::F32));
+    rows.push(check_exact("cpu", "paged.vs_packed", &label, DType::F32, &cpu64, &packed_cpu));
+    rows.push(check_exact(
+        "cpu",
+        "paged.alone",
+        &label,
+        DType::F32,
+        &last(&Device::Cpu, DType::F32),
+        &cpu64[tail.clone()],
+    ));
+
+    let Some(g) = gpu else { return rows };
+    for dt in FLOAT_DTYPES {
+        let x = inputs(g, dt);
+        let got = paged(&x, g, dt, max_q);
+        rows.push(match dt {
+            DType::F32 => {
+                check_gpu("paged_attention", &label, dt, &pick(&got, &kept, hd), &r64, &widen(&pick(&cpu, &kept, hd)))
+            }
+            _ => check_gpu("paged_attention", &label, dt, &got, &cpu64, &attention_bf16(&sp, &qd, &kd, &vd, scale)),
+        });
+        let got = widen(&got);
+        // A grid sized for one query: the blocks grid-stride over the other rows.
+        let small = widen(&paged(&x, g, dt, 1));
+        rows.push(check_exact("gpu", "paged.grid_stride", &label, dt, &small, &got));
+        // The packed kernel on the gathered keys runs the same device code.
+        rows.push(check_exact("gpu", "paged.vs_packed", &label, dt, &widen(&packed(&x, g, dt)), &got));
+        rows.push(check_exact("gpu", "paged.alone", &label, dt, &last(g, dt), &got[tail.clone()]));
+    }
+    rows
+}
+
+pub fn cases() -> Vec<Case> {
+    let mut v = vec![
+        write_case(37, 13, 16, 2, 128),
+        write_case(300, 40, 16, 2, 80),
+        write_case(5, 3, 5, 12, 64),
+        // Rows of 7 values: not whole 16-byte words, copied element by element.
+        write_case(9, 4, 3, 1, 7),
+    ];
+    let spec = |heads, kv_heads, d, block_size, seqs: &[(usize, usize)], q_scale| Paged {
+        heads,
+        kv_heads,
+        d,
+        block_size,
+        seqs: seqs.to_vec(),
+        q_scale,
+    };
+    // A decode over 300 keys, a full prefill of 37, a prefill of 5 after 124
+    // cached keys, a one-token prompt.
+    let mixed = [(1, 300), (37, 37), (5, 129), (1, 1)];
+    // 64 decode steps over 1..300 keys (Qwen2-VL-2B heads).
+    let decodes: Vec<(usize, usize)> = (0..64).map(|i| (1, 1 + (i * 97) % 300)).collect();
+    let specs = [
+        // Qwen2-VL-2B's heads (12/2 of 128) and the ViT's shape (16/16 of 80),
+        // the latter with a peaked softmax whose running max moves between tiles.
+        spec(12, 2, 128, 16, &mixed, 1.0),
+        spec(16, 16, 80, 32, &mixed, 3.0),
+        // Odd block sizes; queries that see no key (6 over 2: the first 4; 2 over 0).
+        spec(12, 2, 80, 5, &[(3, 41), (1, 7), (20, 20), (6, 2), (2, 0)], 1.0),
+        spec(16, 16, 128, 7, &[(9, 70), (1, 33)], 1.0),
+        // One key per block; groups of 7 (Qwen2-VL-7B's 28/4).
+        spec(28, 4, 96, 1, &[(4, 10), (1, 3)], 1.0),
+        spec(12, 2, 128, 16, &decodes, 1.0),
+    ];
+    v.extend(
+        specs
+            .into_iter()
+            .map(|p| Case::new(format!("paged_attention {}", p.label()), move |gpu, rng| run(&p, gpu, rng))),
+    );
+    v
+}
