@@ -6,7 +6,8 @@
 //! the chip, its median time over 50 runs (CUDA events, after warm-up), the
 //! bytes it must move (each input read once, each output written once) or
 //! the flops it must do, and the ratio to the matching ceiling. Inputs are
-//! larger than L2 (50 MB on an H100), so repeated runs measure DRAM.
+//! larger than L2 (50 MB on an H100), or calls cycle through inputs that
+//! together are, so repeated runs measure DRAM.
 //! Prints a table; without a GPU it says so and exits 0.
 
 use kestrel::cuda::Gpu;
@@ -128,6 +129,44 @@ fn run(gpu: &Arc<Gpu>) -> kestrel::Result<()> {
         let x = rand_tensor(&dev, &[r, v], 5.0, &mut seed);
         let mut o = Tensor::empty(&dev, &[r, v], DType::BF16)?;
         mem("softmax", format!("{r}x{v} bf16"), 2 * r * v * 2, &mut || softmax::softmax(&mut o, &x))?;
+    }
+
+    // Paged decode attention at the Qwen2-VL-2B shape (12 query heads over 2 kv
+    // heads of 128, blocks of 16 tokens): bytes of K and V read over the copy
+    // ceiling (q, out and the block tables are < 0.1% of them). The cache holds
+    // at least 256 MB of sequences on shuffled blocks and each call reads the
+    // next batch of them, so repeated calls read DRAM, not L2.
+    for (batch, ctx) in [(1usize, 512usize), (1, 4096), (64, 512), (64, 4096)] {
+        let (h, kvh, d, bs) = (12, 2, 128, 16);
+        let seq_bytes = 2 * ctx * kvh * d * 2; // K and V of one sequence, bf16
+        let calls = (256usize << 20).div_ceil(seq_bytes * batch); // distinct batches in the cache
+        let per_seq = ctx / bs;
+        let num_blocks = calls * batch * per_seq;
+        let kc = rand_tensor(&dev, &[num_blocks, bs, kvh, d], 1.0, &mut seed);
+        let vc = rand_tensor(&dev, &[num_blocks, bs, kvh, d], 1.0, &mut seed);
+        let mut ids: Vec<i32> = (0..num_blocks as i32).collect();
+        for i in (1..ids.len()).rev() {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ids.swap(i, (seed >> 33) as usize % (i + 1));
+        }
+        let tables = ids
+            .chunks(batch * per_seq)
+            .map(|t| Tensor::from_i32(&dev, &[batch, per_seq], t))
+            .collect::<kestrel::Result<Vec<_>>>()?;
+        let q = rand_tensor(&dev, &[batch, h, d], 1.0, &mut seed);
+        let cu = Tensor::from_i32(&dev, &[batch + 1], &(0..=batch as i32).collect::<Vec<_>>())?;
+        let lens = Tensor::from_i32(&dev, &[batch], &vec![ctx as i32; batch])?;
+        let mut o = Tensor::empty(&dev, &[batch, h, d], DType::BF16)?;
+        let (scale, mut call) = (1.0 / (d as f32).sqrt(), 0);
+        mem(
+            "paged_attention decode",
+            format!("b{batch} ctx{ctx} {h}/{kvh} d{d} b{bs}"),
+            batch * seq_bytes,
+            &mut || {
+                call += 1;
+                attention::paged_attention(&mut o, &q, &kc, &vc, &cu, &lens, &tables[call % calls], 1, scale)
+            },
+        )?;
     }
 
     // Attention: flops over the GEMM ceiling (the simple kernel; the fast one is a later issue).
