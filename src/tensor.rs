@@ -64,6 +64,23 @@ impl Device {
         Ok(Device::Cuda(Gpu::new(ordinal)?))
     }
     /// The dtype activations use on this backend: f32 on the CPU reference, bf16 on GPUs.
+    /// `cuda` (or `gpu`) must work; `auto` falls back to the CPU and says so
+    /// on stderr; `cpu` is the CPU reference backend.
+    pub fn choose(choice: &str) -> Result<Self> {
+        match choice {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" | "gpu" => Device::cuda(0),
+            "auto" => match Device::cuda(0) {
+                Ok(d) => Ok(d),
+                Err(e) => {
+                    eprintln!("kestrel: running on the CPU ({e})");
+                    Ok(Device::Cpu)
+                }
+            },
+            other => Err(crate::error::Error::InvalidInput(format!("--device {other}: expected cuda, cpu or auto"))),
+        }
+    }
+
     pub fn activation_dtype(&self) -> DType {
         match self {
             Device::Cpu => DType::F32,
@@ -109,6 +126,23 @@ impl Tensor {
             Device::Cpu if dtype == DType::I32 => Storage::I32(vec![i32::MIN; n]),
             Device::Cpu => Storage::F32(vec![f32::NAN; n]),
             Device::Cuda(gpu) => Storage::Cuda(gpu.alloc(n * dtype.size())?),
+        };
+        let dtype = if matches!(dev, Device::Cpu) && dtype.is_float() { DType::F32 } else { dtype };
+        Ok(Self { shape: shape.to_vec(), dtype, storage })
+    }
+
+    /// Zero-filled. On the CPU the pages come from the allocator zeroed and
+    /// untouched (a large KV cache costs nothing until it is used).
+    pub fn zeros(dev: &Device, shape: &[usize], dtype: DType) -> Result<Self> {
+        let n = numel(shape);
+        let storage = match dev {
+            Device::Cpu if dtype == DType::I32 => Storage::I32(vec![0; n]),
+            Device::Cpu => Storage::F32(vec![0.0; n]),
+            Device::Cuda(gpu) => {
+                let buf = gpu.alloc(n * dtype.size())?;
+                gpu.memset(&buf, 0)?;
+                Storage::Cuda(buf)
+            }
         };
         let dtype = if matches!(dev, Device::Cpu) && dtype.is_float() { DType::F32 } else { dtype };
         Ok(Self { shape: shape.to_vec(), dtype, storage })

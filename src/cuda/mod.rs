@@ -84,6 +84,12 @@ impl Gpu {
         &self.pool
     }
 
+    /// (free, total) bytes of device memory, as the driver reports them.
+    pub fn mem_info(&self) -> Result<(usize, usize)> {
+        self.bind()?;
+        Ok(drv::mem_get_info()?)
+    }
+
     fn bind(&self) -> Result<()> {
         Ok(self.ctx.bind_to_thread()?)
     }

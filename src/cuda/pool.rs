@@ -34,6 +34,7 @@ struct Inner {
     free: HashMap<usize, Vec<u64>>, // size class -> device pointers
     in_use: usize,                  // bytes handed out (by class)
     cached: usize,                  // bytes on the free lists
+    peak: usize,                    // most bytes in use since the last reset_peak
     driver_allocs: u64,
 }
 
@@ -51,6 +52,7 @@ impl DevicePool {
         if let Some(ptr) = g.free.get_mut(&class).and_then(|v| v.pop()) {
             g.cached -= class;
             g.in_use += class;
+            g.peak = g.peak.max(g.in_use);
             return Ok((ptr, class));
         }
         let ptr = match unsafe { drv::malloc_sync(class) } {
@@ -64,6 +66,7 @@ impl DevicePool {
         };
         g.driver_allocs += 1;
         g.in_use += class;
+        g.peak = g.peak.max(g.in_use);
         Ok((ptr, class))
     }
 
@@ -90,6 +93,17 @@ impl DevicePool {
 
     pub fn driver_allocs(&self) -> u64 {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).driver_allocs
+    }
+
+    /// Most bytes handed out at once since the last `reset_peak` (what a
+    /// profiling pass measures).
+    pub fn peak_bytes(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).peak
+    }
+
+    pub fn reset_peak(&self) {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.peak = g.in_use;
     }
 
     pub fn bytes_in_use(&self) -> usize {
