@@ -17,6 +17,22 @@ use crate::text::{chat_template::ChatTemplate, tokenizer::Tokenizer};
 pub enum Media {
     Image(RgbImage),
     Video(Vec<RgbImage>),
+    /// An image given as its vision-tower output (vLLM's `image_embeds`):
+    /// `values` holds (tokens, LM hidden) rows, where tokens = t·h·w / merge²
+    /// for the patch grid `grid` [t, h, w] that produced them.
+    ImageEmbeds {
+        values: Vec<f32>,
+        grid: [usize; 3],
+    },
+}
+
+/// An image whose features were given, not computed.
+#[derive(Clone)]
+pub struct ImageEmbeds {
+    /// Its place among all the prompt's images (0-based).
+    pub order: usize,
+    pub grid: [usize; 3],
+    pub values: Vec<f32>, // (tokens, hidden)
 }
 
 /// Pixel values of several items, concatenated, with each item's grid.
@@ -31,8 +47,21 @@ pub struct PreparedInput {
     pub input_ids: Vec<u32>,
     pub positions: Vec<i32>, // (3, n): temporal, height, width rows
     pub rope_delta: i64,
+    /// The images given as pixels; `image_embeds` the ones given as features.
     pub images: Pixels,
+    pub image_embeds: Vec<ImageEmbeds>,
     pub videos: Pixels,
+}
+
+impl PreparedInput {
+    /// Grids of every image, pixel or precomputed, in prompt order.
+    pub fn image_grids(&self) -> Vec<[usize; 3]> {
+        let mut grids = self.images.grids.clone();
+        for e in &self.image_embeds {
+            grids.insert(e.order.min(grids.len()), e.grid);
+        }
+        grids
+    }
 }
 
 /// Processors for the two media kinds (preprocessor_config.json, and the
@@ -98,6 +127,7 @@ pub fn prepare_prompt(
     let merge = cfg.vision_config.spatial_merge_size;
 
     let mut images = Pixels::default();
+    let mut image_embeds = Vec::new();
     let mut videos = Pixels::default();
     // Expand placeholders in order of appearance; each consumes the next item of its kind.
     let (mut img_items, mut vid_items) = (Vec::new(), Vec::new());
@@ -108,6 +138,23 @@ pub fn prepare_prompt(
                 images.values.extend(v);
                 images.grids.push(g);
                 img_items.push(g);
+            }
+            Media::ImageEmbeds { values, grid } => {
+                let tokens = processor::num_placeholder_tokens(*grid, merge);
+                if grid.contains(&0) || grid[1] % merge != 0 || grid[2] % merge != 0 {
+                    return Err(Error::InvalidInput(format!(
+                        "image_grid_thw {grid:?}: t, h and w must be positive, h and w multiples of {merge}"
+                    )));
+                }
+                let hidden = cfg.text_config.hidden_size;
+                if values.len() != tokens * hidden {
+                    return Err(Error::InvalidInput(format!(
+                        "image_embeds for grid {grid:?} must be ({tokens}, {hidden}), got {} values",
+                        values.len()
+                    )));
+                }
+                image_embeds.push(ImageEmbeds { order: img_items.len(), grid: *grid, values: values.clone() });
+                img_items.push(*grid);
             }
             Media::Video(frames) => {
                 let (v, g) = processor::preprocess_video(frames, &procs.video)?;
@@ -161,12 +208,12 @@ pub fn prepare_prompt(
     let input_ids = tok.encode_prompt(&expanded)?;
     let (positions, rope_delta) = mrope::rope_index(
         &input_ids,
-        &images.grids,
+        &img_items,
         &videos.grids,
         merge,
         cfg.image_token_id,
         cfg.video_token_id,
         cfg.vision_start_token_id,
     )?;
-    Ok(PreparedInput { prompt: expanded, input_ids, positions, rope_delta, images, videos })
+    Ok(PreparedInput { prompt: expanded, input_ids, positions, rope_delta, images, image_embeds, videos })
 }

@@ -10,7 +10,7 @@
 use crate::error::Result;
 use crate::model::layers::{concat_rows, Linear};
 use crate::model::weights::Weights;
-use crate::ops::{activation, attention, embedding, gemm, norm, rope};
+use crate::ops::{activation, attention, embedding, gemm, kv_cache, norm, rope};
 use crate::tensor::{DType, Device, Tensor};
 
 /// What the decoder needs from text_config.
@@ -47,23 +47,79 @@ pub struct TextModel {
     lm_head: Option<Tensor>, // (vocab, hidden); None when tied to the embedding
 }
 
-/// Per-sequence KV cache: one (capacity, kv_heads, head_dim) tensor per layer
-/// for keys and one for values; rows 0..len are filled.
-pub struct KvCache {
+/// The paged KV cache (vLLM's layout, one tensor per layer for keys and one
+/// for values): (num_blocks, block_size, kv_heads, head_dim). A sequence owns
+/// a list of blocks; its token j lives in row j % block_size of block
+/// blocks[j / block_size] (its "slot" is block · block_size + that row).
+pub struct PagedKv {
     k: Vec<Tensor>,
     v: Vec<Tensor>,
-    pub len: usize,
+    pub block_size: usize,
+    pub num_blocks: usize,
 }
 
-impl KvCache {
-    pub fn new(dev: &Device, dims: &TextDims, capacity: usize) -> Result<Self> {
-        let shape = [capacity, dims.kv_heads, dims.head_dim];
+impl PagedKv {
+    pub fn new(dev: &Device, dims: &TextDims, num_blocks: usize, block_size: usize) -> Result<Self> {
+        crate::ensure_shape!(block_size > 0, "kv cache", "block size must be positive");
+        let shape = [num_blocks, block_size, dims.kv_heads, dims.head_dim];
         let dt = dev.activation_dtype();
-        let mk = || (0..dims.layers).map(|_| Tensor::empty(dev, &shape, dt)).collect::<Result<Vec<_>>>();
-        Ok(Self { k: mk()?, v: mk()?, len: 0 })
+        let mk = || (0..dims.layers).map(|_| Tensor::zeros(dev, &shape, dt)).collect::<Result<Vec<_>>>();
+        Ok(Self { k: mk()?, v: mk()?, block_size, num_blocks })
     }
-    pub fn capacity(&self) -> usize {
-        self.k.first().map_or(0, |t| t.shape()[0])
+
+    /// Bytes one block takes over all layers, keys and values.
+    pub fn bytes_per_block(dims: &TextDims, dtype: DType, block_size: usize) -> usize {
+        2 * dims.layers * block_size * dims.kv_heads * dims.head_dim * dtype.size()
+    }
+}
+
+/// One sequence's share of a forward pass: `new` tokens that follow `past`
+/// tokens already in its blocks (which must cover past + new tokens).
+pub struct SeqChunk<'a> {
+    pub blocks: &'a [u32],
+    pub past: usize,
+    pub new: usize,
+}
+
+/// Where a forward pass writes keys and values and what each query attends
+/// to, on the model's device (vLLM's attention metadata).
+pub struct AttnBatch {
+    slot_mapping: Tensor, // i32 (tokens,)
+    cu_seqlens_q: Tensor, // i32 (seqs + 1,)
+    seq_lens_k: Tensor,   // i32 (seqs,)
+    block_tables: Tensor, // i32 (seqs, max blocks)
+    max_seqlen_q: usize,
+    tokens: usize,
+}
+
+impl AttnBatch {
+    pub fn new(dev: &Device, seqs: &[SeqChunk], block_size: usize) -> Result<Self> {
+        let width = seqs.iter().map(|s| s.blocks.len()).max().unwrap_or(0).max(1);
+        let (mut slots, mut cu, mut lens, mut table) = (Vec::new(), vec![0i32], Vec::new(), Vec::new());
+        for s in seqs {
+            let total = s.past + s.new;
+            crate::ensure_shape!(
+                total <= s.blocks.len() * block_size,
+                "attention batch",
+                "{total} tokens do not fit {} blocks of {block_size}",
+                s.blocks.len()
+            );
+            for j in s.past..total {
+                slots.push((s.blocks[j / block_size] as usize * block_size + j % block_size) as i32);
+            }
+            cu.push(cu[cu.len() - 1] + s.new as i32);
+            lens.push(total as i32);
+            table.extend(s.blocks.iter().map(|&b| b as i32));
+            table.extend(std::iter::repeat_n(0, width - s.blocks.len()));
+        }
+        Ok(Self {
+            slot_mapping: Tensor::from_i32(dev, &[slots.len()], &slots)?,
+            cu_seqlens_q: Tensor::from_i32(dev, &[cu.len()], &cu)?,
+            seq_lens_k: Tensor::from_i32(dev, &[lens.len()], &lens)?,
+            block_tables: Tensor::from_i32(dev, &[seqs.len(), width], &table)?,
+            max_seqlen_q: seqs.iter().map(|s| s.new).max().unwrap_or(0),
+            tokens: slots.len(),
+        })
     }
 }
 
@@ -116,30 +172,24 @@ impl TextModel {
         Ok(out)
     }
 
-    /// Runs the decoder over `x` (n, hidden) — new tokens that follow the
-    /// `cache.len` tokens already cached — at M-RoPE `positions` (3, n) i32,
-    /// appending their keys and values to `cache`. Returns the final-normed
+    /// Runs the decoder over `x` (n, hidden): the new tokens of the
+    /// sequences in `batch`, packed in its order, at M-RoPE `positions` (3, n)
+    /// i32. Writes their keys and values into `kv` and attends over each
+    /// sequence's cached tokens plus its new ones. Returns the final-normed
     /// hidden states (n, hidden). `observe` sees each layer's output.
     pub fn forward(
         &self,
         mut x: Tensor,
         positions: &Tensor,
-        cache: &mut KvCache,
+        kv: &mut PagedKv,
+        batch: &AttnBatch,
         observe: &mut dyn FnMut(&str, &Tensor),
     ) -> Result<Tensor> {
         let d = &self.dims;
         let dev = x.device();
         let dt = x.dtype();
         let n = x.shape()[0];
-        let past = cache.len;
-        crate::ensure_shape!(
-            past + n <= cache.capacity(),
-            "decoder",
-            "{past} cached + {n} new tokens exceed the cache of {}",
-            cache.capacity()
-        );
-        let cu_q = Tensor::from_i32(&dev, &[2], &[0, n as i32])?;
-        let cu_k = Tensor::from_i32(&dev, &[2], &[0, (past + n) as i32])?;
+        crate::ensure_shape!(n == batch.tokens, "decoder", "{n} rows for a batch of {} tokens", batch.tokens);
         let scale = 1.0 / (d.head_dim as f32).sqrt();
 
         let mut h = Tensor::empty(&dev, &[n, d.hidden], dt)?;
@@ -151,10 +201,19 @@ impl TextModel {
             let v = l.v.forward(&h)?.reshape(&[n, d.kv_heads, d.head_dim])?;
             rope::mrope(&mut q, positions, d.mrope_section, d.rope_theta)?;
             rope::mrope(&mut k, positions, d.mrope_section, d.rope_theta)?;
-            cache.k[i].copy_rows_from(past, &k, 0, n)?;
-            cache.v[i].copy_rows_from(past, &v, 0, n)?;
+            kv_cache::kv_cache_write(&mut kv.k[i], &mut kv.v[i], &k, &v, &batch.slot_mapping)?;
             let mut a = Tensor::empty(&dev, &[n, d.heads, d.head_dim], dt)?;
-            attention::attention(&mut a, &q, &cache.k[i], &cache.v[i], &cu_q, &cu_k, n, true, scale)?;
+            attention::paged_attention(
+                &mut a,
+                &q,
+                &kv.k[i],
+                &kv.v[i],
+                &batch.cu_seqlens_q,
+                &batch.seq_lens_k,
+                &batch.block_tables,
+                batch.max_seqlen_q,
+                scale,
+            )?;
             let o = l.o.forward(&a.reshape(&[n, d.heads * d.head_dim])?)?;
             norm::add_rms_norm(&mut h, &mut x, &o, &l.post_norm, d.eps)?;
             // MLP.
@@ -169,7 +228,6 @@ impl TextModel {
             norm::add_rms_norm(&mut h, &mut x, &m, next, d.eps)?;
             observe(&format!("decoder.layer.{i}"), &x);
         }
-        cache.len = past + n;
         observe("decoder.norm", &h);
         Ok(h)
     }
