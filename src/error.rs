@@ -43,6 +43,10 @@ pub enum Error {
     /// becomes a 400 on the server.
     #[error("{0}")]
     InvalidInput(String),
+    /// The engine cannot take or finish work (stopped, out of KV cache for a
+    /// request that can never fit, device failure mid-step).
+    #[error("engine: {0}")]
+    Engine(String),
 }
 
 /// `Err(Error::Shape)` unless `cond` holds; the message is built only on failure.

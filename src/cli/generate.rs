@@ -33,18 +33,7 @@ pub struct GenerateArgs {
 
 /// Picks the device: `cuda` must work, `auto` falls back to the CPU (and says so).
 pub fn device(choice: &str) -> Result<Device> {
-    match choice {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" | "gpu" => Device::cuda(0),
-        "auto" => match Device::cuda(0) {
-            Ok(d) => Ok(d),
-            Err(e) => {
-                eprintln!("kestrel: running on the CPU ({e})");
-                Ok(Device::Cpu)
-            }
-        },
-        other => Err(Error::InvalidInput(format!("--device {other}: expected cuda, cpu or auto"))),
-    }
+    Device::choose(choice)
 }
 
 /// The model folder to use: the one given, or the built-in model.

@@ -1,3 +1,23 @@
-//! The serving engine: requests, scheduling, sampling.
+//! The serving engine: one thread owns the device and runs continuous
+//! batching over a paged KV cache; callers submit prepared requests and read
+//! each one's events from a channel.
+//!
+//! - `request`   what goes in (settings) and what comes out (events, outputs)
+//! - `engine`    the engine thread, its handle and the shared `Frontend`
+//! - `core`      requests, sequences, stop checks; one `step` at a time
+//! - `scheduler` which sequences run each step (vLLM v1's policy)
+//! - `blocks`    the KV block pool
+//! - `runner`    packs a step into one forward pass; sizes the KV cache
+//! - `sampling`  the CPU sampler (OpenAI/vLLM semantics)
 
+pub mod blocks;
+pub mod core;
+#[allow(clippy::module_inception)] // engine::engine holds the Engine type, as vLLM's engine/ package does
+pub mod engine;
+pub mod request;
+pub mod runner;
 pub mod sampling;
+pub mod scheduler;
+
+pub use engine::{Engine, EngineConfig, EngineStats, Frontend};
+pub use request::{Event, FinishReason, Request, RequestId, RequestOutput, RequestParams};

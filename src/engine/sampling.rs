@@ -125,7 +125,7 @@ impl SamplingParams {
         self.temperature < GREEDY_EPS
     }
 
-    fn has_penalties(&self) -> bool {
+    pub fn has_penalties(&self) -> bool {
         self.presence_penalty != 0.0 || self.frequency_penalty != 0.0 || self.repetition_penalty != 1.0
     }
 

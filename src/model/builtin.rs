@@ -64,3 +64,8 @@ pub fn materialize() -> Result<PathBuf> {
     }
     Ok(dir)
 }
+
+/// Whether `dir` is a materialized built-in model folder (served as `NAME`).
+pub fn is_builtin(dir: &std::path::Path) -> bool {
+    dir.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&format!("{NAME}-")))
+}

@@ -1,0 +1,356 @@
+//! The engine thread and its handle. One thread owns the device: it loads the
+//! model, sizes the KV cache, and then loops — take new requests and aborts
+//! from a channel, run one step, send each request's events down its own
+//! channel. Callers (server workers, the offline API) never touch the
+//! device: they prepare inputs with the `Frontend` (tokenizer, chat template,
+//! image processor) and exchange plain data with the thread.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use super::core::{check_fits, CoreConfig, EngineCore};
+use super::request::{Collector, Event, Request, RequestId, RequestOutput};
+use super::runner::{CacheConfig, Runner};
+use super::scheduler::SchedulerConfig;
+use crate::error::{Error, Result};
+use crate::model::config::Qwen2VlConfig;
+use crate::model::qwen2_vl::inputs::{prepare_chat, Media, PreparedInput, Processors};
+use crate::model::qwen2_vl::Qwen2Vl;
+use crate::tensor::Device;
+use crate::text::{chat_template::ChatTemplate, tokenizer::Tokenizer};
+
+/// Engine settings, with vLLM's names and defaults where it has them.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Model folder (config.json, safetensors, tokenizer, processor configs).
+    pub model_dir: PathBuf,
+    /// Name the model is served under (default: the folder's name).
+    pub model_name: Option<String>,
+    /// cuda, cpu, or auto (cuda when a GPU is usable).
+    pub device: String,
+    /// Longest prompt + completion (default: the model's, capped by the KV cache).
+    pub max_model_len: Option<usize>,
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    pub block_size: usize,
+    pub gpu_memory_utilization: f32,
+    pub cpu_kv_cache_bytes: usize,
+    /// Chat template file or text instead of the model's own.
+    pub chat_template: Option<String>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            model_dir: PathBuf::new(),
+            model_name: None,
+            device: "auto".into(),
+            max_model_len: None,
+            max_num_seqs: 256,
+            max_num_batched_tokens: 8192,
+            block_size: 16,
+            gpu_memory_utilization: 0.9,
+            cpu_kv_cache_bytes: 4 << 30,
+            chat_template: None,
+        }
+    }
+}
+
+/// Everything a caller needs to turn a chat request into engine input,
+/// shared by all threads (read-only).
+pub struct Frontend {
+    pub model_name: String,
+    pub config: Qwen2VlConfig,
+    pub tokenizer: Arc<Tokenizer>,
+    pub template: ChatTemplate,
+    pub processors: Processors,
+    pub max_model_len: usize,
+    /// Spatial merge of the vision tower, and the LM's hidden size: what
+    /// precomputed image embeddings must match.
+    pub merge: usize,
+    pub hidden: usize,
+    /// KV cache: blocks and tokens per block.
+    pub num_blocks: usize,
+    pub block_size: usize,
+    /// Device the engine runs on ("cpu", or the GPU's name).
+    pub device: String,
+}
+
+impl Frontend {
+    /// Renders `messages` with the chat template and prepares it with `media`
+    /// (one entry per image or video part, in order).
+    pub fn prepare_chat(&self, messages: &serde_json::Value, media: &[Media]) -> Result<PreparedInput> {
+        prepare_chat(&self.config, &self.tokenizer, &self.template, &self.processors, messages, media)
+    }
+
+    /// A token's text for logprobs (its vocabulary string when it has one).
+    pub fn token_text(&self, id: u32) -> String {
+        self.tokenizer.decode(&[id], false).ok().or_else(|| self.tokenizer.id_token(id)).unwrap_or_default()
+    }
+
+    /// Room left for the completion after `prompt_tokens`.
+    pub fn room(&self, prompt_tokens: usize) -> usize {
+        self.max_model_len.saturating_sub(prompt_tokens)
+    }
+}
+
+/// Load and activity figures of the engine thread, refreshed every step.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EngineStats {
+    pub running: usize,
+    pub waiting: usize,
+    pub kv_usage: f64,
+    pub free_blocks: usize,
+    pub preemptions: u64,
+    pub steps: u64,
+    pub step_errors: u64,
+}
+
+enum Msg {
+    Add(RequestId, Box<Request>, Sender<Event>),
+    Abort(RequestId),
+}
+
+pub struct Engine {
+    tx: Option<Sender<Msg>>,
+    frontend: Arc<Frontend>,
+    next_id: AtomicU64,
+    stats: Arc<Mutex<EngineStats>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Loads the model and everything around it on this thread: the frontend
+/// for callers and the core that will own the device. `Engine::start` runs
+/// this on the engine thread; tests drive the core directly.
+pub fn load(cfg: &EngineConfig) -> Result<(Frontend, EngineCore)> {
+    if cfg.block_size == 0 || cfg.max_num_seqs == 0 || cfg.max_num_batched_tokens == 0 {
+        return Err(Error::InvalidInput(
+            "--block-size, --max-num-seqs and --max-num-batched-tokens must be positive".into(),
+        ));
+    }
+    if !(cfg.gpu_memory_utilization > 0.0 && cfg.gpu_memory_utilization <= 1.0) {
+        return Err(Error::InvalidInput(format!(
+            "--gpu-memory-utilization must be in (0, 1], got {}",
+            cfg.gpu_memory_utilization
+        )));
+    }
+    let dir = &cfg.model_dir;
+    let config = Qwen2VlConfig::from_dir(dir)?;
+    let tokenizer = Arc::new(Tokenizer::from_dir(dir)?);
+    let template = ChatTemplate::load(dir, cfg.chat_template.as_deref())?;
+    let processors = Processors::from_dir(dir)?;
+    let mut eos = config.eos_token_id.clone();
+    eos.extend_from_slice(tokenizer.eos_token_ids());
+    eos.sort_unstable();
+    eos.dedup();
+
+    let dev = Device::choose(&cfg.device)?;
+    let device = match &dev {
+        Device::Cpu => "cpu".to_owned(),
+        Device::Cuda(g) => g.name().to_owned(),
+    };
+    let model = Qwen2Vl::load(dir, &dev)?;
+    let runner = Runner::new(
+        model,
+        &CacheConfig {
+            block_size: cfg.block_size,
+            gpu_memory_utilization: cfg.gpu_memory_utilization,
+            cpu_kv_cache_bytes: cfg.cpu_kv_cache_bytes,
+            max_num_batched_tokens: cfg.max_num_batched_tokens,
+            max_image_pixels: processors.image.max_pixels,
+        },
+    )?;
+    let capacity = runner.num_blocks() * runner.block_size();
+    let max_model_len = match cfg.max_model_len {
+        Some(0) => return Err(Error::InvalidInput("--max-model-len must be positive".into())),
+        Some(m) if m > capacity => {
+            return Err(Error::Engine(format!(
+                "--max-model-len {m} is more than the KV cache holds ({capacity} tokens); \
+                 lower it or raise --gpu-memory-utilization"
+            )))
+        }
+        Some(m) => m,
+        None => config.text_config.max_position_embeddings.min(capacity),
+    };
+    let model_name = cfg.model_name.clone().unwrap_or_else(|| {
+        if crate::model::builtin::is_builtin(dir) {
+            return crate::model::builtin::NAME.to_owned();
+        }
+        dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned())
+    });
+    let core_cfg = CoreConfig {
+        scheduler: SchedulerConfig {
+            max_num_seqs: cfg.max_num_seqs,
+            max_num_batched_tokens: cfg.max_num_batched_tokens,
+        },
+        max_model_len,
+        eos,
+    };
+    let frontend = Frontend {
+        model_name,
+        merge: config.vision_config.spatial_merge_size,
+        hidden: config.text_config.hidden_size,
+        config,
+        tokenizer: tokenizer.clone(),
+        template,
+        processors,
+        max_model_len,
+        num_blocks: runner.num_blocks(),
+        block_size: runner.block_size(),
+        device,
+    };
+    Ok((frontend, EngineCore::new(runner, tokenizer, core_cfg)))
+}
+
+impl Engine {
+    /// Loads the model on a new engine thread; returns when it is ready to serve.
+    pub fn start(cfg: EngineConfig) -> Result<Engine> {
+        let (tx, rx) = mpsc::channel::<Msg>();
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<Frontend>>();
+        let stats = Arc::new(Mutex::new(EngineStats::default()));
+        let thread_stats = stats.clone();
+        let thread = std::thread::Builder::new()
+            .name("kestrel-engine".into())
+            .spawn(move || match load(&cfg) {
+                Ok((frontend, core)) => {
+                    let _ = ready_tx.send(Ok(frontend));
+                    run(core, rx, &thread_stats);
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            })
+            .map_err(|e| Error::Engine(format!("could not start the engine thread: {e}")))?;
+        let frontend = match ready_rx.recv() {
+            Ok(r) => r?,
+            Err(_) => return Err(Error::Engine("the engine thread died while loading the model".into())),
+        };
+        Ok(Engine {
+            tx: Some(tx),
+            frontend: Arc::new(frontend),
+            next_id: AtomicU64::new(1),
+            stats,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn frontend(&self) -> &Arc<Frontend> {
+        &self.frontend
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a request; its events arrive on the returned channel. Requests
+    /// that cannot fit the context are refused here, before queueing.
+    pub fn submit(&self, req: Request) -> Result<(RequestId, Receiver<Event>)> {
+        check_fits(&req, self.frontend.max_model_len)?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (etx, erx) = mpsc::channel();
+        self.tx
+            .as_ref()
+            .and_then(|tx| tx.send(Msg::Add(id, Box::new(req), etx)).ok())
+            .ok_or_else(|| Error::Engine("the engine has stopped".into()))?;
+        Ok((id, erx))
+    }
+
+    /// Ends a request now (its KV blocks are freed at once); unknown or
+    /// finished ids are ignored.
+    pub fn abort(&self, id: RequestId) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Msg::Abort(id));
+        }
+    }
+
+    /// Runs a batch of requests to completion (the offline API): all are
+    /// queued at once and batched continuously; results come back in order.
+    pub fn generate(&self, reqs: Vec<Request>) -> Vec<Result<RequestOutput>> {
+        let pending: Vec<_> = reqs
+            .into_iter()
+            .map(|r| {
+                let collector = Collector::new(&r.params);
+                self.submit(r).map(|(_, rx)| (collector, rx))
+            })
+            .collect();
+        pending
+            .into_iter()
+            .map(|p| {
+                let (mut collector, rx) = p?;
+                for ev in rx.iter() {
+                    if collector.push(ev) {
+                        break;
+                    }
+                }
+                collector.finish()
+            })
+            .collect()
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.tx = None; // the thread sees the channel close, fails what is left, and exits
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The engine thread's loop: block for messages while idle, else take what
+/// has arrived and step.
+fn run(mut core: EngineCore, rx: Receiver<Msg>, stats: &Mutex<EngineStats>) {
+    let mut open = true;
+    while open {
+        let first = if core.has_work() {
+            match rx.try_recv() {
+                Ok(m) => Some(m),
+                Err(TryRecvError::Empty) => None,
+                Err(TryRecvError::Disconnected) => break,
+            }
+        } else {
+            match rx.recv() {
+                Ok(m) => Some(m),
+                Err(_) => break,
+            }
+        };
+        let mut next = first;
+        while let Some(m) = next {
+            match m {
+                Msg::Add(id, req, sink) => {
+                    if let Err(e) = core.add(id, *req, sink.clone()) {
+                        let _ = sink.send(Event::Error { message: e.to_string() });
+                    }
+                }
+                Msg::Abort(id) => core.abort(id),
+            }
+            next = match rx.try_recv() {
+                Ok(m) => Some(m),
+                Err(TryRecvError::Empty) => None,
+                Err(TryRecvError::Disconnected) => {
+                    open = false;
+                    None
+                }
+            };
+        }
+        let mut failed = false;
+        if core.has_work() {
+            if let Err(e) = core.step() {
+                eprintln!("kestrel: engine step failed: {e}");
+                failed = true;
+            }
+        }
+        let mut s = stats.lock().unwrap_or_else(|e| e.into_inner());
+        s.running = core.num_running();
+        s.waiting = core.num_waiting();
+        s.kv_usage = core.pool().usage();
+        s.free_blocks = core.pool().num_free();
+        s.preemptions = core.preemptions();
+        s.steps += 1;
+        s.step_errors += failed as u64;
+    }
+    core.fail_all("the engine is shutting down");
+}
