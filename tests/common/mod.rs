@@ -1,4 +1,5 @@
 //! Helpers shared by integration test files (`mod common;` in each).
+#![allow(dead_code)] // each test binary uses its own subset
 
 use std::io::Write;
 use std::path::PathBuf;
