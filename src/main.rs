@@ -15,6 +15,9 @@ struct Cli {
 enum Command {
     /// Answer one prompt (with images) greedily and print the answer.
     Generate(kestrel::cli::generate::GenerateArgs),
+    /// Measure the engine (see `kestrel bench --help`).
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Our logits on HF's tokens for a golden folder (tools/gpu_compare.sh).
     #[command(hide = true)]
     CompareHf(kestrel::cli::compare::CompareArgs),
@@ -26,10 +29,23 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Offline serving throughput at fixed concurrency (synthetic image + text requests).
+    Throughput(kestrel::cli::bench::ThroughputArgs),
+}
+
 fn main() {
     let cli = Cli::parse();
     match cli.command {
         Command::Info { require_gpu } => std::process::exit(info(require_gpu)),
+        Command::Bench(BenchCommand::Throughput(args)) => match kestrel::cli::bench::throughput(&args) {
+            Ok(report) => print!("{report}"),
+            Err(e) => {
+                eprintln!("kestrel bench throughput: {e}");
+                std::process::exit(1);
+            }
+        },
         Command::CompareHf(args) => {
             if let Err(e) = kestrel::cli::compare::run(&args) {
                 eprintln!("kestrel compare-hf: {e}");

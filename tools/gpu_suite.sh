@@ -28,11 +28,12 @@ build)
   bash tools/install_cuda.sh >/dev/null
   mkdir -p .device
   # The executables cargo reports: unit tests, the kernel suite, the kernel benchmarks.
-  { cargo test --release --no-run --message-format=json --test kernels --test loader --lib
+  { cargo test --release --no-run --message-format=json --test kernels --test loader --test engine_gpu --lib
     cargo bench --no-run --message-format=json --bench kernels; } 2>/dev/null |
     python3 -c '
 import json, sys, shutil
 names = {("lib", "kestrel"): "unit", ("test", "kernels"): "kernels", ("test", "loader"): "loader",
+         ("test", "engine_gpu"): "engine_gpu",
          ("bench", "kernels"): "bench_kernels"}
 for line in sys.stdin:
     m = json.loads(line)
@@ -44,7 +45,7 @@ for line in sys.stdin:
 '
   cargo build --release --bin kestrel
   cp target/release/kestrel .device/kestrel
-  strip .device/kernels .device/unit .device/loader .device/bench_kernels 2>/dev/null || true
+  strip .device/kernels .device/unit .device/loader .device/engine_gpu .device/bench_kernels 2>/dev/null || true
   ls -la .device
   ;;
 run)

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The serving engine on the GPU host, on a random checkpoint with the
+# published Qwen2-VL-2B shape:
+#   1. tests/engine_gpu.rs: 64 greedy requests alone, in batches of 16 and all
+#      at once; divergences must be near-ties (the table says how many);
+#   2. `kestrel bench throughput` at concurrency 1, 8 and 64, one 512x512
+#      image and 128 text tokens in, 128 tokens out per request.
+#
+#   tools/gpu_engine.sh OUTDIR [CONCURRENCY]
+#
+# Needs .device/kestrel and .device/engine_gpu (tools/gpu_suite.sh build) and
+# the real Qwen tokenizer in .cache/qwen-tokenizer, carried over; torch and
+# transformers (for the random checkpoint) come with the GPU host.
+set -uo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+out="${1:?usage: tools/gpu_engine.sh OUTDIR [CONCURRENCY]}"
+conc="${2:-1,8,64}"
+mkdir -p "$out"
+tok=/tmp/kestrel-qwen-tokenizer
+rm -rf "$tok" && mkdir -p "$tok"
+cp .cache/qwen-tokenizer/tokenizer.json .cache/qwen-tokenizer/tokenizer_config.json "$tok"/
+cp tests/fixtures/tiny-qwen2-vl/chat_template.json "$tok"/
+m=/tmp/kestrel-random-2b
+if [ ! -f "$m/config.json" ]; then
+  t0=$(date +%s)
+  PYTHONUNBUFFERED=1 python3 tools/make_tiny_qwen2vl.py "$m" --config 2b --tokenizer "$tok" --no-dump \
+    >"$out/checkpoint.log" 2>&1 || { echo "checkpoint failed:"; tail -20 "$out/checkpoint.log"; exit 1; }
+  echo "random 2B checkpoint in $(( $(date +%s) - t0 )) s"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+rc=0
+KESTREL_REQUIRE_GPU=1 KESTREL_GPU_MODEL="$m" .device/engine_gpu --nocapture --test-threads 1 \
+  >"$out/engine_gpu.txt" 2>&1 || rc=1
+grep -E "^engine_gpu|^batch|^ +[0-9]+ |test result|panicked" "$out/engine_gpu.txt"
+.device/kestrel bench throughput --model "$m" --device cuda --concurrency "$conc" \
+  --image-size 512 --input-len 128 --output-len 128 2>&1 | tee "$out/throughput.txt" || rc=1
+exit $rc
