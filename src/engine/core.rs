@@ -305,9 +305,24 @@ impl EngineCore {
         }
         let Some(logits) = logits else { return Ok(stats) };
         stats.sampled = sampled.len();
-        let tokens = self.sample(&sampled, &logits)?;
+        let tokens = match self.sample(&sampled, &logits) {
+            Ok(t) => t,
+            Err(e) => {
+                // The logits could not be read back: nothing of this step can be trusted.
+                for sid in &sampled {
+                    if let Some(req) = self.seqs.0.get(sid).map(|s| s.req) {
+                        self.fail(req, format!("internal error while sampling: {e}"));
+                    }
+                }
+                return Err(e);
+            }
+        };
         for (sid, sample) in sampled.into_iter().zip(tokens) {
-            self.emit(sid, sample)?;
+            // A sequence whose request failed earlier in this loop is gone.
+            let Some(req) = self.seqs.0.get(&sid).map(|s| s.req) else { continue };
+            if let Err(e) = sample.and_then(|smp| self.emit(sid, smp)) {
+                self.fail(req, format!("could not continue the request: {e}"));
+            }
         }
         Ok(stats)
     }
@@ -319,7 +334,8 @@ impl EngineCore {
     /// The next token of each sampled sequence (row i of `logits` is `seqs[i]`).
     /// Plain greedy rows take the device argmax (ids come back, not logits);
     /// the rest go through the CPU sampler on their downloaded row.
-    fn sample(&mut self, seqs: &[SeqId], logits: &crate::tensor::Tensor) -> Result<Vec<Sampled>> {
+    /// A row's own failure (every logit NaN, say) fails only its request.
+    fn sample(&mut self, seqs: &[SeqId], logits: &crate::tensor::Tensor) -> Result<Vec<Result<Sampled>>> {
         let plain = |s: &Sequence, p: &RequestParams| {
             s.sampler.params().is_greedy()
                 && !s.sampler.params().has_penalties()
@@ -339,7 +355,7 @@ impl EngineCore {
         let mut out = Vec::with_capacity(seqs.len());
         for (i, sid) in seqs.iter().enumerate() {
             if fast[i] {
-                out.push(Sampled { token: greedy[i], logprob: 0.0, top: Vec::new() });
+                out.push(Ok(Sampled { token: greedy[i], logprob: 0.0, top: Vec::new() }));
                 continue;
             }
             let mut row = rows.next().expect("one row per slow sequence");
@@ -353,7 +369,7 @@ impl EngineCore {
                     }
                 }
             }
-            out.push(s.sampler.sample(&mut row, &s.input.input_ids, &s.output)?);
+            out.push(s.sampler.sample(&mut row, &s.input.input_ids, &s.output));
         }
         Ok(out)
     }
