@@ -1,3 +1,4 @@
-//! Media: decoding images (and, later, fetching them safely).
+//! Media: fetching it safely, decoding images, precomputed embeddings.
 
+pub mod fetch;
 pub mod image;
