@@ -1,4 +1,6 @@
 //! Subcommands of the `kestrel` binary that are more than a few lines.
 
+pub mod batch;
 pub mod compare;
+pub mod engine_args;
 pub mod generate;
