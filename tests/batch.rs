@@ -31,8 +31,9 @@ fn png_data_url() -> String {
     format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(out.into_inner()))
 }
 
-/// Runs `kestrel generate --batch` on `lines`; the output lines as JSON.
-fn run_batch(name: &str, lines: &[String]) -> Vec<Value> {
+/// Runs `kestrel generate --batch` on `lines` with `extra` flags; the
+/// summary it printed and the output lines as JSON.
+fn run_batch(name: &str, lines: &[String], extra: &[&str]) -> (String, Vec<Value>) {
     let dir = temp_dir();
     let (input, output) = (dir.join(format!("{name}.jsonl")), dir.join(format!("{name}.out.jsonl")));
     std::fs::write(&input, lines.join("\n") + "\n").unwrap();
@@ -41,13 +42,15 @@ fn run_batch(name: &str, lines: &[String]) -> Vec<Value> {
         .arg(&input)
         .arg("--output")
         .arg(&output)
+        .args(extra)
         .output()
         .unwrap();
     assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains(&format!("{} requests: 2 succeeded, 2 failed", lines.len())), "{stdout}");
     let text = std::fs::read_to_string(&output).unwrap();
-    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect(),
+    )
 }
 
 fn batch_lines() -> Vec<String> {
@@ -89,7 +92,8 @@ fn batch_lines() -> Vec<String> {
 
 #[test]
 fn batch_file_in_openai_batch_format() {
-    let out = run_batch("first", &batch_lines());
+    let (summary, out) = run_batch("first", &batch_lines(), &[]);
+    assert!(summary.contains("4 requests: 2 succeeded, 2 failed"), "{summary}");
     assert_eq!(out.len(), 4, "{out:#?}");
     let ids: Vec<&str> = out.iter().map(|o| o["custom_id"].as_str().unwrap()).collect();
     assert_eq!(ids, ["with-image", "line-2", "bad-image", "line-4"]);
@@ -127,9 +131,52 @@ fn batch_file_in_openai_batch_format() {
     }
 
     // The same greedy request in another run gives the same text.
-    let again = run_batch("second", &batch_lines());
+    let (_, again) = run_batch("second", &batch_lines(), &[]);
     let text = |o: &Value| o["response"]["body"]["choices"][0]["message"]["content"].as_str().unwrap().to_string();
     assert_eq!(text(&out[1]), text(&again[1]));
+}
+
+/// A safetensors file of precomputed embeddings for one image of grid
+/// [1, 4, 4] (4 tokens at merge 2, the tiny model's hidden size 128), as a data URL.
+fn embeds_data_url() -> String {
+    use safetensors::{tensor::TensorView, Dtype};
+    let vals: Vec<u8> = (0..4 * 128).flat_map(|i| ((i % 13) as f32 * 0.05 - 0.3).to_le_bytes()).collect();
+    let grid: Vec<u8> = [1i64, 4, 4].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let file = safetensors::serialize(
+        [
+            ("image_embeds", TensorView::new(Dtype::F32, vec![4, 128], &vals).unwrap()),
+            ("image_grid_thw", TensorView::new(Dtype::I64, vec![1, 3], &grid).unwrap()),
+        ],
+        None,
+    )
+    .unwrap();
+    format!("data:application/octet-stream;base64,{}", base64::engine::general_purpose::STANDARD.encode(file))
+}
+
+/// Precomputed embeddings, a video as frames, and local files under
+/// --allowed-local-media-path (and one outside it) through the whole path.
+#[test]
+fn embeds_video_and_local_files() {
+    let golden = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-qwen2-vl/golden"));
+    let local = golden.join("one_image_img0.png").display().to_string();
+    let body =
+        |content: Value| json!({"messages": [{"role": "user", "content": content}], "max_tokens": 3}).to_string();
+    let lines = [
+        body(json!([{"type": "image_embeds", "image_embeds": embeds_data_url()}, {"type": "text", "text": "?"}])),
+        body(json!([{"type": "video", "video": [png_data_url(), png_data_url()]}, {"type": "text", "text": "?"}])),
+        body(json!([{"type": "image_url", "image_url": format!("file://{local}")}, {"type": "text", "text": "?"}])),
+        body(json!([{"type": "image_url", "image_url": {"url": "/etc/hostname"}}, {"type": "text", "text": "?"}])),
+    ];
+    let root = golden.display().to_string();
+    let (summary, out) = run_batch("media", &lines, &["--allowed-local-media-path", &root]);
+    assert!(summary.contains("4 requests: 3 succeeded, 1 failed"), "{summary}");
+    for o in &out[..3] {
+        assert_eq!(o["response"]["status_code"], 200, "{o}");
+        let n = o["response"]["body"]["usage"]["completion_tokens"].as_u64().unwrap();
+        assert!((1..=3).contains(&n), "{o}");
+    }
+    let err = &out[3]["response"]["body"]["error"]["message"];
+    assert!(err.as_str().unwrap().contains("outside the allowed local media directory"), "{}", out[3]);
 }
 
 #[test]
