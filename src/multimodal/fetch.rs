@@ -159,7 +159,8 @@ impl MediaFetcher {
         let timed_out = || bad(format!("timed out after {} s", timeout.as_secs_f64()));
         let deadline = Instant::now() + timeout;
         let mut current = url.to_string();
-        for hop in 0..=MAX_REDIRECTS {
+        let mut redirects = 0;
+        loop {
             let uri = Uri::try_from(current.as_str()).map_err(|e| bad(format!("not a valid URL ({e})")))?;
             self.check_domain(&uri).map_err(bad)?;
             let left = deadline.saturating_duration_since(Instant::now());
@@ -177,9 +178,10 @@ impl MediaFetcher {
             let status = resp.status();
             if status.is_redirection() {
                 if let Some(loc) = resp.headers().get("location") {
-                    if hop == MAX_REDIRECTS {
+                    if redirects == MAX_REDIRECTS {
                         return Err(bad(format!("more than {MAX_REDIRECTS} redirects")));
                     }
+                    redirects += 1;
                     let loc = loc.to_str().map_err(|_| bad("a redirect Location is not text".into()))?;
                     current = join_location(&uri, loc);
                     if !(current.starts_with("http://") || current.starts_with("https://")) {
@@ -203,7 +205,6 @@ impl MediaFetcher {
                 e => bad(format!("reading the response failed: {}", transport_error(&e))),
             });
         }
-        unreachable!("the loop returns on its last hop")
     }
 
     /// Ok unless `allowed_domains` is set and does not hold the URI's host.
