@@ -4,6 +4,7 @@
 //! - `cuda`   device context, stream, memory pool, kernel registry, cuBLAS
 //! - `tensor` a minimal tensor over host (f32/i32) or device memory
 //! - `ops`    every op with a CPU f32 reference and a CUDA launcher
+//! - `openai` OpenAI-compatible request/response bodies and media loading
 
 pub mod cli;
 pub mod cuda;
@@ -16,4 +17,5 @@ pub use error::{Error, Result};
 pub use tensor::{DType, Device, Tensor};
 pub mod model;
 pub mod multimodal;
+pub mod openai;
 pub mod text;

@@ -1,7 +1,10 @@
-//! `kestrel generate`: one prompt, optional images, greedy answer on stdout.
+//! `kestrel generate`: one prompt, optional images, greedy answer on stdout;
+//! or, with `--batch`, a JSONL file of OpenAI chat requests run on the
+//! engine (see `cli::batch`).
 
 use std::path::PathBuf;
 
+use crate::cli::{batch, engine_args::EngineArgs};
 use crate::error::{Error, Result};
 use crate::model::qwen2_vl::inputs::{prepare_chat, Media, Processors};
 use crate::model::qwen2_vl::Qwen2Vl;
@@ -17,18 +20,23 @@ pub struct GenerateArgs {
     /// An image file (PNG, JPEG, WebP, GIF, BMP); repeat for several, in order.
     #[arg(long = "image")]
     pub images: Vec<PathBuf>,
-    /// The user's message.
-    #[arg(long)]
-    pub prompt: String,
-    /// Most tokens to generate.
+    /// The user's message (required unless --batch).
+    #[arg(long, required_unless_present = "batch", conflicts_with = "batch")]
+    pub prompt: Option<String>,
+    /// Most tokens to generate for --prompt.
     #[arg(long, default_value_t = 64)]
     pub max_tokens: usize,
-    /// cuda, cpu, or auto (cuda when a GPU is usable).
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-    /// Chat template file (or template text) instead of the model's own.
-    #[arg(long)]
-    pub chat_template: Option<String>,
+    /// A JSONL file of chat completion requests (OpenAI Batch API lines or bare
+    /// request bodies) to run on the engine instead of --prompt; results go to --output.
+    /// The engine flags below apply to it (--prompt uses only --device and --chat-template).
+    #[arg(long, requires = "output", conflicts_with = "images")]
+    pub batch: Option<PathBuf>,
+    /// Where --batch writes its results (JSONL, one line per request, in order).
+    #[arg(long, requires = "batch")]
+    pub output: Option<PathBuf>,
+    /// Boxed: the flags are many, and `Command` holds these args inline.
+    #[command(flatten)]
+    pub engine: Box<EngineArgs>,
 }
 
 /// Picks the device: `cuda` must work, `auto` falls back to the CPU (and says so).
@@ -44,12 +52,26 @@ pub fn model_dir(arg: &Option<PathBuf>) -> Result<PathBuf> {
     }
 }
 
+/// What `kestrel generate` prints: the answer, or a batch's summary.
 pub fn run(args: &GenerateArgs) -> Result<String> {
+    if let (Some(input), Some(output)) = (&args.batch, &args.output) {
+        let s = batch::run(&args.engine, &args.model, input, output)?;
+        return Ok(format!(
+            "{} requests: {} succeeded, {} failed; results in {}",
+            s.total,
+            s.succeeded,
+            s.total - s.succeeded,
+            output.display()
+        ));
+    }
+    let Some(prompt) = &args.prompt else {
+        return Err(Error::InvalidInput("give --prompt (or --batch with --output)".into()));
+    };
     let dir = model_dir(&args.model)?;
-    let dev = device(&args.device)?;
+    let dev = device(&args.engine.device)?;
     let model = Qwen2Vl::load(&dir, &dev)?;
     let tok = Tokenizer::from_dir(&dir)?;
-    let template = ChatTemplate::load(&dir, args.chat_template.as_deref())?;
+    let template = ChatTemplate::load(&dir, args.engine.chat_template.as_deref())?;
     let procs = Processors::from_dir(&dir)?;
     let mut media = Vec::new();
     let mut content = Vec::new();
@@ -58,7 +80,7 @@ pub fn run(args: &GenerateArgs) -> Result<String> {
         media.push(Media::Image(decode_rgb8(&bytes, DEFAULT_MAX_PIXELS)?));
         content.push(serde_json::json!({"type": "image"}));
     }
-    content.push(serde_json::json!({"type": "text", "text": args.prompt}));
+    content.push(serde_json::json!({"type": "text", "text": prompt}));
     let messages = serde_json::json!([{"role": "user", "content": content}]);
     let input = prepare_chat(&model.config, &tok, &template, &procs, &messages, &media)?;
     let mut stop = model.config.eos_token_id.clone();

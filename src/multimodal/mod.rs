@@ -1,3 +1,5 @@
-//! Media: decoding images (and, later, fetching them safely).
+//! Media: fetching it safely, decoding images, precomputed embeddings.
 
+pub mod embeds;
+pub mod fetch;
 pub mod image;

@@ -1,0 +1,142 @@
+//! Engine and media flags shared by `kestrel generate` and (later) `kestrel
+//! serve`, under vLLM's names (`vllm serve --help`, vllm/engine/arg_utils.py
+//! `EngineArgs`). A flag left out keeps `EngineConfig::default()`.
+
+use std::path::PathBuf;
+
+use crate::engine::EngineConfig;
+use crate::error::Result;
+use crate::multimodal::fetch::FetchSettings;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct EngineArgs {
+    /// cuda, cpu, or auto (cuda when a GPU is usable).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Name the model is reported under (default: the model folder's name).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Longest prompt + completion in tokens (default: the model's, capped by the KV cache).
+    #[arg(long)]
+    pub max_model_len: Option<usize>,
+    /// Most sequences in one batch.
+    #[arg(long)]
+    pub max_num_seqs: Option<usize>,
+    /// Most tokens (prompt chunks + decodes) in one step.
+    #[arg(long)]
+    pub max_num_batched_tokens: Option<usize>,
+    /// Tokens per KV cache block.
+    #[arg(long)]
+    pub block_size: Option<usize>,
+    /// Share of GPU memory the engine may use (weights, activations, KV cache), in (0, 1].
+    #[arg(long)]
+    pub gpu_memory_utilization: Option<f32>,
+    /// KV cache size on the CPU backend, in GiB (vLLM's VLLM_CPU_KVCACHE_SPACE).
+    #[arg(long, default_value_t = 4.0)]
+    pub cpu_kv_cache_space: f64,
+    /// Chat template file (or template text) instead of the model's own.
+    #[arg(long)]
+    pub chat_template: Option<String>,
+    /// Directory that file:// URLs and absolute paths in requests may read media from
+    /// (default: local media is refused).
+    #[arg(long)]
+    pub allowed_local_media_path: Option<PathBuf>,
+    /// Hosts that http(s) media URLs may name (default: any).
+    #[arg(long, num_args = 1.., value_delimiter = ',')]
+    pub allowed_media_domains: Option<Vec<String>>,
+}
+
+impl EngineArgs {
+    /// The engine settings for the model in `model_dir`.
+    pub fn engine_config(&self, model_dir: PathBuf) -> Result<EngineConfig> {
+        let d = EngineConfig::default();
+        let space = self.cpu_kv_cache_space;
+        if !(space.is_finite() && space > 0.0) {
+            return Err(crate::Error::InvalidInput(format!(
+                "--cpu-kv-cache-space must be a positive number of GiB, got {space}"
+            )));
+        }
+        Ok(EngineConfig {
+            model_dir,
+            model_name: self.served_model_name.clone(),
+            device: self.device.clone(),
+            max_model_len: self.max_model_len,
+            max_num_seqs: self.max_num_seqs.unwrap_or(d.max_num_seqs),
+            max_num_batched_tokens: self.max_num_batched_tokens.unwrap_or(d.max_num_batched_tokens),
+            block_size: self.block_size.unwrap_or(d.block_size),
+            gpu_memory_utilization: self.gpu_memory_utilization.unwrap_or(d.gpu_memory_utilization),
+            cpu_kv_cache_bytes: (space * (1u64 << 30) as f64) as usize,
+            chat_template: self.chat_template.clone(),
+        })
+    }
+
+    /// Where request media may come from: these flags, and the fetch
+    /// timeout from KESTREL_IMAGE_FETCH_TIMEOUT.
+    pub fn fetch_settings(&self) -> Result<FetchSettings> {
+        Ok(FetchSettings {
+            allowed_local_media_path: self.allowed_local_media_path.clone(),
+            allowed_domains: self.allowed_media_domains.clone(),
+            ..FetchSettings::from_env()?
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        engine: EngineArgs,
+    }
+
+    #[test]
+    fn flags_map_onto_the_config() {
+        let cli = Cli::parse_from([
+            "x",
+            "--device",
+            "cpu",
+            "--max-model-len",
+            "2048",
+            "--max-num-seqs",
+            "8",
+            "--max-num-batched-tokens",
+            "512",
+            "--block-size",
+            "32",
+            "--gpu-memory-utilization",
+            "0.5",
+            "--cpu-kv-cache-space",
+            "0.5",
+            "--chat-template",
+            "t.jinja",
+            "--served-model-name",
+            "tiny",
+            "--allowed-media-domains",
+            "a.com,b.org",
+        ]);
+        let c = cli.engine.engine_config(PathBuf::from("/m")).unwrap();
+        assert_eq!(c.model_dir, PathBuf::from("/m"));
+        assert_eq!((c.device.as_str(), c.model_name.as_deref()), ("cpu", Some("tiny")));
+        assert_eq!((c.max_model_len, c.max_num_seqs, c.max_num_batched_tokens), (Some(2048), 8, 512));
+        assert_eq!((c.block_size, c.gpu_memory_utilization, c.cpu_kv_cache_bytes), (32, 0.5, 512 << 20));
+        assert_eq!(c.chat_template.as_deref(), Some("t.jinja"));
+        let f = cli.engine.fetch_settings().unwrap();
+        assert_eq!(f.allowed_domains, Some(vec!["a.com".to_string(), "b.org".to_string()]));
+        assert_eq!(f.allowed_local_media_path, None);
+    }
+
+    #[test]
+    fn left_out_flags_keep_the_defaults() {
+        let c = Cli::parse_from(["x"]).engine.engine_config(PathBuf::from("/m")).unwrap();
+        let d = EngineConfig::default();
+        assert_eq!((c.device.as_str(), c.max_model_len, c.max_num_seqs), ("auto", None, d.max_num_seqs));
+        assert_eq!((c.block_size, c.gpu_memory_utilization), (d.block_size, d.gpu_memory_utilization));
+        assert_eq!(c.cpu_kv_cache_bytes, 4 << 30);
+        let bad = Cli::parse_from(["x", "--cpu-kv-cache-space", "0"]).engine.engine_config(PathBuf::new());
+        assert!(bad.unwrap_err().to_string().contains("--cpu-kv-cache-space"));
+    }
+}

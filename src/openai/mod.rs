@@ -1,0 +1,142 @@
+//! The OpenAI-compatible API surface shared by the offline batch runner and
+//! the server: request/response bodies (`protocol`) and turning a request's
+//! media references into decoded media.
+
+pub mod protocol;
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::model::qwen2_vl::inputs::Media;
+use crate::multimodal::embeds::parse_image_embeds;
+use crate::multimodal::fetch::MediaFetcher;
+use crate::multimodal::image::decode_rgb8;
+pub use protocol::MediaRef;
+
+/// Fetches and decodes a request's media, in order, items in parallel:
+/// images and video frames are decoded to RGB8 (at most `max_pixels` each),
+/// embeddings files parsed for a model with spatial merge `merge` and LM
+/// hidden size `hidden` (one image per file). Errors name the item.
+pub fn load_media(
+    refs: &[MediaRef],
+    fetcher: &MediaFetcher,
+    max_pixels: usize,
+    merge: usize,
+    hidden: usize,
+) -> Result<Vec<Media>> {
+    let max_pixels = max_pixels as u64;
+    let image = |url: &str| decode_rgb8(&fetcher.fetch(url)?, max_pixels);
+    refs.par_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let item = match r {
+                MediaRef::Image(url) => image(url).map(Media::Image),
+                MediaRef::Video(frames) => frames
+                    .par_iter()
+                    .enumerate()
+                    .map(|(f, url)| image(url).map_err(|e| in_item(&format!("frame {f}"), e)))
+                    .collect::<Result<Vec<_>>>()
+                    .map(Media::Video),
+                MediaRef::ImageEmbeds(url) => {
+                    let mut items = parse_image_embeds(&fetcher.fetch(url)?, merge, hidden)?;
+                    match items.len() {
+                        1 => Ok(items.remove(0)),
+                        n => Err(Error::InvalidInput(format!(
+                            "the image_embeds file holds {n} images; an image_embeds content part carries \
+                             exactly one (send one part per image)"
+                        ))),
+                    }
+                }
+            };
+            item.map_err(|e| in_item(&format!("media item {i} ({})", kind(r)), e))
+        })
+        .collect()
+}
+
+fn kind(r: &MediaRef) -> &'static str {
+    match r {
+        MediaRef::Image(_) => "image",
+        MediaRef::Video(_) => "video",
+        MediaRef::ImageEmbeds(_) => "image_embeds",
+    }
+}
+
+/// `e` with "`what`: " in front, if it is the user's error.
+fn in_item(what: &str, e: Error) -> Error {
+    match e {
+        Error::InvalidInput(m) => Error::InvalidInput(format!("{what}: {m}")),
+        e => e,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Cursor;
+
+    use base64::Engine as _;
+    use image::{DynamicImage, ImageFormat, RgbImage};
+
+    use super::*;
+    use crate::multimodal::fetch::FetchSettings;
+
+    fn png_url(w: u32, h: u32, seed: u8) -> String {
+        let img = RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8 ^ seed, y as u8, seed]));
+        let mut out = Cursor::new(Vec::new());
+        DynamicImage::ImageRgb8(img).write_to(&mut out, ImageFormat::Png).unwrap();
+        format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(out.into_inner()))
+    }
+
+    fn embeds_url(images: usize) -> String {
+        use safetensors::{tensor::TensorView, Dtype};
+        let vals: Vec<u8> = (0..images * 2 * 3).flat_map(|i| (i as f32).to_le_bytes()).collect();
+        let grid: Vec<u8> = (0..images).flat_map(|_| [1i64, 2, 4]).flat_map(|v| v.to_le_bytes()).collect();
+        let file = safetensors::serialize(
+            [
+                ("image_embeds", TensorView::new(Dtype::F32, vec![images * 2, 3], &vals).unwrap()),
+                ("image_grid_thw", TensorView::new(Dtype::I64, vec![images, 3], &grid).unwrap()),
+            ],
+            None,
+        )
+        .unwrap();
+        format!("data:application/octet-stream;base64,{}", base64::engine::general_purpose::STANDARD.encode(file))
+    }
+
+    #[test]
+    fn loads_images_videos_and_embeds_in_order() {
+        let f = MediaFetcher::new(FetchSettings::default()).unwrap();
+        let refs = vec![
+            MediaRef::Image(png_url(5, 3, 1)),
+            MediaRef::ImageEmbeds(embeds_url(1)),
+            MediaRef::Video(vec![png_url(4, 4, 2), png_url(4, 4, 3)]),
+        ];
+        let media = load_media(&refs, &f, 1000, 2, 3).unwrap();
+        assert!(matches!(&media[0], Media::Image(i) if i.dimensions() == (5, 3)));
+        assert!(matches!(&media[1], Media::ImageEmbeds { grid: [1, 2, 4], values } if values.len() == 6));
+        match &media[2] {
+            Media::Video(frames) => assert_eq!(frames[1].get_pixel(0, 0).0, [3, 0, 3]),
+            _ => panic!("expected a video"),
+        }
+    }
+
+    /// load_media's error for `refs` (hidden size `hidden`), which must be InvalidInput.
+    fn load_err(refs: &[MediaRef], hidden: usize) -> String {
+        let f = MediaFetcher::new(FetchSettings::default()).unwrap();
+        match load_media(refs, &f, 100, 2, hidden) {
+            Err(e @ Error::InvalidInput(_)) => e.to_string(),
+            Err(e) => panic!("expected InvalidInput, got {e}"),
+            Ok(m) => panic!("expected an error, got {} items", m.len()),
+        }
+    }
+
+    #[test]
+    fn errors_name_the_item() {
+        let e = load_err(&[MediaRef::Image(png_url(2, 2, 0)), MediaRef::Image("data:image/png;base64,!!".into())], 3);
+        assert!(e.starts_with("media item 1 (image): data URL") && e.contains("invalid base64"), "{e}");
+        let e = load_err(&[MediaRef::Video(vec![png_url(2, 2, 0), png_url(20, 20, 0)])], 3);
+        assert!(e.starts_with("media item 0 (video): frame 1: the image is 20x20"), "{e}");
+        let e = load_err(&[MediaRef::ImageEmbeds(embeds_url(2))], 3);
+        assert!(e.contains("holds 2 images"), "{e}");
+        let e = load_err(&[MediaRef::ImageEmbeds(embeds_url(1))], 7);
+        assert!(e.contains("hidden size is 7"), "{e}");
+    }
+}
