@@ -14,7 +14,7 @@ use image::{Rgb, RgbImage};
 
 use crate::engine::request::Event;
 use crate::engine::sampling::{Rng, SamplingParams};
-use crate::engine::{Engine, EngineConfig, Request, RequestParams};
+use crate::engine::{Engine, Request, RequestParams};
 use crate::error::{Error, Result};
 use crate::model::qwen2_vl::inputs::{Media, PreparedInput};
 
@@ -23,9 +23,8 @@ pub struct ThroughputArgs {
     /// Model folder (default: the built-in tiny model).
     #[arg(long)]
     pub model: Option<std::path::PathBuf>,
-    /// cuda, cpu, or auto.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
+    #[command(flatten)]
+    pub engine: crate::cli::engine_args::EngineArgs,
     /// Requests in flight; a comma-separated list runs each in turn.
     #[arg(long, default_value = "1,8,64", value_delimiter = ',')]
     pub concurrency: Vec<usize>,
@@ -41,12 +40,6 @@ pub struct ThroughputArgs {
     /// Tokens each request generates.
     #[arg(long, default_value_t = 128)]
     pub output_len: usize,
-    #[arg(long, default_value_t = 0.9)]
-    pub gpu_memory_utilization: f32,
-    #[arg(long, default_value_t = 256)]
-    pub max_num_seqs: usize,
-    #[arg(long, default_value_t = 8192)]
-    pub max_num_batched_tokens: usize,
 }
 
 /// A seeded noise image: every pixel differs, as a photograph's would.
@@ -77,14 +70,7 @@ struct Sample {
 pub fn throughput(args: &ThroughputArgs) -> Result<String> {
     let dir = crate::cli::generate::model_dir(&args.model)?;
     let t0 = Instant::now();
-    let engine = Engine::start(EngineConfig {
-        model_dir: dir,
-        device: args.device.clone(),
-        gpu_memory_utilization: args.gpu_memory_utilization,
-        max_num_seqs: args.max_num_seqs,
-        max_num_batched_tokens: args.max_num_batched_tokens,
-        ..Default::default()
-    })?;
+    let engine = Engine::start(args.engine.engine_config(dir)?)?;
     let fe = engine.frontend().clone();
     let mut report = format!(
         "model {} on {}: ready in {:.1} s; KV cache {} blocks x {} tokens\n",
