@@ -387,13 +387,45 @@ fn the_engine_thread_serves_batches_aborts_and_refuses_what_cannot_fit() {
     let rest: Vec<Event> = rx.iter().collect();
     assert!(rest.iter().any(|e| matches!(e, Event::Finished { reason: FinishReason::Abort, .. })), "{rest:?}");
     assert!(matches!(rest.last(), Some(Event::Done { .. })));
+    let s = settled(&engine, fe.num_blocks);
+    assert_eq!(s.free_blocks, fe.num_blocks, "{s:?}");
+}
+
+/// The engine's stats once every block is free again (they are refreshed
+/// after each step, a moment after the last event is sent), or after 2 s.
+fn settled(engine: &Engine, blocks: usize) -> kestrel::engine::EngineStats {
     let mut s = engine.stats();
-    for _ in 0..100 {
-        if s.running == 0 && s.waiting == 0 {
+    for _ in 0..200 {
+        if s.running == 0 && s.waiting == 0 && s.free_blocks == blocks {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
         s = engine.stats();
     }
-    assert_eq!(s.free_blocks, fe.num_blocks, "{s:?}");
+    s
+}
+
+#[test]
+fn the_embedding_task_embeds_batches_and_refuses_generation() {
+    use kestrel::engine::Task;
+    let cfg = EngineConfig { task: Task::Embed, max_num_batched_tokens: 64, ..config() };
+    let engine = Engine::start(cfg).unwrap();
+    let fe = engine.frontend().clone();
+    let inputs: Vec<PreparedInput> = (0..6).map(|i| prompt(&fe, 2 + i, &[])).collect();
+    let alone = engine.embed(vec![prompt(&fe, 4, &[])]).remove(0).unwrap();
+    let outs = engine.embed(inputs);
+    for (i, o) in outs.iter().enumerate() {
+        let v = o.as_ref().unwrap();
+        assert_eq!(v.len(), fe.hidden);
+        let norm: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-5, "request {i}: norm {norm}");
+    }
+    assert_eq!(outs[2].as_ref().unwrap(), &alone, "batched embedding equals the one alone");
+    assert_ne!(outs[0].as_ref().unwrap(), &alone);
+    // Longer than one step's budget: refused with both numbers.
+    let e = engine.embed(vec![prompt(&fe, 80, &[])]).remove(0).unwrap_err().to_string();
+    assert!(e.contains("64") && e.contains("input has"), "{e}");
+    let e = engine.submit(Request { input: prompt(&fe, 3, &[]), params: greedy(2) }).err().unwrap().to_string();
+    assert!(e.contains("embedding task"), "{e}");
+    assert_eq!(settled(&engine, fe.num_blocks).free_blocks, fe.num_blocks);
 }

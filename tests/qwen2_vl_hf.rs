@@ -143,3 +143,55 @@ fn tiny_qwen2_vl_matches_hf_stage_by_stage() {
     }
     println!("{}", report.join("\n"));
 }
+
+/// The embedding task (DSE-Qwen2's recipe and vLLM's pooling) against HF:
+/// the pooled final-normed hidden states HF computed (golden `decoder.norm`),
+/// L2-normalized, for last-token, mean and first-token pooling, through the
+/// engine's embedding path.
+#[test]
+fn embeddings_match_hfs_pooled_final_hidden_states() {
+    use kestrel::engine::engine::load;
+    use kestrel::engine::{EngineConfig, Event, Pooling, Task};
+
+    let dir = model_dir();
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden/cases.json")).unwrap()).unwrap();
+    for pooling in [Pooling::Last, Pooling::Mean, Pooling::Cls] {
+        let cfg = EngineConfig {
+            model_dir: dir.clone(),
+            device: "cpu".into(),
+            task: Task::Embed,
+            pooling: Some(pooling),
+            ..Default::default()
+        };
+        let (fe, mut core) = load(&cfg).unwrap();
+        for (id, (name, case)) in cases["cases"].as_object().unwrap().iter().enumerate() {
+            let g = golden(name);
+            let (shape, rows) = &g["decoder.norm"];
+            let (n, hidden) = (shape[0], shape[1]);
+            let pick: Vec<f64> = match pooling {
+                Pooling::Last => rows[(n - 1) * hidden..].iter().map(|&x| x as f64).collect(),
+                Pooling::Cls => rows[..hidden].iter().map(|&x| x as f64).collect(),
+                Pooling::Mean => {
+                    (0..hidden).map(|c| (0..n).map(|r| rows[r * hidden + c] as f64).sum::<f64>() / n as f64).collect()
+                }
+            };
+            let norm = pick.iter().map(|x| x * x).sum::<f64>().sqrt();
+            let want: Vec<f32> = pick.iter().map(|x| (x / norm) as f32).collect();
+
+            let (messages, media) = messages_and_media(case);
+            let input = fe.prepare_chat(&messages, &media).unwrap();
+            let (tx, rx) = std::sync::mpsc::channel();
+            core.add_embed(id as u64, input, tx).unwrap();
+            while core.has_work() {
+                core.step().unwrap();
+            }
+            let events: Vec<Event> = rx.try_iter().collect();
+            let Some(Event::Embedding { values }) = events.first() else { panic!("{name}: {events:?}") };
+            assert!(matches!(events.last(), Some(Event::Done { usage }) if usage.prompt_tokens == n));
+            let (rel, max) = rel_err(values, &want);
+            assert!(rel <= REL_BOUND, "{name} {pooling:?}: embedding rel error {rel:.3e} (max abs {max:.3e})");
+        }
+        assert_eq!(core.pool().num_free(), core.pool().num_blocks(), "embeddings keep no KV");
+    }
+}

@@ -135,7 +135,7 @@ pub fn throughput(args: &ThroughputArgs) -> Result<String> {
                                 }
                                 Event::Done { .. } => break,
                                 Event::Error { message } => return Err(Error::Engine(message)),
-                                Event::Finished { .. } => {}
+                                Event::Finished { .. } | Event::Embedding { .. } => {}
                             }
                         }
                         out.push(Sample { ttft: ttft.unwrap_or_default(), e2e: t.elapsed(), tokens });

@@ -67,6 +67,7 @@ impl EngineArgs {
             gpu_memory_utilization: self.gpu_memory_utilization.unwrap_or(d.gpu_memory_utilization),
             cpu_kv_cache_bytes: (space * (1u64 << 30) as f64) as usize,
             chat_template: self.chat_template.clone(),
+            ..d
         })
     }
 

@@ -14,6 +14,7 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
 use super::blocks::BlockPool;
+use super::pooling::PoolingConfig;
 use super::request::{Event, FinishReason, Request, RequestId, RequestParams, StopReason, TokenLogprob, Usage};
 use super::runner::{argmax_rows, host_rows, Runner, SeqWork};
 use super::sampling::{Sampled, Sampler};
@@ -36,6 +37,8 @@ struct Sequence {
     stop: StopChecker,
     /// Media features, from the first prefill step until the prompt is in the cache.
     features: Option<MediaFeatures>,
+    /// An embedding request: pooled after one whole-prompt step, never sampled.
+    pool: Option<PoolingConfig>,
 }
 
 impl Sequence {
@@ -61,6 +64,9 @@ impl Tokens for Seqs {
     }
     fn blocks(&mut self, id: SeqId) -> &mut Vec<u32> {
         &mut self.0.get_mut(&id).expect("scheduled sequences exist").blocks
+    }
+    fn whole(&self, id: SeqId) -> bool {
+        self.0[&id].pool.is_some()
     }
     fn preempted(&mut self, id: SeqId) {
         let s = self.0.get_mut(&id).expect("scheduled sequences exist");
@@ -93,6 +99,8 @@ pub struct CoreConfig {
     pub max_model_len: usize,
     /// Token ids that end a choice unless `ignore_eos` (config and tokenizer EOS).
     pub eos: Vec<u32>,
+    /// Set in the embedding task: how prompts are pooled.
+    pub pooling: Option<PoolingConfig>,
 }
 
 pub struct EngineCore {
@@ -172,6 +180,7 @@ impl EngineCore {
                 detok: IncrementalDetokenizer::with_context(&input.input_ids, params.skip_special_tokens),
                 stop: StopChecker::new(&params.stop),
                 features: None,
+                pool: None,
             };
             let sid = self.next_seq;
             self.next_seq += 1;
@@ -181,6 +190,40 @@ impl EngineCore {
         }
         let usage = Usage { prompt_tokens: input.input_ids.len(), completion_tokens: 0 };
         self.reqs.insert(id, RequestState { params, sink, live, usage });
+        Ok(())
+    }
+
+    /// Admits an embedding request: its prompt runs in one step (no chunking:
+    /// `max_num_batched_tokens` bounds it) and leaves the cache at once.
+    pub fn add_embed(&mut self, id: RequestId, input: PreparedInput, sink: Sender<Event>) -> Result<()> {
+        let pool = self.cfg.pooling.ok_or_else(|| {
+            Error::InvalidInput("this model serves text generation; embeddings need --task embedding".into())
+        })?;
+        check_embed_fits(input.input_ids.len(), self.cfg.max_model_len, self.cfg.scheduler.max_num_batched_tokens)?;
+        if self.reqs.contains_key(&id) {
+            return Err(Error::InvalidInput(format!("request id {id} is already running")));
+        }
+        let input = Arc::new(input);
+        let sid = self.next_seq;
+        self.next_seq += 1;
+        let seq = Sequence {
+            req: id,
+            index: 0,
+            detok: IncrementalDetokenizer::new(true),
+            output: Vec::new(),
+            computed: 0,
+            blocks: Vec::new(),
+            sampler: Sampler::new(super::sampling::SamplingParams::greedy())?,
+            stop: StopChecker::new::<&str>(&[]),
+            features: None,
+            pool: Some(pool),
+            input: input.clone(),
+        };
+        self.seqs.0.insert(sid, seq);
+        self.sched.add(sid);
+        let usage = Usage { prompt_tokens: input.input_ids.len(), completion_tokens: 0 };
+        let params = RequestParams { max_tokens: 1, ..Default::default() };
+        self.reqs.insert(id, RequestState { params, sink, live: vec![sid], usage });
         Ok(())
     }
 
@@ -261,11 +304,12 @@ impl EngineCore {
         if work.is_empty() {
             return Ok(stats);
         }
-        let sampled: Vec<SeqId> = work
-            .iter()
-            .filter(|&&(sid, n)| self.seqs.0[&sid].computed + n == self.seqs.0[&sid].total())
-            .map(|w| w.0)
-            .collect();
+        let finishing = |sid: &SeqId, n: usize| self.seqs.0[sid].computed + n == self.seqs.0[sid].total();
+        let pooling = |sid: &SeqId| self.seqs.0[sid].pool.is_some();
+        let sampled: Vec<SeqId> =
+            work.iter().filter(|&&(sid, n)| finishing(&sid, n) && !pooling(&sid)).map(|w| w.0).collect();
+        let pooled: Vec<SeqId> =
+            work.iter().filter(|&&(sid, n)| finishing(&sid, n) && pooling(&sid)).map(|w| w.0).collect();
         let logits = {
             let items: Vec<SeqWork> = work
                 .iter()
@@ -278,13 +322,14 @@ impl EngineCore {
                         past: s.computed,
                         new: n,
                         features: s.features.as_ref(),
-                        sample: s.computed + n == s.total(),
+                        sample: s.computed + n == s.total() && s.pool.is_none(),
+                        pool: s.pool.filter(|_| s.computed + n == s.total()).map(|p| p.pooling),
                     }
                 })
                 .collect();
             self.runner.forward(&items)
         };
-        let logits = match logits {
+        let out = match logits {
             Ok(l) => l,
             Err(e) => {
                 let reqs: Vec<RequestId> = work.iter().map(|(sid, _)| self.seqs.0[sid].req).collect();
@@ -303,7 +348,17 @@ impl EngineCore {
                 s.features = None;
             }
         }
-        let Some(logits) = logits else { return Ok(stats) };
+        for (sid, rows) in pooled.into_iter().zip(out.pooled) {
+            let s = &self.seqs.0[&sid];
+            let values = s.pool.expect("pooled sequences pool").pool(&rows, self.runner.model.text.dims.hidden);
+            let req = s.req;
+            self.send(req, Event::Embedding { values });
+            self.drop_seq(sid);
+            if let Some(r) = self.reqs.remove(&req) {
+                let _ = r.sink.send(Event::Done { usage: r.usage });
+            }
+        }
+        let Some(logits) = out.logits else { return Ok(stats) };
         stats.sampled = sampled.len();
         let tokens = match self.sample(&sampled, &logits) {
             Ok(t) => t,
@@ -447,6 +502,21 @@ impl EngineCore {
         }
         Ok(())
     }
+}
+
+/// An embedding prompt must fit the context and one step's token budget.
+pub fn check_embed_fits(prompt: usize, max_model_len: usize, max_num_batched_tokens: usize) -> Result<()> {
+    if prompt == 0 {
+        return Err(Error::InvalidInput("the input is empty".into()));
+    }
+    let limit = max_model_len.min(max_num_batched_tokens);
+    if prompt > limit {
+        return Err(Error::InvalidInput(format!(
+            "this model's maximum context length for embeddings is {limit} tokens, but the input has {prompt} \
+             (counting image tokens); shorten it or send smaller images"
+        )));
+    }
+    Ok(())
 }
 
 /// The vLLM context check: prompt plus max_tokens within max_model_len.

@@ -11,8 +11,9 @@ use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use super::core::{check_fits, CoreConfig, EngineCore};
-use super::request::{Collector, Event, Request, RequestId, RequestOutput};
+use super::core::{check_embed_fits, check_fits, CoreConfig, EngineCore};
+use super::pooling::{Pooling, PoolingConfig, Task};
+use super::request::{Collector, Event, Request, RequestId, RequestOutput, RequestParams};
 use super::runner::{CacheConfig, Runner};
 use super::scheduler::SchedulerConfig;
 use crate::error::{Error, Result};
@@ -40,6 +41,10 @@ pub struct EngineConfig {
     pub cpu_kv_cache_bytes: usize,
     /// Chat template file or text instead of the model's own.
     pub chat_template: Option<String>,
+    /// Generation, or embeddings (vLLM's `--task`).
+    pub task: Task,
+    /// Embedding task: overrides the model folder's pooling type.
+    pub pooling: Option<Pooling>,
 }
 
 impl Default for EngineConfig {
@@ -55,6 +60,8 @@ impl Default for EngineConfig {
             gpu_memory_utilization: 0.9,
             cpu_kv_cache_bytes: 4 << 30,
             chat_template: None,
+            task: Task::Generate,
+            pooling: None,
         }
     }
 }
@@ -77,6 +84,11 @@ pub struct Frontend {
     pub block_size: usize,
     /// Device the engine runs on ("cpu", or the GPU's name).
     pub device: String,
+    pub task: Task,
+    /// The embedding task's pooling (None when generating).
+    pub pooling: Option<PoolingConfig>,
+    /// Most tokens one step computes (bounds an embedding input).
+    pub max_num_batched_tokens: usize,
 }
 
 impl Frontend {
@@ -111,6 +123,7 @@ pub struct EngineStats {
 
 enum Msg {
     Add(RequestId, Box<Request>, Sender<Event>),
+    Embed(RequestId, Box<PreparedInput>, Sender<Event>),
     Abort(RequestId),
 }
 
@@ -181,6 +194,16 @@ pub fn load(cfg: &EngineConfig) -> Result<(Frontend, EngineCore)> {
         }
         dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned())
     });
+    let pooling = match cfg.task {
+        Task::Generate => None,
+        Task::Embed => {
+            let mut p = PoolingConfig::from_dir(dir)?;
+            if let Some(kind) = cfg.pooling {
+                p.pooling = kind;
+            }
+            Some(p)
+        }
+    };
     let core_cfg = CoreConfig {
         scheduler: SchedulerConfig {
             max_num_seqs: cfg.max_num_seqs,
@@ -188,6 +211,7 @@ pub fn load(cfg: &EngineConfig) -> Result<(Frontend, EngineCore)> {
         },
         max_model_len,
         eos,
+        pooling,
     };
     let frontend = Frontend {
         model_name,
@@ -201,6 +225,9 @@ pub fn load(cfg: &EngineConfig) -> Result<(Frontend, EngineCore)> {
         num_blocks: runner.num_blocks(),
         block_size: runner.block_size(),
         device,
+        task: cfg.task,
+        pooling,
+        max_num_batched_tokens: cfg.max_num_batched_tokens,
     };
     Ok((frontend, EngineCore::new(runner, tokenizer, core_cfg)))
 }
@@ -248,6 +275,11 @@ impl Engine {
     /// Queues a request; its events arrive on the returned channel. Requests
     /// that cannot fit the context are refused here, before queueing.
     pub fn submit(&self, req: Request) -> Result<(RequestId, Receiver<Event>)> {
+        if self.frontend.task != Task::Generate {
+            return Err(Error::InvalidInput(
+                "this model serves the embedding task; it cannot generate text (start it with --task generate)".into(),
+            ));
+        }
         check_fits(&req, self.frontend.max_model_len)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (etx, erx) = mpsc::channel();
@@ -256,6 +288,42 @@ impl Engine {
             .and_then(|tx| tx.send(Msg::Add(id, Box::new(req), etx)).ok())
             .ok_or_else(|| Error::Engine("the engine has stopped".into()))?;
         Ok((id, erx))
+    }
+
+    /// Queues an embedding request (the embedding task only): its stream is
+    /// `Embedding` then `Done`, or `Error`.
+    pub fn submit_embed(&self, input: PreparedInput) -> Result<(RequestId, Receiver<Event>)> {
+        if self.frontend.task != Task::Embed {
+            return Err(Error::InvalidInput(
+                "this model serves text generation; start it with --task embedding for embeddings".into(),
+            ));
+        }
+        check_embed_fits(input.input_ids.len(), self.frontend.max_model_len, self.frontend.max_num_batched_tokens)?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (etx, erx) = mpsc::channel();
+        self.tx
+            .as_ref()
+            .and_then(|tx| tx.send(Msg::Embed(id, Box::new(input), etx)).ok())
+            .ok_or_else(|| Error::Engine("the engine has stopped".into()))?;
+        Ok((id, erx))
+    }
+
+    /// Embeds a batch of prompts (the offline API of the embedding task).
+    pub fn embed(&self, inputs: Vec<PreparedInput>) -> Vec<Result<Vec<f32>>> {
+        let pending: Vec<_> = inputs.into_iter().map(|i| self.submit_embed(i)).collect();
+        pending
+            .into_iter()
+            .map(|p| {
+                let (_, rx) = p?;
+                let mut collector = Collector::new(&RequestParams { n: 0, ..Default::default() });
+                for ev in rx.iter() {
+                    if collector.push(ev) {
+                        break;
+                    }
+                }
+                collector.finish()?.embedding.ok_or_else(|| Error::Engine("no embedding came back".into()))
+            })
+            .collect()
     }
 
     /// Ends a request now (its KV blocks are freed at once); unknown or
@@ -322,6 +390,11 @@ fn run(mut core: EngineCore, rx: Receiver<Msg>, stats: &Mutex<EngineStats>) {
             match m {
                 Msg::Add(id, req, sink) => {
                     if let Err(e) = core.add(id, *req, sink.clone()) {
+                        let _ = sink.send(Event::Error { message: e.to_string() });
+                    }
+                }
+                Msg::Embed(id, input, sink) => {
+                    if let Err(e) = core.add_embed(id, *input, sink.clone()) {
                         let _ = sink.send(Event::Error { message: e.to_string() });
                     }
                 }

@@ -9,15 +9,18 @@
 //! - `blocks`    the KV block pool
 //! - `runner`    packs a step into one forward pass; sizes the KV cache
 //! - `sampling`  the CPU sampler (OpenAI/vLLM semantics)
+//! - `pooling`   the embedding task: pooling and normalization
 
 pub mod blocks;
 pub mod core;
 #[allow(clippy::module_inception)] // engine::engine holds the Engine type, as vLLM's engine/ package does
 pub mod engine;
+pub mod pooling;
 pub mod request;
 pub mod runner;
 pub mod sampling;
 pub mod scheduler;
 
 pub use engine::{Engine, EngineConfig, EngineStats, Frontend};
+pub use pooling::{Pooling, PoolingConfig, Task};
 pub use request::{Event, FinishReason, Request, RequestId, RequestOutput, RequestParams};

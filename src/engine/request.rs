@@ -144,6 +144,10 @@ pub enum Event {
         reason: FinishReason,
         stop_reason: Option<StopReason>,
     },
+    /// The pooled embedding of an embedding request (then Done).
+    Embedding {
+        values: Vec<f32>,
+    },
     /// Every choice has finished.
     Done {
         usage: Usage,
@@ -172,6 +176,8 @@ pub struct Choice {
 pub struct RequestOutput {
     pub choices: Vec<Choice>,
     pub usage: Usage,
+    /// The embedding, for an embedding request (which has no choices).
+    pub embedding: Option<Vec<f32>>,
 }
 
 /// Folds a request's events into its output.
@@ -181,6 +187,7 @@ pub struct Collector {
     want_logprobs: bool,
     usage: Option<Usage>,
     error: Option<String>,
+    embedding: Option<Vec<f32>>,
 }
 
 impl Collector {
@@ -195,7 +202,13 @@ impl Collector {
                 stop_reason: None,
             })
             .collect();
-        Collector { choices, want_logprobs: params.sampling.logprobs.is_some(), usage: None, error: None }
+        Collector {
+            choices,
+            want_logprobs: params.sampling.logprobs.is_some(),
+            usage: None,
+            error: None,
+            embedding: None,
+        }
     }
 
     /// Takes one event; true once the stream has ended (Done or Error).
@@ -218,6 +231,10 @@ impl Collector {
                 }
                 false
             }
+            Event::Embedding { values } => {
+                self.embedding = Some(values);
+                false
+            }
             Event::Done { usage } => {
                 self.usage = Some(usage);
                 true
@@ -236,7 +253,7 @@ impl Collector {
             return Err(Error::InvalidInput(m));
         }
         let usage = self.usage.ok_or_else(|| Error::Engine("the engine stopped before the request finished".into()))?;
-        Ok(RequestOutput { choices: self.choices, usage })
+        Ok(RequestOutput { choices: self.choices, usage, embedding: self.embedding })
     }
 }
 

@@ -9,6 +9,7 @@
 //! weights, that peak, and the largest image the processor can produce.
 
 use super::blocks::blocks_for;
+use super::pooling::Pooling;
 use crate::error::{Error, Result};
 use crate::model::qwen2_vl::inputs::PreparedInput;
 use crate::model::qwen2_vl::model::MediaFeatures;
@@ -30,6 +31,17 @@ pub struct SeqWork<'a> {
     pub features: Option<&'a MediaFeatures>,
     /// Whether the step ends at the sequence's last token (it samples).
     pub sample: bool,
+    /// An embedding request finishing this step: which rows to return.
+    pub pool: Option<Pooling>,
+}
+
+/// A step's results.
+pub struct StepOutput {
+    /// f32 (sampling sequences, vocab), in work order.
+    pub logits: Option<Tensor>,
+    /// For each pooling sequence, in work order: its final-normed hidden
+    /// rows the pooling needs (the last, the first, or all), row-major.
+    pub pooled: Vec<Vec<f32>>,
 }
 
 impl SeqWork<'_> {
@@ -128,16 +140,18 @@ impl Runner {
         self.model.encode_media(input, &mut |_, _| {})
     }
 
-    /// One forward pass over `work`; f32 logits (rows, vocab) of the
-    /// sequences with `sample`, in order, or None when none samples.
-    pub fn forward(&mut self, work: &[SeqWork]) -> Result<Option<Tensor>> {
+    /// One forward pass over `work`: logits of the sequences with `sample`
+    /// and hidden rows of those with `pool`.
+    pub fn forward(&mut self, work: &[SeqWork]) -> Result<StepOutput> {
         let dev = self.model.device.clone();
         let n: usize = work.iter().map(|w| w.new).sum();
         let mut ids = Vec::with_capacity(n);
         let mut pos = vec![0i32; 3 * n];
         let mut last_rows = Vec::new();
+        let mut pool_rows: Vec<Vec<i32>> = Vec::new();
         let mut row = 0;
         for w in work {
+            let first = row as i32;
             for t in w.past..w.past + w.new {
                 ids.push(w.token(t) as i32);
                 for axis in 0..3 {
@@ -147,6 +161,12 @@ impl Runner {
             }
             if w.sample {
                 last_rows.push(row as i32 - 1);
+            }
+            match w.pool {
+                Some(Pooling::Last) => pool_rows.push(vec![row as i32 - 1]),
+                Some(Pooling::Cls) => pool_rows.push(vec![first]),
+                Some(Pooling::Mean) => pool_rows.push((first..row as i32).collect()),
+                None => {}
             }
         }
         let ids_t = Tensor::from_i32(&dev, &[n], &ids)?;
@@ -164,13 +184,15 @@ impl Runner {
             work.iter().map(|w| SeqChunk { blocks: w.blocks, past: w.past, new: w.new }).collect();
         let batch = AttnBatch::new(&dev, &chunks, self.kv.block_size)?;
         let h = self.model.text.forward(x, &pos_t, &mut self.kv, &batch, &mut |_, _| {})?;
-        if last_rows.is_empty() {
-            return Ok(None);
-        }
-        let rows_t = Tensor::from_i32(&dev, &[last_rows.len()], &last_rows)?;
-        let mut last = Tensor::empty(&dev, &[last_rows.len(), self.model.text.dims.hidden], h.dtype())?;
-        embedding::embedding(&mut last, &rows_t, &h)?;
-        Ok(Some(self.model.text.logits(&last)?))
+        let gather = |rows: &[i32]| -> Result<Tensor> {
+            let rows_t = Tensor::from_i32(&dev, &[rows.len()], rows)?;
+            let mut out = Tensor::empty(&dev, &[rows.len(), self.model.text.dims.hidden], h.dtype())?;
+            embedding::embedding(&mut out, &rows_t, &h)?;
+            Ok(out)
+        };
+        let pooled = pool_rows.iter().map(|r| gather(r)?.to_f32_vec()).collect::<Result<Vec<_>>>()?;
+        let logits = if last_rows.is_empty() { None } else { Some(self.model.text.logits(&gather(&last_rows)?)?) };
+        Ok(StepOutput { logits, pooled })
     }
 }
 

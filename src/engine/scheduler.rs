@@ -31,6 +31,11 @@ pub trait Tokens {
     fn computed(&self, id: SeqId) -> usize;
     /// Its block table.
     fn blocks(&mut self, id: SeqId) -> &mut Vec<u32>;
+    /// Whether its prompt must run in one step (embedding requests).
+    fn whole(&self, id: SeqId) -> bool {
+        let _ = id;
+        false
+    }
     /// It lost its blocks and will be recomputed.
     fn preempted(&mut self, id: SeqId);
 }
@@ -120,7 +125,8 @@ impl Scheduler {
             let Some(&id) = self.waiting.front() else { break };
             let (total, done) = (seqs.total(id), seqs.computed(id));
             let n = total.saturating_sub(done).min(budget);
-            if n == 0 || !pool.grow(seqs.blocks(id), done + n) {
+            let chunked = n < total.saturating_sub(done);
+            if n == 0 || (chunked && seqs.whole(id)) || !pool.grow(seqs.blocks(id), done + n) {
                 break;
             }
             self.waiting.pop_front();

@@ -244,6 +244,7 @@ fn max_tokens_resolve_against_the_context() {
 #[test]
 fn response_json_has_openais_shape() {
     let out = RequestOutput {
+        embedding: None,
         choices: vec![
             Choice {
                 index: 0,
