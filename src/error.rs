@@ -43,6 +43,13 @@ pub enum Error {
     /// becomes a 400 on the server.
     #[error("{0}")]
     InvalidInput(String),
+    /// Media a request names could not be fetched: the remote server did not
+    /// answer, answered with an error status, was too slow, or redirected
+    /// too often. The request itself was well formed; becomes a 422 on the
+    /// server (an `InvalidInput` media problem — bad data URL, refused local
+    /// path, undecodable image — stays a 400).
+    #[error("{0}")]
+    MediaFetch(String),
     /// The engine cannot take or finish work (stopped, out of KV cache for a
     /// request that can never fit, device failure mid-step).
     #[error("engine: {0}")]

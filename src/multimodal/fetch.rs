@@ -8,7 +8,11 @@
 //! here, whole seconds, default 5). Unlike vLLM we also cap the size of
 //! what one fetch may return, and accept a bare absolute path as a local file.
 //!
-//! Every failure is `Error::InvalidInput`: the URL came from a user.
+//! A URL that could not be fetched — connection refused, unknown host,
+//! timeout, an error status, too many redirects, a broken body — is
+//! `Error::MediaFetch` (the server's 422); every other failure (malformed or
+//! refused URL, bad data URL, a response over the size cap) is
+//! `Error::InvalidInput` (400): the URL came from a user.
 //!
 //! SSRF hardening (refusing loopback and private addresses) is a later step.
 //! Every TCP connection, including each redirect hop, resolves its host
@@ -155,8 +159,9 @@ impl MediaFetcher {
 
     fn fetch_http(&self, url: &str) -> Result<Vec<u8>> {
         let bad = |msg: String| Error::InvalidInput(format!("media URL {}: {msg}", shown(url)));
+        let failed = |msg: String| Error::MediaFetch(format!("media URL {}: {msg}", shown(url)));
         let timeout = self.settings.timeout;
-        let timed_out = || bad(format!("timed out after {} s", timeout.as_secs_f64()));
+        let timed_out = || failed(format!("timed out after {} s", timeout.as_secs_f64()));
         let deadline = Instant::now() + timeout;
         let mut current = url.to_string();
         let mut redirects = 0;
@@ -174,12 +179,12 @@ impl MediaFetcher {
                 .timeout_global(Some(left))
                 .build()
                 .call()
-                .map_err(|e| if is_timeout(&e) { timed_out() } else { bad(transport_error(&e)) })?;
+                .map_err(|e| if is_timeout(&e) { timed_out() } else { failed(transport_error(&e)) })?;
             let status = resp.status();
             if status.is_redirection() {
                 if let Some(loc) = resp.headers().get("location") {
                     if redirects == MAX_REDIRECTS {
-                        return Err(bad(format!("more than {MAX_REDIRECTS} redirects")));
+                        return Err(failed(format!("more than {MAX_REDIRECTS} redirects")));
                     }
                     redirects += 1;
                     let loc = loc.to_str().map_err(|_| bad("a redirect Location is not text".into()))?;
@@ -192,7 +197,7 @@ impl MediaFetcher {
             }
             if !status.is_success() {
                 let reason = status.canonical_reason().unwrap_or("");
-                return Err(bad(format!("the server answered HTTP {} {reason}", status.as_u16())));
+                return Err(failed(format!("the server answered HTTP {} {reason}", status.as_u16())));
             }
             let cap = self.settings.max_bytes;
             let too_big = || bad(format!("the response is larger than the {} allowed", bytes(cap)));
@@ -202,7 +207,7 @@ impl MediaFetcher {
             return resp.body_mut().with_config().limit(cap as u64).read_to_vec().map_err(|e| match e {
                 ureq::Error::BodyExceedsLimit(_) => too_big(),
                 e if is_timeout(&e) => timed_out(),
-                e => bad(format!("reading the response failed: {}", transport_error(&e))),
+                e => failed(format!("reading the response failed: {}", transport_error(&e))),
             });
         }
     }

@@ -16,6 +16,15 @@ fn err(r: Result<Vec<u8>>) -> String {
     }
 }
 
+/// The message of a fetch that failed on the remote side (`MediaFetch`).
+fn fetch_err(r: Result<Vec<u8>>) -> String {
+    match r {
+        Err(e @ Error::MediaFetch(_)) => e.to_string(),
+        Err(e) => panic!("expected MediaFetch, got {e}"),
+        Ok(b) => panic!("expected an error, got {} bytes", b.len()),
+    }
+}
+
 // ---- data: URLs ----
 
 #[test]
@@ -217,7 +226,7 @@ fn http_200_returns_the_body() {
 #[test]
 fn http_404_is_an_error() {
     let base = serve(1, Box::new(|_, s| reply(s, "404 Not Found", "", b"nope")));
-    let e = err(fetcher(FetchSettings::default()).fetch(&format!("{base}/cat.png")));
+    let e = fetch_err(fetcher(FetchSettings::default()).fetch(&format!("{base}/cat.png")));
     assert!(e.contains("HTTP 404 Not Found") && e.contains("/cat.png"), "{e}");
 }
 
@@ -267,7 +276,7 @@ fn slow_servers_time_out() {
     let f = fetcher(FetchSettings { timeout: Duration::from_millis(300), ..Default::default() });
     for path in ["/late", "/drip"] {
         let start = Instant::now();
-        let e = err(f.fetch(&format!("{base}{path}")));
+        let e = fetch_err(f.fetch(&format!("{base}{path}")));
         assert!(e.contains("timed out after 0.3 s"), "{path}: {e}");
         assert!(start.elapsed() < Duration::from_millis(1200), "{path}: took {:?}", start.elapsed());
     }
@@ -290,7 +299,7 @@ fn redirects_are_followed_up_to_three() {
     let f = fetcher(FetchSettings::default());
     assert_eq!(f.fetch(&format!("{base}/n/3")).unwrap(), b"landed");
     let base = serve(4, Box::new(handler));
-    let e = err(f.fetch(&format!("{base}/n/4")));
+    let e = fetch_err(f.fetch(&format!("{base}/n/4")));
     assert!(e.contains("more than 3 redirects"), "{e}");
 }
 
@@ -321,7 +330,7 @@ fn allowed_domains_apply_to_every_hop() {
 fn refused_connections_say_so() {
     // Bind then drop a listener: its port is (almost surely) closed now.
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let e = err(fetcher(FetchSettings::default()).fetch(&format!("http://127.0.0.1:{port}/x")));
+    let e = fetch_err(fetcher(FetchSettings::default()).fetch(&format!("http://127.0.0.1:{port}/x")));
     assert!(e.contains(&format!("127.0.0.1:{port}")), "{e}");
 }
 
