@@ -2,7 +2,14 @@
 //! the server: request/response bodies (`protocol`) and turning a request's
 //! media references into decoded media.
 
+pub mod completions;
+pub mod embeddings;
 pub mod protocol;
+pub mod stream;
+pub mod tokenize;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 
@@ -12,6 +19,47 @@ use crate::multimodal::embeds::parse_image_embeds;
 use crate::multimodal::fetch::MediaFetcher;
 use crate::multimodal::image::decode_rgb8;
 pub use protocol::MediaRef;
+
+/// Time one request spent on its media, per stage, summed over items (items
+/// run in parallel, so a stage's sum can exceed the wall time). The server's
+/// /metrics histograms are fed from these.
+#[derive(Debug, Default)]
+pub struct MediaTimings {
+    fetch_ns: AtomicU64,
+    decode_ns: AtomicU64,
+    preprocess_ns: AtomicU64,
+}
+
+impl MediaTimings {
+    /// Runs `f`, adding its time to `stage`.
+    fn time<T>(stage: &AtomicU64, f: impl FnOnce() -> T) -> T {
+        let t = Instant::now();
+        let out = f();
+        stage.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        out
+    }
+
+    /// Fetching bytes (http, data: URL decoding, local files).
+    pub fn fetch<T>(&self, f: impl FnOnce() -> T) -> T {
+        Self::time(&self.fetch_ns, f)
+    }
+
+    /// Decoding images and parsing embeddings files.
+    pub fn decode<T>(&self, f: impl FnOnce() -> T) -> T {
+        Self::time(&self.decode_ns, f)
+    }
+
+    /// Rendering, resizing, normalizing, patchifying and tokenizing.
+    pub fn preprocess<T>(&self, f: impl FnOnce() -> T) -> T {
+        Self::time(&self.preprocess_ns, f)
+    }
+
+    /// (fetch, decode, preprocess) totals.
+    pub fn totals(&self) -> (Duration, Duration, Duration) {
+        let d = |a: &AtomicU64| Duration::from_nanos(a.load(Ordering::Relaxed));
+        (d(&self.fetch_ns), d(&self.decode_ns), d(&self.preprocess_ns))
+    }
+}
 
 /// Fetches and decodes a request's media, in order, items in parallel:
 /// images and video frames are decoded to RGB8 (at most `max_pixels` each),
@@ -24,8 +72,23 @@ pub fn load_media(
     merge: usize,
     hidden: usize,
 ) -> Result<Vec<Media>> {
+    load_media_timed(refs, fetcher, max_pixels, merge, hidden, &MediaTimings::default())
+}
+
+/// `load_media`, adding the time of each stage to `timings`.
+pub fn load_media_timed(
+    refs: &[MediaRef],
+    fetcher: &MediaFetcher,
+    max_pixels: usize,
+    merge: usize,
+    hidden: usize,
+    timings: &MediaTimings,
+) -> Result<Vec<Media>> {
     let max_pixels = max_pixels as u64;
-    let image = |url: &str| decode_rgb8(&fetcher.fetch(url)?, max_pixels);
+    let image = |url: &str| {
+        let bytes = timings.fetch(|| fetcher.fetch(url))?;
+        timings.decode(|| decode_rgb8(&bytes, max_pixels))
+    };
     refs.par_iter()
         .enumerate()
         .map(|(i, r)| {
@@ -38,7 +101,8 @@ pub fn load_media(
                     .collect::<Result<Vec<_>>>()
                     .map(Media::Video),
                 MediaRef::ImageEmbeds(url) => {
-                    let mut items = parse_image_embeds(&fetcher.fetch(url)?, merge, hidden)?;
+                    let bytes = timings.fetch(|| fetcher.fetch(url))?;
+                    let mut items = timings.decode(|| parse_image_embeds(&bytes, merge, hidden))?;
                     match items.len() {
                         1 => Ok(items.remove(0)),
                         n => Err(Error::InvalidInput(format!(
@@ -61,10 +125,11 @@ fn kind(r: &MediaRef) -> &'static str {
     }
 }
 
-/// `e` with "`what`: " in front, if it is the user's error.
+/// `e` with "`what`: " in front, if it is the user's error or a failed fetch.
 fn in_item(what: &str, e: Error) -> Error {
     match e {
         Error::InvalidInput(m) => Error::InvalidInput(format!("{what}: {m}")),
+        Error::MediaFetch(m) => Error::MediaFetch(format!("{what}: {m}")),
         e => e,
     }
 }

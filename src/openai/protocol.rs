@@ -13,7 +13,7 @@
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{json, Map, Value};
 
-use crate::engine::request::{RequestOutput, RequestParams, StopReason, TokenLogprob};
+use crate::engine::request::{RequestOutput, RequestParams, StopReason, TokenLogprob, Usage};
 use crate::engine::sampling::{SamplingParams, MAX_LOGPROBS};
 use crate::error::{Error, Result};
 
@@ -369,6 +369,57 @@ pub struct UsageInfo {
 /// vLLM clamps -inf logprobs to this so the JSON stays numeric.
 const MIN_LOGPROB: f32 = -9999.0;
 
+/// A logprob as JSON carries it: -inf clamped to vLLM's floor.
+pub fn clamp_logprob(lp: f32) -> f32 {
+    lp.max(MIN_LOGPROB)
+}
+
+/// Chat-style logprobs (`{"content": [...]}`) of some generated tokens.
+/// `token_text` turns a token id into its text (the tokenizer's decode of
+/// that one id).
+pub fn chat_logprobs(lps: &[TokenLogprob], token_text: &dyn Fn(u32) -> String) -> ChoiceLogprobs {
+    let entry = |id: u32, lp: f32| {
+        let token = token_text(id);
+        let bytes = token.as_bytes().to_vec();
+        (token, clamp_logprob(lp), bytes)
+    };
+    ChoiceLogprobs {
+        content: lps
+            .iter()
+            .map(|t| {
+                let (token, logprob, bytes) = entry(t.token, t.logprob);
+                let top_logprobs = t
+                    .top
+                    .iter()
+                    .map(|&(id, lp)| {
+                        let (token, logprob, bytes) = entry(id, lp);
+                        TopLogprobJson { token, logprob, bytes }
+                    })
+                    .collect();
+                TokenLogprobJson { token, logprob, bytes, top_logprobs }
+            })
+            .collect(),
+    }
+}
+
+/// vLLM's `stop_reason`: the stop token id (a number) or the stop string.
+pub fn stop_reason_json(r: &Option<StopReason>) -> Option<Value> {
+    r.as_ref().map(|r| match r {
+        StopReason::Token(t) => json!(t),
+        StopReason::String(s) => json!(s),
+    })
+}
+
+impl UsageInfo {
+    pub fn new(u: Usage) -> Self {
+        UsageInfo {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u.prompt_tokens + u.completion_tokens,
+        }
+    }
+}
+
 impl ChatCompletionResponse {
     /// The response for a finished request. `token_text` turns a token id
     /// into its text (the tokenizer's decode of that one id) for logprobs.
@@ -379,59 +430,33 @@ impl ChatCompletionResponse {
         out: &RequestOutput,
         token_text: &dyn Fn(u32) -> String,
     ) -> Self {
-        let entry = |id: u32, lp: f32| {
-            let token = token_text(id);
-            let bytes = token.as_bytes().to_vec();
-            (token, lp.max(MIN_LOGPROB), bytes)
-        };
-        let logprobs = |lps: &[TokenLogprob]| ChoiceLogprobs {
-            content: lps
-                .iter()
-                .map(|t| {
-                    let (token, logprob, bytes) = entry(t.token, t.logprob);
-                    let top_logprobs = t
-                        .top
-                        .iter()
-                        .map(|&(id, lp)| {
-                            let (token, logprob, bytes) = entry(id, lp);
-                            TopLogprobJson { token, logprob, bytes }
-                        })
-                        .collect();
-                    TokenLogprobJson { token, logprob, bytes, top_logprobs }
-                })
-                .collect(),
-        };
         let choices = out
             .choices
             .iter()
             .map(|c| ChatChoice {
                 index: c.index,
                 message: AssistantMessage { role: "assistant", content: c.text.clone() },
-                logprobs: c.logprobs.as_deref().map(logprobs),
+                logprobs: c.logprobs.as_deref().map(|l| chat_logprobs(l, token_text)),
                 finish_reason: c.finish_reason.as_str(),
-                stop_reason: c.stop_reason.as_ref().map(|r| match r {
-                    StopReason::Token(t) => json!(t),
-                    StopReason::String(s) => json!(s),
-                }),
+                stop_reason: stop_reason_json(&c.stop_reason),
             })
             .collect();
-        let u = out.usage;
         ChatCompletionResponse {
             id,
             object: "chat.completion",
             created,
             model,
             choices,
-            usage: UsageInfo {
-                prompt_tokens: u.prompt_tokens,
-                completion_tokens: u.completion_tokens,
-                total_tokens: u.prompt_tokens + u.completion_tokens,
-            },
+            usage: UsageInfo::new(out.usage),
         }
     }
 }
 
 /// OpenAI's error body: `{"error": {"message", "type", "param", "code"}}`.
+/// vLLM answers with the same shape (`ErrorResponse` in
+/// vllm/entrypoints/openai/protocol.py); `type` and `code` here take
+/// OpenAI's values (`invalid_request_error`, `model_not_found`, ...) where
+/// vLLM puts an exception name and the status number.
 #[derive(Clone, Debug, Serialize)]
 pub struct ErrorResponse {
     pub error: ErrorInfo,
@@ -447,15 +472,27 @@ pub struct ErrorInfo {
 }
 
 impl ErrorResponse {
-    /// The HTTP status and body for an error: what the user sent
-    /// (`InvalidInput`) is a 400 `invalid_request_error`, anything else a
-    /// 500 `server_error`.
-    pub fn from_error(e: &Error) -> (u16, ErrorResponse) {
-        let (status, kind) = match e {
-            Error::InvalidInput(_) => (400, "invalid_request_error"),
-            _ => (500, "server_error"),
+    /// An error body for HTTP `status`, with the `type` OpenAI uses for it.
+    pub fn new(status: u16, message: impl Into<String>, code: Option<&str>) -> ErrorResponse {
+        let kind = match status {
+            401 => "authentication_error",
+            429 => "rate_limit_error",
+            400..=499 => "invalid_request_error",
+            _ => "server_error",
         };
-        (status, ErrorResponse { error: ErrorInfo { message: e.to_string(), kind, param: None, code: None } })
+        ErrorResponse { error: ErrorInfo { message: message.into(), kind, param: None, code: code.map(str::to_owned) } }
+    }
+
+    /// The HTTP status and body for an error: what the user sent
+    /// (`InvalidInput`) is a 400, media that could not be fetched
+    /// (`MediaFetch`) a 422, anything else a 500 `server_error`.
+    pub fn from_error(e: &Error) -> (u16, ErrorResponse) {
+        let (status, code) = match e {
+            Error::InvalidInput(_) => (400, None),
+            Error::MediaFetch(_) => (422, Some("media_fetch_failed")),
+            _ => (500, None),
+        };
+        (status, ErrorResponse::new(status, e.to_string(), code))
     }
 }
 

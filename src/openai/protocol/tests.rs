@@ -333,4 +333,12 @@ fn error_bodies_have_openais_shape() {
     );
     let (status, body) = ErrorResponse::from_error(&Error::Config("no such model".into()));
     assert_eq!((status, body.error.kind), (500, "server_error"));
+    let (status, body) = ErrorResponse::from_error(&Error::MediaFetch("media URL x: connection refused".into()));
+    assert_eq!(
+        (status, body.error.kind, body.error.code.as_deref()),
+        (422, "invalid_request_error", Some("media_fetch_failed"))
+    );
+    assert_eq!(ErrorResponse::new(401, "no key", Some("invalid_api_key")).error.kind, "authentication_error");
+    assert_eq!(ErrorResponse::new(429, "busy", None).error.kind, "rate_limit_error");
+    assert_eq!(ErrorResponse::new(404, "gone", None).error.kind, "invalid_request_error");
 }

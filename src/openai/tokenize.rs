@@ -1,0 +1,94 @@
+//! vLLM's tokenizer endpoints (vllm/entrypoints/openai/protocol.py:
+//! `TokenizeCompletionRequest`, `TokenizeChatRequest`, `TokenizeResponse`,
+//! `DetokenizeRequest`, `DetokenizeResponse`): POST /tokenize takes a
+//! `prompt` or chat `messages`, POST /detokenize takes `tokens`.
+//!
+//! Media parts of `messages` count as their unexpanded placeholders
+//! (`<|vision_start|><|image_pad|><|vision_end|>`): the media are not
+//! fetched, so the count is the text's, without the image tokens a
+//! generation request would add.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::completions::token_ids;
+use super::protocol::{ChatCompletionRequest, ChatMessage};
+use crate::error::{Error, Result};
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct TokenizeRequest {
+    pub model: Option<String>,
+    pub prompt: Option<String>,
+    pub messages: Option<Vec<ChatMessage>>,
+    /// Default: true for `prompt`, false for `messages` (vLLM).
+    pub add_special_tokens: Option<bool>,
+    /// Chat form only; default true (vLLM).
+    pub add_generation_prompt: Option<bool>,
+    /// Also return each token's vocabulary string.
+    pub return_token_strs: Option<bool>,
+}
+
+/// What to tokenize.
+#[derive(Clone, Debug)]
+pub enum TokenizeInput {
+    Prompt(String),
+    /// Template messages (media parts replaced by their placeholders).
+    Chat {
+        messages: Value,
+        add_generation_prompt: bool,
+    },
+}
+
+impl TokenizeRequest {
+    pub fn from_json(body: &str) -> Result<Self> {
+        serde_json::from_str(body).map_err(|e| Error::InvalidInput(format!("invalid request body: {e}")))
+    }
+
+    /// The input and whether special tokens are added.
+    pub fn to_input(&self) -> Result<(TokenizeInput, bool)> {
+        match (&self.prompt, &self.messages) {
+            (Some(p), None) => Ok((TokenizeInput::Prompt(p.clone()), self.add_special_tokens.unwrap_or(true))),
+            (None, Some(messages)) => {
+                let chat = ChatCompletionRequest { messages: messages.clone(), ..Default::default() };
+                let input = chat.to_chat_input()?;
+                let add_generation_prompt = self.add_generation_prompt.unwrap_or(true);
+                Ok((
+                    TokenizeInput::Chat { messages: input.messages, add_generation_prompt },
+                    self.add_special_tokens.unwrap_or(false),
+                ))
+            }
+            (Some(_), Some(_)) => Err(Error::InvalidInput("give either prompt or messages, not both".into())),
+            (None, None) => Err(Error::InvalidInput("prompt or messages is required".into())),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TokenizeResponse {
+    pub count: usize,
+    pub max_model_len: usize,
+    pub tokens: Vec<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_strs: Option<Vec<String>>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct DetokenizeRequest {
+    pub model: Option<String>,
+    pub tokens: Vec<Value>,
+}
+
+impl DetokenizeRequest {
+    pub fn from_json(body: &str) -> Result<Self> {
+        serde_json::from_str(body).map_err(|e| Error::InvalidInput(format!("invalid request body: {e}")))
+    }
+
+    pub fn ids(&self) -> Result<Vec<u32>> {
+        token_ids(&self.tokens)
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DetokenizeResponse {
+    pub prompt: String,
+}
