@@ -5,6 +5,7 @@
 //! - `tensor` a minimal tensor over host (f32/i32) or device memory
 //! - `ops`    every op with a CPU f32 reference and a CUDA launcher
 //! - `openai` OpenAI-compatible request/response bodies and media loading
+//! - `server` the OpenAI-compatible HTTP server (`kestrel serve`)
 
 pub mod cli;
 pub mod cuda;
@@ -18,4 +19,5 @@ pub use tensor::{DType, Device, Tensor};
 pub mod model;
 pub mod multimodal;
 pub mod openai;
+pub mod server;
 pub mod text;

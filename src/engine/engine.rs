@@ -368,6 +368,13 @@ impl Drop for Engine {
     }
 }
 
+impl Engine {
+    /// Whether the engine thread is still running (the server's /health).
+    pub fn is_alive(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+}
+
 /// The engine thread's loop: block for messages while idle, else take what
 /// has arrived and step.
 fn run(mut core: EngineCore, rx: Receiver<Msg>, stats: &Mutex<EngineStats>) {

@@ -1,0 +1,285 @@
+//! POST /v1/chat/completions and /v1/completions, as vLLM's
+//! `OpenAIServingChat` and `OpenAIServingCompletion`
+//! (vllm/entrypoints/openai/serving_chat.py, serving_completion.py): parse,
+//! validate, prepare the prompt and its media on this worker thread, submit
+//! to the engine, then answer with the whole result or stream chunks as the
+//! engine's events arrive. A request dropped before its end (client gone,
+//! panic) is aborted in the engine, which frees its KV blocks at once.
+
+use std::sync::mpsc::Receiver;
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+use super::http::{ApiError, EventStream, Reply};
+use super::metrics::RequestTimes;
+use super::{unix_now, State};
+use crate::cli::batch::prepare_timed;
+use crate::engine::request::{Collector, Event, RequestId, RequestOutput, RequestParams};
+use crate::engine::{Request, Task};
+use crate::openai::completions::{CompletionLogprobs, CompletionRequest, CompletionResponse, Prompt};
+use crate::openai::protocol::{
+    chat_logprobs, resolve_max_tokens, stop_reason_json, ChatCompletionRequest, ChatCompletionResponse, ErrorResponse,
+};
+use crate::openai::stream::{chat_choice, completion_choice, ChunkHeader};
+use crate::openai::MediaTimings;
+
+/// POST /v1/chat/completions.
+pub(crate) fn chat<'a>(state: &'a State, body: &str, arrival: Instant) -> Result<Reply<'a>, ApiError> {
+    let req = ChatCompletionRequest::from_json(body)?;
+    state.check_model(req.model.as_deref())?;
+    state.check_task(Task::Generate, "Chat Completions API")?;
+    let input = req.to_chat_input()?;
+    state.check_media_limits(&input.media)?;
+    let timings = MediaTimings::default();
+    let prepared = prepare_timed(state.frontend(), &state.fetcher, &input, &timings);
+    if !input.media.is_empty() {
+        let (f, d, p) = timings.totals();
+        state.metrics.media(f, d, p);
+    }
+    let request = prepared?;
+    let include_usage = req.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
+    let kind = Kind::Chat;
+    run(state, request, kind, req.stream.unwrap_or(false), include_usage, arrival)
+}
+
+/// POST /v1/completions.
+pub(crate) fn completions<'a>(state: &'a State, body: &str, arrival: Instant) -> Result<Reply<'a>, ApiError> {
+    let req = CompletionRequest::from_json(body)?;
+    state.check_model(req.model.as_deref())?;
+    state.check_task(Task::Generate, "Completions API")?;
+    let input = req.to_input()?;
+    let prepared = match input.prompt {
+        Prompt::Text(text) => state.text_input(&text, true)?,
+        Prompt::Tokens(ids) => state.token_input(ids)?,
+    };
+    let mut params = input.params;
+    let f = state.frontend();
+    params.max_tokens = resolve_max_tokens(Some(input.max_tokens), prepared.input_ids.len(), f.max_model_len)?;
+    params.validate()?;
+    let include_usage = req.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
+    let request = Request { input: prepared, params };
+    run(state, request, Kind::Completion, req.stream.unwrap_or(false), include_usage, arrival)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+/// Submits `request` and answers: the collected output, or a stream.
+fn run<'a>(
+    state: &'a State,
+    request: Request,
+    kind: Kind,
+    stream: bool,
+    include_usage: bool,
+    arrival: Instant,
+) -> Result<Reply<'a>, ApiError> {
+    let params = request.params.clone();
+    let (id, rx) = state.engine.submit(request)?;
+    let mut job = Job { state, id, rx, ended: false, times: Times::new(arrival) };
+    let (prefix, object) = match kind {
+        Kind::Chat => ("chatcmpl", "chat.completion.chunk"),
+        Kind::Completion => ("cmpl", "text_completion"),
+    };
+    let header = ChunkHeader {
+        id: state.new_id(prefix),
+        object,
+        created: unix_now(),
+        model: state.frontend().model_name.clone(),
+        include_usage,
+    };
+    if stream {
+        let offsets = vec![0; params.n];
+        return Ok(Reply::Stream(Box::new(Stream { job, header, kind, params, started: false, offsets })));
+    }
+    let out = job.collect(&params)?;
+    let token_text = |t: u32| state.frontend().token_text(t);
+    Ok(match kind {
+        Kind::Chat => {
+            Reply::json(200, &ChatCompletionResponse::new(header.id, header.model, header.created, &out, &token_text))
+        }
+        Kind::Completion => {
+            Reply::json(200, &CompletionResponse::new(header.id, header.model, header.created, &out, &token_text))
+        }
+    })
+}
+
+/// Token timing of one request, for /metrics.
+struct Times {
+    arrival: Instant,
+    first: Option<Instant>,
+    last: Option<Instant>,
+    tokens: usize,
+}
+
+impl Times {
+    fn new(arrival: Instant) -> Self {
+        Times { arrival, first: None, last: None, tokens: 0 }
+    }
+
+    fn observe(&mut self, ev: &Event) {
+        if let Event::Delta { token_ids, .. } = ev {
+            if !token_ids.is_empty() {
+                let now = Instant::now();
+                self.first.get_or_insert(now);
+                self.last = Some(now);
+                self.tokens += token_ids.len();
+            }
+        }
+    }
+
+    fn finish(&self) -> RequestTimes {
+        let tpot = match (self.first, self.last) {
+            (Some(f), Some(l)) if self.tokens > 1 => Some((l - f) / (self.tokens as u32 - 1)),
+            _ => None,
+        };
+        RequestTimes { ttft: self.first.map(|f| f - self.arrival), tpot, e2e: self.arrival.elapsed() }
+    }
+}
+
+/// A submitted request; aborted in the engine if dropped before its end.
+struct Job<'a> {
+    state: &'a State,
+    id: RequestId,
+    rx: Receiver<Event>,
+    ended: bool,
+    times: Times,
+}
+
+impl Job<'_> {
+    /// The next event; an Error when the engine went away. Records metrics
+    /// when the request ends.
+    fn recv(&mut self) -> Event {
+        let ev = self.rx.recv().unwrap_or_else(|_| Event::Error { message: "the engine stopped".into() });
+        self.times.observe(&ev);
+        match &ev {
+            Event::Finished { reason, .. } => self.state.metrics.choice_finished(reason.as_str()),
+            Event::Done { usage } => {
+                self.ended = true;
+                self.state.metrics.request_done(usage.prompt_tokens, usage.completion_tokens, self.times.finish());
+            }
+            Event::Error { .. } => self.ended = true,
+            _ => {}
+        }
+        ev
+    }
+
+    fn collect(&mut self, params: &RequestParams) -> Result<RequestOutput, ApiError> {
+        let mut c = Collector::new(params);
+        while !c.push(self.recv()) {}
+        Ok(c.finish()?)
+    }
+}
+
+impl Drop for Job<'_> {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.state.engine.abort(self.id);
+        }
+    }
+}
+
+/// A streamed chat or text completion.
+struct Stream<'a> {
+    job: Job<'a>,
+    header: ChunkHeader,
+    kind: Kind,
+    params: RequestParams,
+    started: bool,
+    /// Bytes of text sent so far per choice (completions' logprob offsets).
+    offsets: Vec<usize>,
+}
+
+impl Stream<'_> {
+    fn json(v: &Value) -> String {
+        v.to_string()
+    }
+
+    fn finish_chunk(&self, index: usize, reason: &str, stop: Option<Value>) -> Value {
+        let finish = Some((reason, stop));
+        match self.kind {
+            Kind::Chat => self.header.chunk(chat_choice(index, json!({}), None, finish)),
+            Kind::Completion => self.header.chunk(completion_choice(index, "", None, finish)),
+        }
+    }
+}
+
+impl EventStream for Stream<'_> {
+    fn next(&mut self) -> Option<Vec<String>> {
+        if !self.started {
+            self.started = true;
+            if self.kind == Kind::Chat {
+                let roles = (0..self.params.n)
+                    .map(|i| {
+                        Self::json(&self.header.chunk(chat_choice(
+                            i,
+                            json!({"role": "assistant", "content": ""}),
+                            None,
+                            None,
+                        )))
+                    })
+                    .collect();
+                return Some(roles);
+            }
+        }
+        if self.job.ended {
+            return None;
+        }
+        let token_text = |t: u32| self.job.state.frontend().token_text(t);
+        let out = match self.job.recv() {
+            Event::Delta { index, text, logprobs, .. } => {
+                let want_logprobs = self.params.sampling.logprobs.is_some() && !logprobs.is_empty();
+                if text.is_empty() && !want_logprobs {
+                    return Some(Vec::new());
+                }
+                let chunk = match self.kind {
+                    Kind::Chat => {
+                        let lp = want_logprobs.then(|| json!(chat_logprobs(&logprobs, &token_text)));
+                        chat_choice(index, json!({"content": text}), lp, None)
+                    }
+                    Kind::Completion => {
+                        let offset = self.offsets.get(index).copied().unwrap_or(0);
+                        let lp = want_logprobs.then(|| json!(CompletionLogprobs::new(&logprobs, offset, &token_text)));
+                        if let Some(o) = self.offsets.get_mut(index) {
+                            *o += text.len();
+                        }
+                        completion_choice(index, &text, lp, None)
+                    }
+                };
+                vec![Self::json(&self.header.chunk(chunk))]
+            }
+            Event::Finished { index, reason, stop_reason } => {
+                vec![Self::json(&self.finish_chunk(index, reason.as_str(), stop_reason_json(&stop_reason)))]
+            }
+            Event::Done { usage } => {
+                let mut v = Vec::new();
+                if self.header.include_usage {
+                    v.push(Self::json(&self.header.usage_chunk(usage)));
+                }
+                v.push("[DONE]".to_owned());
+                v
+            }
+            Event::Error { message } => {
+                // vLLM's in-stream error: an error object as one event, then [DONE].
+                let body = ErrorResponse::new(400, message, None);
+                vec![serde_json::to_string(&body).unwrap_or_default(), "[DONE]".to_owned()]
+            }
+            // Generation requests never carry embeddings.
+            Event::Embedding { .. } => Vec::new(),
+        };
+        Some(out)
+    }
+
+    fn client_gone(&mut self) {
+        // Dropping the job aborts it; aborting now frees the blocks before the
+        // worker finishes its bookkeeping.
+        if !self.job.ended {
+            self.job.ended = true;
+            self.job.state.engine.abort(self.job.id);
+            self.job.state.metrics.client_disconnected();
+        }
+    }
+}
