@@ -13,6 +13,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the model over an OpenAI-compatible HTTP API (as `vllm serve`).
+    Serve(Box<kestrel::cli::serve::ServeArgs>),
     /// Answer one prompt (with images) greedily and print the answer.
     Generate(kestrel::cli::generate::GenerateArgs),
     /// Measure the engine (see `kestrel bench --help`).
@@ -38,6 +40,12 @@ enum BenchCommand {
 fn main() {
     let cli = Cli::parse();
     match cli.command {
+        Command::Serve(args) => {
+            if let Err(e) = kestrel::cli::serve::run(&args) {
+                eprintln!("kestrel serve: {e}");
+                std::process::exit(1);
+            }
+        }
         Command::Info { require_gpu } => std::process::exit(info(require_gpu)),
         Command::Bench(BenchCommand::Throughput(args)) => match kestrel::cli::bench::throughput(&args) {
             Ok(report) => print!("{report}"),

@@ -1,4 +1,4 @@
-//! Engine and media flags shared by `kestrel generate` and (later) `kestrel
+//! Engine and media flags shared by `kestrel generate` and `kestrel
 //! serve`, under vLLM's names (`vllm serve --help`, vllm/engine/arg_utils.py
 //! `EngineArgs`). A flag left out keeps `EngineConfig::default()`.
 

@@ -5,3 +5,4 @@ pub mod bench;
 pub mod compare;
 pub mod engine_args;
 pub mod generate;
+pub mod serve;

@@ -1,0 +1,263 @@
+//! `kestrel serve [MODEL]`: the OpenAI-compatible HTTP server, started as
+//! `vllm serve MODEL` is (vllm/entrypoints/cli/serve.py,
+//! vllm/entrypoints/openai/cli_args.py): the engine flags of `EngineArgs`
+//! plus the server's own, under vLLM's names and defaults. A command line
+//! from vLLM's docs runs with `vllm serve` replaced by `kestrel serve`;
+//! flags of vLLM's that change nothing here (`--trust-remote-code`) are
+//! accepted.
+//!
+//! MODEL is a model folder, or a Hugging Face id (`Qwen/Qwen2-VL-2B-Instruct`)
+//! already in the local Hugging Face cache; nothing is downloaded. Without
+//! it, the built-in tiny model is served.
+
+use std::path::PathBuf;
+
+use crate::cli::engine_args::EngineArgs;
+use crate::engine::{Engine, EngineConfig, Pooling, Task};
+use crate::error::{Error, Result};
+use crate::multimodal::fetch::MediaFetcher;
+use crate::server::{bind, MediaLimits, Server, ServerConfig, DEFAULT_MAX_BODY_BYTES};
+
+/// Environment variables holding the API key when --api-key is not given
+/// (ours, then vLLM's).
+pub const API_KEY_ENV: [&str; 2] = ["KESTREL_API_KEY", "VLLM_API_KEY"];
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// Model folder, or a Hugging Face id found in the local Hugging Face cache
+    /// (default: the built-in tiny model).
+    #[arg(value_name = "MODEL", conflicts_with = "model")]
+    pub model_tag: Option<String>,
+    /// The model, as a flag (vLLM's older spelling).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Address to listen on (vLLM listens on all interfaces by default).
+    #[arg(long, default_value = "0.0.0.0")]
+    pub host: String,
+    /// Port to listen on; 0 picks a free one (the ready line says which).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Require `Authorization: Bearer <key>` on /v1 routes (also from
+    /// KESTREL_API_KEY or VLLM_API_KEY).
+    #[arg(long)]
+    pub api_key: Option<String>,
+    /// Most media items per prompt, per kind: `image=2,video=1` or
+    /// `{"image": 2, "video": 1}` (default: 999 each, vLLM V1's default).
+    #[arg(long, value_parser = parse_limits)]
+    pub limit_mm_per_prompt: Option<MediaLimits>,
+    /// What the model is served for: generate (chat and text completions) or
+    /// embedding (/v1/embeddings; `embed` too).
+    #[arg(long, value_enum, default_value = "generate")]
+    pub task: TaskArg,
+    /// How token states become one embedding (embedding task; default: the
+    /// model's own setting).
+    #[arg(long, value_enum)]
+    pub pooling: Option<PoolingArg>,
+    /// Accepted for vLLM compatibility; Kestrel runs no model code from the model folder.
+    #[arg(long)]
+    pub trust_remote_code: bool,
+    /// HTTP worker threads; each handles one request at a time, so this also
+    /// bounds the requests the engine sees at once (default: 2 x CPU cores, at most 64).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Generation and embedding requests in flight before more are answered
+    /// 429 with Retry-After (default: no bound beyond --workers).
+    #[arg(long)]
+    pub max_queue: Option<usize>,
+    #[command(flatten)]
+    pub engine: Box<EngineArgs>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TaskArg {
+    #[value(alias = "auto")]
+    Generate,
+    #[value(alias = "embed")]
+    Embedding,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PoolingArg {
+    Last,
+    Mean,
+    Cls,
+}
+
+/// `image=2,video=1`, or the JSON form `{"image": 2}` (a value may also be
+/// `{"count": 2}`, vLLM's newer form). Kinds left out keep their default.
+pub fn parse_limits(s: &str) -> std::result::Result<MediaLimits, String> {
+    let mut limits = MediaLimits::default();
+    let pairs: Vec<(String, u64)> = if s.trim_start().starts_with('{') {
+        let v: serde_json::Value = serde_json::from_str(s).map_err(|e| format!("invalid JSON: {e}"))?;
+        let obj = v.as_object().ok_or("expected a JSON object such as {\"image\": 2}")?;
+        obj.iter()
+            .map(|(k, v)| {
+                let n = v.as_u64().or_else(|| v.get("count").and_then(|c| c.as_u64()));
+                n.map(|n| (k.clone(), n)).ok_or_else(|| format!("{k}: expected a non-negative integer"))
+            })
+            .collect::<std::result::Result<_, _>>()?
+    } else {
+        s.split(',')
+            .filter(|p| !p.trim().is_empty())
+            .map(|p| {
+                let (k, v) = p.split_once('=').ok_or_else(|| format!("{p:?}: expected KIND=N, e.g. image=2"))?;
+                let n = v.trim().parse().map_err(|_| format!("{p:?}: expected a non-negative integer"))?;
+                Ok((k.trim().to_owned(), n))
+            })
+            .collect::<std::result::Result<_, String>>()?
+    };
+    for (kind, n) in pairs {
+        let n = usize::try_from(n).map_err(|_| format!("{kind}: {n} is too large"))?;
+        match kind.as_str() {
+            "image" => limits.image = n,
+            "video" => limits.video = n,
+            other => return Err(format!("{other:?}: this model takes image and video")),
+        }
+    }
+    Ok(limits)
+}
+
+/// The model folder for MODEL: a folder as given, else a Hugging Face id
+/// resolved in the local cache (`$HF_HUB_CACHE`, `$HF_HOME/hub`, or
+/// `~/.cache/huggingface/hub`), at the snapshot `refs/main` names.
+pub fn resolve_model(model: &str) -> Result<PathBuf> {
+    let given = PathBuf::from(model);
+    if given.is_dir() {
+        return Ok(given);
+    }
+    let looks_like_id = !model.starts_with('/') && !model.starts_with('.') && model.split('/').count() == 2;
+    if looks_like_id {
+        let hub = std::env::var_os("HF_HUB_CACHE")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HF_HOME").map(|h| PathBuf::from(h).join("hub")))
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub")));
+        if let Some(repo) = hub.map(|h| h.join(format!("models--{}", model.replace('/', "--")))) {
+            let rev = std::fs::read_to_string(repo.join("refs/main")).ok();
+            if let Some(snapshot) = rev.map(|r| repo.join("snapshots").join(r.trim())).filter(|p| p.is_dir()) {
+                return Ok(snapshot);
+            }
+        }
+    }
+    Err(Error::InvalidInput(format!(
+        "model {model:?}: no such folder{}; Kestrel downloads nothing (fetch it first, e.g. `huggingface-cli download {model}`)",
+        if looks_like_id { ", and not in the local Hugging Face cache" } else { "" }
+    )))
+}
+
+/// Default HTTP workers: 2 per core, at most 64.
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(4, |n| n.get() * 2).min(64)
+}
+
+/// Loads the model, listens, prints the ready line and serves until killed.
+pub fn run(args: &ServeArgs) -> Result<()> {
+    let model = args.model_tag.clone().or_else(|| args.model.clone());
+    let (dir, root) = match &model {
+        Some(m) => (resolve_model(m)?, m.clone()),
+        None => (crate::model::builtin::materialize()?, crate::model::builtin::NAME.to_owned()),
+    };
+    let task = match args.task {
+        TaskArg::Generate => Task::Generate,
+        TaskArg::Embedding => Task::Embed,
+    };
+    if args.pooling.is_some() && args.task != TaskArg::Embedding {
+        return Err(Error::InvalidInput("--pooling applies to --task embedding".into()));
+    }
+    let pooling = args.pooling.map(|p| match p {
+        PoolingArg::Last => Pooling::Last,
+        PoolingArg::Mean => Pooling::Mean,
+        PoolingArg::Cls => Pooling::Cls,
+    });
+    let mut engine_cfg = EngineConfig { task, pooling, ..args.engine.engine_config(dir)? };
+    // vLLM serves a model under the name it was given on the command line.
+    if engine_cfg.model_name.is_none() && model.is_some() {
+        engine_cfg.model_name = Some(root.clone());
+    }
+    let api_key = args
+        .api_key
+        .clone()
+        .or_else(|| API_KEY_ENV.iter().find_map(|v| std::env::var(v).ok()))
+        .filter(|k| !k.is_empty());
+    let cfg = ServerConfig {
+        api_key,
+        limits: args.limit_mm_per_prompt.unwrap_or_default(),
+        workers: args.workers.unwrap_or_else(default_workers).max(1),
+        max_queue: args.max_queue,
+        max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+        model_root: root,
+    };
+    let fetcher = MediaFetcher::new(args.engine.fetch_settings()?)?;
+    // Listen first, so a taken port fails before the model loads.
+    let http = bind(&args.host, args.port)?;
+    let engine = Engine::start(engine_cfg)?;
+    let (name, device) = (engine.frontend().model_name.clone(), engine.frontend().device.clone());
+    let server = Server::new(http, engine, fetcher, cfg);
+    let port = server.local_addr().map_or(args.port, |a| a.port());
+    println!("kestrel: serving {name} on http://{}:{port} (device {device})", args.host);
+    server.run();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    #[test]
+    fn limits_take_both_forms() {
+        let l = |s: &str| parse_limits(s);
+        assert_eq!(l("image=2,video=1"), Ok(MediaLimits { image: 2, video: 1 }));
+        assert_eq!(l("image=3"), Ok(MediaLimits { image: 3, video: 999 }));
+        assert_eq!(l(r#"{"image":2}"#), Ok(MediaLimits { image: 2, video: 999 }));
+        assert_eq!(l(r#"{"video": {"count": 0}}"#), Ok(MediaLimits { image: 999, video: 0 }));
+        assert!(l("audio=1").unwrap_err().contains("image and video"));
+        assert!(l("image").unwrap_err().contains("KIND=N"));
+        assert!(l(r#"{"image": -1}"#).unwrap_err().contains("non-negative"));
+        assert!(l("{").unwrap_err().contains("invalid JSON"));
+    }
+
+    #[test]
+    fn vllm_command_lines_parse() {
+        let cli = Cli::parse_from([
+            "serve",
+            "Qwen/Qwen2-VL-2B-Instruct",
+            "--max-model-len",
+            "4096",
+            "--limit-mm-per-prompt",
+            r#"{"image":2}"#,
+            "--trust-remote-code",
+        ]);
+        let s = cli.serve;
+        assert_eq!(s.model_tag.as_deref(), Some("Qwen/Qwen2-VL-2B-Instruct"));
+        assert_eq!(
+            (s.engine.max_model_len, s.limit_mm_per_prompt),
+            (Some(4096), Some(MediaLimits { image: 2, video: 999 }))
+        );
+        assert!(s.trust_remote_code);
+        assert_eq!((s.host.as_str(), s.port, s.task), ("0.0.0.0", 8000, TaskArg::Generate));
+
+        let s =
+            Cli::parse_from(["serve", "--model", "m", "--task", "embed", "--pooling", "last", "--api-key", "k"]).serve;
+        assert_eq!((s.model.as_deref(), s.task, s.pooling), (Some("m"), TaskArg::Embedding, Some(PoolingArg::Last)));
+        assert_eq!(s.api_key.as_deref(), Some("k"));
+        assert!(Cli::try_parse_from(["serve", "a", "--model", "b"]).is_err());
+        assert!(Cli::try_parse_from(["serve", "--task", "classify"]).is_err());
+    }
+
+    #[test]
+    fn models_resolve_from_folders_or_the_hf_cache() {
+        let e = resolve_model("/no/such/model").unwrap_err().to_string();
+        assert!(e.contains("no such folder") && !e.contains("cache"), "{e}");
+        let e = resolve_model("nobody-has/this-model-kestrel-test").unwrap_err().to_string();
+        assert!(e.contains("not in the local Hugging Face cache"), "{e}");
+        let dir = std::env::temp_dir();
+        assert_eq!(resolve_model(dir.to_str().unwrap()).unwrap(), dir);
+    }
+}
