@@ -196,9 +196,9 @@ fn streamed_chat_equals_the_whole_answer() {
     let events = s.stream("/v1/chat/completions", &chat_body(content, sopts));
     assert_eq!(events.last().unwrap(), "[DONE]");
     let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
-    for i in 0..2 {
-        assert_eq!(chunks[i]["choices"][0]["delta"]["role"], "assistant", "{}", chunks[i]);
-        assert_eq!(chunks[i]["choices"][0]["index"], i);
+    for (i, c) in chunks.iter().take(2).enumerate() {
+        assert_eq!(c["choices"][0]["delta"]["role"], "assistant", "{c}");
+        assert_eq!(c["choices"][0]["index"], i);
     }
     let (mut text, mut finishes, mut logprobs) = (vec![String::new(); 2], vec![0; 2], vec![0; 2]);
     for c in &chunks {

@@ -51,7 +51,7 @@ pub enum EmbeddingInputs {
     Tokens(Vec<Vec<u32>>),
     /// One conversation (its media still to fetch).
     Chat {
-        input: ChatInput,
+        input: Box<ChatInput>,
         add_generation_prompt: bool,
     },
 }
@@ -104,7 +104,7 @@ impl EmbeddingRequest {
             (None, Some(messages)) => {
                 let chat = ChatCompletionRequest { messages: messages.clone(), ..Default::default() };
                 EmbeddingInputs::Chat {
-                    input: chat.to_chat_input()?,
+                    input: Box::new(chat.to_chat_input()?),
                     add_generation_prompt: self.add_generation_prompt.unwrap_or(false),
                 }
             }
