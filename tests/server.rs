@@ -25,8 +25,11 @@ impl Server {
 
     fn start_env(args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_kestrel"));
-        cmd.args(["serve", "--device", "cpu", "--host", "127.0.0.1", "--port", "0", "--workers", "4"])
-            .args(args)
+        cmd.args(["serve", "--device", "cpu", "--host", "127.0.0.1", "--port", "0"]);
+        if !args.contains(&"--workers") {
+            cmd.args(["--workers", "4"]);
+        }
+        cmd.args(args)
             .env_remove("KESTREL_API_KEY")
             .env_remove("VLLM_API_KEY")
             .stdout(Stdio::piped())
@@ -423,16 +426,20 @@ fn unknown_models_routes_and_methods() {
 
 #[test]
 fn bodies_over_the_cap_are_413_before_reading() {
-    let s = Server::start(&[]);
-    // A declared 1 TB body, none of it sent: answered at once.
+    // One worker: a client that declares a huge body and then sends nothing
+    // must not keep it.
+    let s = Server::start(&["--workers", "1"]);
     let req = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
                Content-Length: 1000000000000\r\n\r\n";
     let t = Instant::now();
     let (_sock, head) = s.raw(req.as_bytes());
     assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("connection: close"), "{head}");
     assert!(t.elapsed() < Duration::from_secs(10));
-    // And the server is fine.
+    // The connection is still open, and the one worker serves others.
     assert_eq!(s.get("/health").0, 200);
+    let (status, v) = s.post("/v1/chat/completions", &chat_body(json!("hi"), json!({"max_tokens": 1})));
+    assert_eq!(status, 200, "{v}");
 }
 
 #[test]

@@ -85,21 +85,22 @@ impl<'a> Reply<'a> {
 /// The request body, at most `cap` bytes: 413 when Content-Length says more
 /// (before reading) or when more arrives.
 pub(crate) fn read_body(rq: &mut tiny_http::Request, cap: usize) -> Result<Vec<u8>, ApiError> {
+    // The rest of the body stays unread: the connection cannot be reused.
     let too_large = || {
         ApiError::new(
             413,
             format!("the request body is larger than the {} MiB allowed", cap >> 20),
             Some("request_too_large"),
         )
+        .with_header("Connection", "close")
     };
     if rq.body_length().is_some_and(|n| n > cap) {
         return Err(too_large());
     }
     let mut body = Vec::with_capacity(rq.body_length().unwrap_or(0));
-    rq.as_reader()
-        .take(cap as u64 + 1)
-        .read_to_end(&mut body)
-        .map_err(|e| ApiError::bad_request(format!("could not read the request body: {e}")))?;
+    rq.as_reader().take(cap as u64 + 1).read_to_end(&mut body).map_err(|e| {
+        ApiError::bad_request(format!("could not read the request body: {e}")).with_header("Connection", "close")
+    })?;
     if body.len() > cap {
         return Err(too_large());
     }
@@ -111,7 +112,9 @@ pub(crate) fn body_text(body: &[u8]) -> Result<&str, ApiError> {
     std::str::from_utf8(body).map_err(|e| ApiError::bad_request(format!("the request body is not UTF-8: {e}")))
 }
 
-/// Sends a full reply; returns its status.
+/// Sends a full reply; returns its status. A reply carrying `Connection:
+/// close` (one that leaves the request body unread) is written on the raw
+/// connection, since tiny_http drops that header from its responses.
 pub(crate) fn send_full(
     rq: tiny_http::Request,
     status: u16,
@@ -119,6 +122,18 @@ pub(crate) fn send_full(
     headers: Vec<(&'static str, String)>,
     body: Vec<u8>,
 ) -> u16 {
+    let close = headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("connection") && v == "close");
+    if close {
+        let reason = tiny_http::StatusCode(status).default_reason_phrase();
+        let mut head = format!("HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n");
+        for (name, value) in &headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+        let mut w = rq.into_writer();
+        let _ = w.write_all(head.as_bytes()).and_then(|()| w.write_all(&body)).and_then(|()| w.flush());
+        return status;
+    }
     let mut resp = tiny_http::Response::from_data(body).with_status_code(status);
     let all = std::iter::once(("Content-Type", content_type.to_owned())).chain(headers);
     for (name, value) in all {

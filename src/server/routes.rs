@@ -116,7 +116,8 @@ pub(crate) fn handle(state: &State, mut rq: tiny_http::Request) {
     };
 
     let reply = match (early, route) {
-        (Some(e), _) => Reply::error(e),
+        // The body is left unread: the connection cannot be reused.
+        (Some(e), _) => Reply::error(e.with_header("Connection", "close")),
         (None, Some(r)) => catch_unwind(AssertUnwindSafe(|| dispatch(state, r, &mut rq, arrival)))
             .unwrap_or_else(|_| {
                 Err(ApiError::new(500, "internal error while handling the request (see the server log)", None))

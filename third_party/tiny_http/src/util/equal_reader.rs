@@ -66,9 +66,17 @@ where
     fn drop(&mut self) {
         let mut remaining_to_read = self.size;
 
-        // Kestrel: drain through a fixed buffer. Upstream 0.12.0 allocates
-        // `remaining_to_read` bytes here, which a client controls through
-        // Content-Length (tiny-http/tiny-http PR #290, unreleased).
+        // Kestrel: drain through a fixed buffer, and at most DRAIN_LIMIT
+        // bytes. Upstream 0.12.0 allocates `remaining_to_read` bytes here,
+        // which a client controls through Content-Length (tiny-http/tiny-http
+        // PR #290, unreleased), and reads all of it. Past the limit the
+        // connection is left mid-body: its next request fails to parse and
+        // the connection closes (Kestrel answers unread bodies with
+        // `Connection: close`, so clients do not reuse it).
+        const DRAIN_LIMIT: usize = 1 << 20;
+        if remaining_to_read > DRAIN_LIMIT {
+            return;
+        }
         let mut buf = [0u8; 8192];
         while remaining_to_read > 0 {
             let want = remaining_to_read.min(buf.len());
