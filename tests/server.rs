@@ -272,6 +272,7 @@ fn embeddings_from_inputs_and_messages() {
     let full: Vec<f64> = data[0]["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
     assert!(full.len() > 16);
     assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
+    assert_eq!(s.metric("kestrel:prompt_tokens_total"), v["usage"]["prompt_tokens"].as_f64());
 
     let (status, v) = s.post("/v1/embeddings", &json!({"input": "a cat", "dimensions": 16}));
     assert_eq!(status, 200, "{v}");

@@ -140,6 +140,11 @@ impl Metrics {
         self.e2e.observe(times.e2e.as_secs_f64());
     }
 
+    /// Prompt tokens of a request that generates nothing (embeddings).
+    pub fn prompt_tokens(&self, n: usize) {
+        self.prompt_tokens.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
     /// A streaming client went away before its request finished (the request
     /// was aborted).
     pub fn client_disconnected(&self) {
