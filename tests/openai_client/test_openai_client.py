@@ -117,7 +117,7 @@ def expect(cond, msg):
 def client(base_url):
     # No retries: a 5xx or a dropped connection must fail the check, not be
     # papered over. Generous timeout: CI runs a debug build on the CPU.
-    return openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=300)
+    return openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
 
 
 def check_usage(u, min_prompt, what):
