@@ -62,7 +62,7 @@ trap cleanup EXIT
 start() {
     local name=$1
     shift
-    "$bin" serve --device cpu --port 0 "$@" </dev/null >"$tmp/$name.log" 2>&1 &
+    "$bin" serve --device cpu --host 127.0.0.1 --port 0 "$@" </dev/null >"$tmp/$name.log" 2>&1 &
     pids+=($!)
 }
 

@@ -24,6 +24,7 @@ import struct
 import sys
 import traceback
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 from openai.types import CreateEmbeddingResponse
@@ -176,6 +177,7 @@ def chat_two_images(cl, state):
         f"two images: prompt_tokens {r.usage.prompt_tokens} is not at least one image's {one} "
         f"+ {image_tokens(*IMG_B)} image tokens",
     )
+    state["two_images"] = r
 
 
 def chat_stream(cl, state):
@@ -211,6 +213,21 @@ def chat_stream(cl, state):
     )
 
 
+def chat_concurrent(cl, state):
+    """Requests in flight together (batched by the engine) answer as they do
+    alone: greedy decoding on the CPU does not depend on the batch."""
+    asks = [ONE_IMAGE, TWO_IMAGES] * 3
+    with ThreadPoolExecutor(len(asks)) as pool:
+        got = list(pool.map(lambda m: greedy(cl, m), asks))
+    for i, (m, r) in enumerate(zip(asks, got)):
+        alone = state["one_image" if m is ONE_IMAGE else "two_images"]
+        expect(
+            r.choices[0].message.content == alone.choices[0].message.content and r.usage == alone.usage,
+            f"concurrent request {i}: {r.choices[0].message.content!r} ({r.usage}), "
+            f"alone: {alone.choices[0].message.content!r} ({alone.usage})",
+        )
+
+
 def models_list(cl, state):
     ids = [m.id for m in cl.models.list()]
     expect(MODEL in ids, f"models.list() gives {ids}, without {MODEL!r}")
@@ -219,12 +236,17 @@ def models_list(cl, state):
 # ---- errors ----
 
 
-def expect_error(cls, status, call, what):
+def expect_error(cls, status, mentions, call, what):
+    """`call` must raise `cls` with `status`, and the error message must
+    mention `mentions` (case-insensitive), so that it failed for the reason
+    the check means."""
     try:
         r = call()
     except cls as e:
         expect(e.status_code == status, f"{what}: status {e.status_code}, expected {status}")
-        expect(isinstance(e.body, dict) and e.body.get("message"), f"{what}: error body {e.body!r} has no message")
+        msg = e.body.get("message") if isinstance(e.body, dict) else None
+        expect(isinstance(msg, str) and msg, f"{what}: error body {e.body!r} has no message")
+        expect(mentions.lower() in msg.lower(), f"{what}: error message {msg!r} does not mention {mentions!r}")
         return
     except openai.APIStatusError as e:
         raise CheckFailed(f"{what}: {type(e).__name__} (status {e.status_code}: {e.message}), expected {cls.__name__}")
@@ -236,20 +258,30 @@ def error_too_many_images(cl, state):
     expect_error(
         openai.BadRequestError,
         400,
+        "image",
         lambda: greedy(cl, [{"role": "user", "content": parts}]),
         f"{IMAGE_LIMIT + 1} images with --limit-mm-per-prompt image={IMAGE_LIMIT}",
+    )
+    # A streamed request is refused with the status, before any event.
+    expect_error(
+        openai.BadRequestError,
+        400,
+        "image",
+        lambda: list(greedy(cl, [{"role": "user", "content": parts}], stream=True)),
+        f"{IMAGE_LIMIT + 1} images, streamed",
     )
 
 
 def error_bad_base64(cl, state):
     bad = [{"role": "user", "content": [image_part("data:image/png;base64,!!not*base64!!"), text_part("Hi")]}]
-    expect_error(openai.BadRequestError, 400, lambda: greedy(cl, bad), "invalid base64 image")
+    expect_error(openai.BadRequestError, 400, "base64", lambda: greedy(cl, bad), "invalid base64 image")
 
 
 def error_max_tokens_zero(cl, state):
     expect_error(
         openai.BadRequestError,
         400,
+        "max_tokens",
         lambda: cl.chat.completions.create(model=MODEL, messages=ONE_IMAGE, max_tokens=0),
         "max_tokens=0",
     )
@@ -259,6 +291,7 @@ def error_unknown_model(cl, state):
     expect_error(
         openai.NotFoundError,
         404,
+        "no-such-model",
         lambda: cl.chat.completions.create(model="no-such-model", messages=ONE_IMAGE, max_tokens=8),
         "unknown model",
     )
@@ -346,6 +379,7 @@ CHECKS = [
         ("chat one image", chat_one_image),
         ("chat two images", chat_two_images),
         ("chat stream", chat_stream),
+        ("chat concurrent", chat_concurrent),
         ("models list", models_list),
         ("error too many images", error_too_many_images),
         ("error invalid base64 image", error_bad_base64),
