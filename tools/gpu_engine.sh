@@ -19,17 +19,7 @@ cd "$root"
 out="${1:?usage: tools/gpu_engine.sh OUTDIR [CONCURRENCY]}"
 conc="${2:-1,8,64}"
 mkdir -p "$out"
-tok=/tmp/kestrel-qwen-tokenizer
-rm -rf "$tok" && mkdir -p "$tok"
-cp .cache/qwen-tokenizer/tokenizer.json .cache/qwen-tokenizer/tokenizer_config.json "$tok"/
-cp tests/fixtures/tiny-qwen2-vl/chat_template.json "$tok"/
-m=/tmp/kestrel-random-2b
-if [ ! -f "$m/config.json" ]; then
-  t0=$(date +%s)
-  PYTHONUNBUFFERED=1 python3 tools/make_tiny_qwen2vl.py "$m" --config 2b --tokenizer "$tok" --no-dump \
-    >"$out/checkpoint.log" 2>&1 || { echo "checkpoint failed:"; tail -20 "$out/checkpoint.log"; exit 1; }
-  echo "random 2B checkpoint in $(( $(date +%s) - t0 )) s"
-fi
+m=$(bash tools/gpu_checkpoint.sh "$out") || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 rc=0
 KESTREL_REQUIRE_GPU=1 KESTREL_GPU_MODEL="$m" .device/engine_gpu --nocapture --test-threads 1 \

@@ -9,6 +9,12 @@
 # (offline). KESTREL_BIN overrides the server binary (default
 # target/debug/kestrel, which `cargo build` makes). Exits with the Python
 # checks' status; both servers are stopped on any exit.
+#
+# On the GPU host (no package index there): KESTREL_WHEELS=DIR installs from
+# wheels carried along, KESTREL_SERVE_ARGS adds arguments to both servers
+# (e.g. "MODEL_DIR --device cuda --gpu-memory-utilization 0.4"; the default
+# is "--device cpu"), and KESTREL_HIDDEN is the model's hidden size (the
+# embedding length; default 128, the tiny model's).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -22,11 +28,12 @@ model="${KESTREL_MODEL:-kestrel-tiny-qwen2-vl}"
 name_args=()
 [ -n "${KESTREL_MODEL:-}" ] && name_args=(--served-model-name "$KESTREL_MODEL")
 # How long a server may take to print its ready line (a cold debug build on a
-# shared CPU loads the tiny model in seconds; this is slack).
-ready_timeout=120
+# shared CPU loads the tiny model in seconds; a 2B checkpoint on the GPU host
+# takes under a minute; this is slack).
+ready_timeout=240
 
 cache="$root/.cache"
-venv="$cache/openai-venv"
+venv="${KESTREL_VENV:-$cache/openai-venv}"
 mkdir -p "$cache"
 # The folder ignores itself, so nothing here is ever picked up by git.
 [ -f "$cache/.gitignore" ] || printf '*\n' >"$cache/.gitignore"
@@ -34,7 +41,12 @@ if [ ! -f "$venv/.installed-openai-$openai_version" ]; then
     echo "openai_client_test: installing openai==$openai_version into $venv" >&2
     rm -rf "$venv"
     python3 -m venv "$venv"
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "openai==$openai_version"
+    if [ -n "${KESTREL_WHEELS:-}" ]; then
+        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-index \
+            --find-links "$KESTREL_WHEELS" "openai==$openai_version"
+    else
+        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "openai==$openai_version"
+    fi
     touch "$venv/.installed-openai-$openai_version"
 fi
 py="$venv/bin/python"
@@ -62,7 +74,8 @@ trap cleanup EXIT
 start() {
     local name=$1
     shift
-    "$bin" serve --device cpu --host 127.0.0.1 --port 0 "$@" </dev/null >"$tmp/$name.log" 2>&1 &
+    # shellcheck disable=SC2086 # KESTREL_SERVE_ARGS is a list of words
+    "$bin" serve ${KESTREL_SERVE_ARGS:---device cpu} --host 127.0.0.1 --port 0 "$@" </dev/null >"$tmp/$name.log" 2>&1 &
     pids+=($!)
 }
 

@@ -35,7 +35,7 @@ EMBED_BASE_URL = os.environ.get("KESTREL_EMBED_BASE_URL")
 
 # The tiny model's LM hidden size (tests/fixtures/tiny-qwen2-vl/config.json
 # text_config.hidden_size): the length of an embedding.
-HIDDEN = 128
+HIDDEN = int(os.environ.get("KESTREL_HIDDEN", "128"))
 # --limit-mm-per-prompt image=2 in the runner.
 IMAGE_LIMIT = 2
 
