@@ -57,7 +57,9 @@ pub struct ServeArgs {
     #[arg(long)]
     pub trust_remote_code: bool,
     /// HTTP worker threads; each handles one request at a time, so this also
-    /// bounds the requests the engine sees at once (default: 2 x CPU cores, at most 64).
+    /// bounds the requests the engine sees at once (default: --max-num-seqs
+    /// plus 2 per CPU core, so the engine's batch can fill while others fetch
+    /// media or wait; at most 1024).
     #[arg(long)]
     pub workers: Option<usize>,
     /// Generation and embedding requests in flight before more are answered
@@ -144,9 +146,12 @@ pub fn resolve_model(model: &str) -> Result<PathBuf> {
     )))
 }
 
-/// Default HTTP workers: 2 per core, at most 64.
-fn default_workers() -> usize {
-    std::thread::available_parallelism().map_or(4, |n| n.get() * 2).min(64)
+/// Default HTTP workers: enough to keep `max_num_seqs` requests in the
+/// engine while 2 per core fetch and preprocess media; at most 1024 (each is
+/// a thread, mostly waiting).
+fn default_workers(max_num_seqs: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
+    (max_num_seqs + 2 * cores).min(1024)
 }
 
 /// Loads the model, listens, prints the ready line and serves until killed.
@@ -181,7 +186,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     let cfg = ServerConfig {
         api_key,
         limits: args.limit_mm_per_prompt.unwrap_or_default(),
-        workers: args.workers.unwrap_or_else(default_workers).max(1),
+        workers: args.workers.unwrap_or_else(|| default_workers(engine_cfg.max_num_seqs)).max(1),
         max_queue: args.max_queue,
         max_body_bytes: DEFAULT_MAX_BODY_BYTES,
         model_root: root,
