@@ -349,3 +349,16 @@ FLASH(64)
 FLASH(80)
 FLASH(96)
 FLASH(128)
+
+// TEMPORARY (tuning run): tile-shape variants the kernel benchmarks time
+// against the chosen one; removed once a shape is picked.
+#define FLASH_TUNE(D, W, BN, MINB) FLASH_KERNELS(flashtune_w##W##_n##BN##_b##MINB##_d##D, D, W, BN, MINB)
+FLASH_TUNE(128, 4, 32, 2)
+FLASH_TUNE(128, 8, 64, 1)
+FLASH_TUNE(128, 8, 32, 1)
+FLASH_TUNE(128, 4, 32, 3)
+FLASH_TUNE(80, 4, 32, 2)
+FLASH_TUNE(80, 8, 64, 1)
+FLASH_TUNE(80, 8, 32, 1)
+FLASH_TUNE(80, 4, 64, 3)
+FLASH_TUNE(80, 4, 32, 3)
