@@ -211,8 +211,6 @@ fn run(gpu: &Arc<Gpu>) -> kestrel::Result<()> {
         });
     }
 
-    tune(gpu, &dev, gemm_tf, &mut seed, &mut rows)?;
-
     let (maj, min) = gpu.capability();
     println!("kernel benchmarks on {} (sm_{maj}{min}), median of {ITERS} runs unless noted", gpu.name());
     println!("{:<22} {:<26} {:>10} {:>12} {:>8} {:>9}", "kernel", "shape", "ms", "rate", "unit", "% ceiling");
@@ -226,81 +224,6 @@ fn run(gpu: &Arc<Gpu>) -> kestrel::Result<()> {
             r.unit,
             100.0 * r.rate / r.ceiling
         );
-    }
-    Ok(())
-}
-
-/// TEMPORARY (tuning run): blocks per SM of the tensor-core kernel at d80 (2
-/// against the chosen 3) and d96 (3, spilling, against the chosen 2), each
-/// checked against the chosen kernel's output (max |diff|, printed) and timed.
-fn tune(gpu: &Arc<Gpu>, dev: &Device, gemm_tf: f64, seed: &mut u64, rows: &mut Vec<Row>) -> kestrel::Result<()> {
-    use kestrel::cuda::Arg;
-    use kestrel::tensor::Storage;
-    let p = |t: &Tensor| match t.storage() {
-        Storage::Cuda(b) => b.ptr(),
-        _ => 0,
-    };
-    let vit = [1296usize; 4];
-    let cases: [(&[usize], usize, usize, bool, usize); 4] =
-        [(&vit, 16, 80, false, 2), (&[4096], 16, 80, true, 2), (&vit, 16, 96, false, 3), (&[4096], 16, 96, true, 3)];
-    for (seqs, h, d, causal, minb) in cases {
-        let total: usize = seqs.iter().sum();
-        let q = rand_tensor(dev, &[total, h, d], 1.0, seed);
-        let kk = rand_tensor(dev, &[total, h, d], 1.0, seed);
-        let vv = rand_tensor(dev, &[total, h, d], 1.0, seed);
-        let mut cu = vec![0i32];
-        for &l in seqs {
-            cu.push(cu[cu.len() - 1] + l as i32);
-        }
-        let cut = Tensor::from_i32(dev, &[cu.len()], &cu)?;
-        let max_q = seqs.iter().copied().max().unwrap_or(0);
-        let scale = 1.0 / (d as f32).sqrt();
-        let mut want = Tensor::empty(dev, &[total, h, d], DType::BF16)?;
-        let pairs: usize = seqs.iter().map(|&l| if causal { l * (l + 1) / 2 } else { l * l }).sum();
-        let flops = 4.0 * (pairs * h * d) as f64;
-        let mask = if causal { "causal" } else { "full" };
-        let ms = median(
-            gpu.time_ms(2, 10, || attention::attention(&mut want, &q, &kk, &vv, &cut, &cut, max_q, causal, scale))?,
-        );
-        rows.push(Row {
-            name: "tune chosen".into(),
-            shape: format!("{}x{} {mask} d{d}", seqs.len(), seqs[0]),
-            ms,
-            rate: flops / (ms * 1e-3) / 1e12,
-            unit: "TFLOP/s",
-            ceiling: gemm_tf,
-        });
-        let want = want.to_f32_vec()?;
-        let o = Tensor::empty(dev, &[total, h, d], DType::BF16)?;
-        let args = [
-            Arg::Ptr(p(&o)),
-            Arg::Ptr(p(&q)),
-            Arg::Ptr(p(&kk)),
-            Arg::Ptr(p(&vv)),
-            Arg::Ptr(p(&cut)),
-            Arg::Ptr(p(&cut)),
-            Arg::I32(total as i32),
-            Arg::I32(total as i32),
-            Arg::I32(h as i32),
-            Arg::I32(h as i32),
-            Arg::I32(causal as i32),
-            Arg::F32(scale),
-            Arg::I32(16),
-        ];
-        let name = format!("attention_varlen_flashtune_b{minb}_d{d}_bf16");
-        let grid = (h as u32, max_q.div_ceil(64) as u32, seqs.len() as u32);
-        let smem = ((64 + 4 * 64) * (d + 8) * 2) as u32;
-        let ms = median(gpu.time_ms(2, 10, || gpu.launch(&name, grid, (128, 1, 1), smem, &args))?);
-        let got = o.to_f32_vec()?;
-        let diff = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        rows.push(Row {
-            name: format!("tune b{minb}"),
-            shape: format!("{}x{} {mask} d{d} |d|{diff:.0e}", seqs.len(), seqs[0]),
-            ms,
-            rate: flops / (ms * 1e-3) / 1e12,
-            unit: "TFLOP/s",
-            ceiling: gemm_tf,
-        });
     }
     Ok(())
 }

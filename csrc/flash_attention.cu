@@ -391,14 +391,3 @@ FLASH_KERNEL(64, 3)
 FLASH_KERNEL(80, 3)
 FLASH_KERNEL(96, 2)
 FLASH_KERNEL(128, 2)
-
-// TEMPORARY (tuning run): d 80 at 2 blocks per SM, against the chosen 3.
-#define FLASH_TUNE(D, MINB)                                                                                  \
-    extern "C" __global__ void __launch_bounds__(FA_THREADS, MINB) attention_varlen_flashtune_b##MINB##_d##D##_bf16( \
-        bf16* out, const bf16* q, const bf16* k, const bf16* v, const int* cu_q, const int* cu_k,           \
-        int total_q, int total_k, int n_heads, int n_kv_heads, int causal, float scale, int long_from) {    \
-        flash_attention<D>(out, q, k, v, cu_q, PackedKeys{cu_k, total_k, 0}, total_q, n_heads, n_kv_heads,  \
-                           causal, scale, long_from);                                                        \
-    }
-FLASH_TUNE(80, 2)
-FLASH_TUNE(96, 3)
