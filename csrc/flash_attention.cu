@@ -10,21 +10,19 @@
 // the others, each skipping the other's sequences on the device, so which
 // kernel computes a sequence depends only on its own length.
 //
-// Design: one block of 4 warps per (query head, tile of 64 queries,
+// Design: one block of 4 warps per (tile of 64 queries, query head,
 // sequence); warp w owns query rows 16w..16w+15 of the tile. The block walks
 // the keys the tile may see in tiles of 64 (none above the causal diagonal),
-// K and V tiles double-buffered in shared memory by cp.async (one barrier per
-// key tile; the next tile's copies are issued right after it), two threads
-// per key row, each finding the row through the policy once per tile (for
-// the paged cache one block-table read, cached in L1). Per key tile a warp does
+// K and V tiles double-buffered in shared memory by cp.async: the next tile's
+// 16-byte copies are issued before the current tile is used, each thread
+// finding its keys' rows through the policy (for the paged cache one
+// block-table read per 16-byte copy, cached in L1). Per key tile a warp does
 //   S (16 x 64) = Q Kᵀ        mma.sync m16n8k16 bf16 -> f32; its Q fragments
 //                             stay in registers for the whole tile loop;
 //                             K fragments by ldmatrix
-//   online softmax in registers: S masked (causal / past Lk) to -inf, row
-//                             max over the 4 lanes of each row (quad
-//                             shuffles), p = exp2(s * scale * log2 e - m) by
-//                             FFMA + ex2; O and l rescaled only when a row's
-//                             max passes m by more than 2^8 (FA_RESCALE)
+//   online softmax in registers: S scaled to log2 units, masked (causal / past
+//                             Lk) to -inf, row max and sum over the 4 lanes of
+//                             each row (quad shuffles), accumulator rescaled
 //   O (16 x D) += P V         P rounded to bf16 and used straight from the S
 //                             accumulator registers as the A operand (the C
 //                             layout of two n8 tiles is the A layout of one
@@ -34,7 +32,7 @@
 // is odd for every D here), so the 8 rows an ldmatrix reads fall in distinct
 // banks with no swizzle. D needs no padding: 64, 80, 96 and 128 are all
 // multiples of 16, the mma's k. Shared memory: (64 + 4 * 64) * (D + 8) * 2
-// bytes = 45 KB (D 64) to 85 KB (D 128); 2 or 3 blocks per SM (FLASH_KERNEL).
+// bytes = 45 KB (D 64) to 85 KB (D 128), so 2 to 4 blocks per SM on Hopper.
 //
 // Numerics, as the naive bf16 baseline of the kernel suite: Q·Kᵀ exact
 // products summed in f32, softmax in f32 (ex2.approx), P rounded to bf16 for
@@ -52,18 +50,19 @@
 // with the simple kernels' argument lists.
 #include "attention.cuh"
 
-constexpr int FA_WARPS = 4;                 // warps per block, 16 query rows each
-constexpr int FA_THREADS = 32 * FA_WARPS;
-constexpr int FA_BM = 16 * FA_WARPS;        // queries per tile
-constexpr int FA_BN = 64;                   // keys per tile
-constexpr float FA_RESCALE = 8.f;  // log2 of how far a row's max may pass its exponent base
+constexpr int FA_WARPS = 4;   // warps per block, 16 query rows each
+constexpr int FA_BN = 64;     // keys per tile
+constexpr int FA_MIN_BLOCKS = 2;  // per SM, for the register budget (255: no spills at any D)
 
-// Dynamic shared memory: Q (FA_BM rows), K and V (2 stages of FA_BN rows
+// The tile shape: WARPS warps of 16 query rows, BN keys per K/V tile.
+// Dynamic shared memory: Q (16 * WARPS rows), K and V (2 stages of BN rows
 // each), rows of D + 8 bf16. The launcher computes the same size.
-template <int D> struct FlashSmem {
+template <int D, int WARPS, int BN> struct FlashTile {
+    static constexpr int THREADS = 32 * WARPS;
+    static constexpr int BM = 16 * WARPS;  // queries per tile
     static constexpr int ROW = D + 8;
-    static constexpr int Q = FA_BM * ROW;   // elements of the Q tile
-    static constexpr int KV = FA_BN * ROW;  // elements of one K or V stage
+    static constexpr int Q = BM * ROW;   // elements of the Q tile
+    static constexpr int KV = BN * ROW;  // elements of one K or V stage
     static constexpr int BYTES = (Q + 4 * KV) * 2;
 };
 
@@ -117,13 +116,10 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 // ----------------------------------------------------------------------------
 // CUDA kernel
 
-// grid (n_heads, query tiles, batch), block FA_THREADS, FlashSmem<D>::BYTES of
-// dynamic shared memory. Heads vary fastest, so blocks start in the order
-// (sequence, tile from the last, head): in a causal prefill every head's
-// longest tiles start first and the short ones fill the tail.
-// Fragment layouts (PTX ISA, mma.m16n8k16): lane l is g = l / 4, t4 = l % 4;
-// an accumulator holds rows g, g + 8 and columns 2 t4, 2 t4 + 1.
-template <int D, typename Keys>
+// grid (query tiles, n_heads, batch), block 32 * WARPS, FlashTile::BYTES of
+// dynamic shared memory. Fragment layouts (PTX ISA, mma.m16n8k16): lane l is
+// g = l / 4, t = l % 4; an accumulator holds rows g, g + 8 and columns 2t, 2t + 1.
+template <int D, int WARPS, int BN, typename Keys>
 __device__ void flash_attention(bf16* __restrict__ out,         // (total_q, n_heads, D)
                                 const bf16* __restrict__ q,     // (total_q, n_heads, D)
                                 const bf16* __restrict__ k,     // (rows, n_kv_heads, D), rows per `keys`
@@ -133,13 +129,13 @@ __device__ void flash_attention(bf16* __restrict__ out,         // (total_q, n_h
                                 int total_q, int n_heads, int n_kv_heads, int causal, float scale,
                                 int long_from) {  // sequences with Lq < long_from are the simple kernel's
     static_assert(D % 16 == 0, "the head dim is a whole number of mma k steps");
-    using Smem = FlashSmem<D>;
-    constexpr int ROW = Smem::ROW;
+    using Smem = FlashTile<D, WARPS, BN>;
+    constexpr int ROW = Smem::ROW, FA_BM = Smem::BM, FA_THREADS = Smem::THREADS, FA_BN = BN;
     constexpr int CPR = D / 8;        // 16-byte chunks per K/V/Q row
     constexpr int KD = D / 16;        // k steps of Q·Kᵀ
     constexpr int ND = D / 8;         // n8 tiles of O
     constexpr int NN = FA_BN / 8;     // n8 tiles of S
-    static_assert(FA_THREADS == 2 * FA_BN && FA_BM == FA_BN && CPR % 2 == 0, "two threads copy each tile row");
+    static_assert(16 * CPR % 32 == 0 && FA_BN % 16 == 0, "whole rounds of 16-byte chunks per warp");
     static_assert(((ROW * 2 / 16) & 1) == 1, "odd 16-byte words per row: conflict-free ldmatrix");
 
     extern __shared__ uint4 fa_smem[];
@@ -149,7 +145,7 @@ __device__ void flash_attention(bf16* __restrict__ out,         // (total_q, n_h
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t4 = lane & 3;
-    const int seq = blockIdx.z, h = blockIdx.x;
+    const int seq = blockIdx.z, h = blockIdx.y;
     const int kvh = h / (n_heads / n_kv_heads);
     const int2 qr = query_range(cu_q, seq, total_q);
     const int q0 = qr.x, Lq = qr.y;
@@ -157,52 +153,42 @@ __device__ void flash_attention(bf16* __restrict__ out,         // (total_q, n_h
     const int Lk = keys.bind(seq);
     const int64_t q_stride = (int64_t)n_heads * D;      // elements per token of q and out
     const int64_t kv_stride = (int64_t)n_kv_heads * D;  // elements per token of k and v
-    // exp(scale * s) = exp2(sl2 * s). The max is taken over raw scores, which
-    // needs sl2 > 0: a negative scale flips the sign of Q instead (exact in
-    // bf16), and a zero one becomes the least normal float (p = 1 all the same).
-    const float sl2 = fmaxf(fabsf(scale * 1.4426950408889634f), 1.17549435e-38f);
-    const uint32_t q_sign = scale < 0.f ? 0x80008000u : 0u;
+    const float sl2 = scale * 1.4426950408889634f;      // exp(scale * s) = exp2(sl2 * s)
     const int n_mt = (Lq + FA_BM - 1) / FA_BM;
-    // Copies into shared memory: two threads per row of a tile, thread
-    // cr * 2 + b taking chunks b, b + 2, b + 4, ... (16 bytes each) of row cr:
-    // one row address per thread and tile, and each warp instruction covers
-    // whole 32-byte sectors of 16 rows. These are the chunk-b bases.
-    const int cr = tid >> 1, cb = tid & 1;
-    const bf16* qh = q + (int64_t)h * D + cb * 8;
-    const bf16* kh = k + (int64_t)kvh * D + cb * 8;
-    const bf16* vh = v + (int64_t)kvh * D + cb * 8;
-    const uint32_t sq_copy = smem_addr(sQ + cr * ROW + cb * 8);
-    const uint32_t sk_copy = smem_addr(sK + cr * ROW + cb * 8);
-    const uint32_t sv_copy = smem_addr(sV + cr * ROW + cb * 8);
 
     // Block-uniform loop over this sequence's query tiles; the barriers inside
     // are reached by every thread.
-    for (int tile = blockIdx.y; tile < n_mt; tile += gridDim.y) {
+    for (int tile = blockIdx.x; tile < n_mt; tile += gridDim.x) {
         const int m0 = (n_mt - 1 - tile) * FA_BM;  // the last (longest causal) tiles first
         // Keys the tile may see: j < n_end (its last row sees the most).
         const int n_end = causal ? min(max(min(m0 + FA_BM, Lq) + Lk - Lq, 0), Lk) : Lk;
         const int n_tiles = (n_end + FA_BN - 1) / FA_BN;
-        __syncthreads();  // the previous tile's output left sQ, and its K/V stages are done with
+        __syncthreads();  // the previous tile's output left sQ before it is refilled
 
-        // K/V tile at key n0 into stage st: keys past n_end are zeros (never
-        // NaN for P·V); their copies read nothing but still get a valid
-        // address, key n_end - 1's (n_end >= 1 when a tile is loaded).
+        // K/V tile at key n0 into stage st: keys past n_end are zeros (never NaN for P·V).
         auto load_kv = [&](int n0, int st) {
-            const int j = n0 + cr;
-            const int64_t off = keys.row(min(j, n_end - 1)) * kv_stride;
-            const uint32_t so = st * Smem::KV * 2;
+            const uint32_t dk = smem_addr(sK + st * Smem::KV), dv = smem_addr(sV + st * Smem::KV);
 #pragma unroll
-            for (int i = 0; i < CPR / 2; ++i) {
-                cp_async16(sk_copy + so + i * 32, kh + off + i * 16, j < n_end);
-                cp_async16(sv_copy + so + i * 32, vh + off + i * 16, j < n_end);
+            for (int i = 0; i < (FA_BN * CPR + FA_THREADS - 1) / FA_THREADS; ++i) {
+                const int idx = tid + i * FA_THREADS, r = idx / CPR, c = idx % CPR;
+                if (FA_BN * CPR % FA_THREADS != 0 && idx >= FA_BN * CPR) break;
+                const bool ok = n0 + r < n_end;
+                const int64_t off = ok ? keys.row(n0 + r) * kv_stride + (int64_t)kvh * D + c * 8 : 0;
+                const uint32_t so = (r * ROW + c * 8) * 2;
+                cp_async16(dk + so, k + off, ok);
+                cp_async16(dv + so, v + off, ok);
             }
         };
         if (n_tiles > 0) {
             // Q tile (rows past Lq are zeros), then the first K/V tile: one group.
-            const bool ok = m0 + cr < Lq;
-            const bf16* qrow = qh + (int64_t)(q0 + min(m0 + cr, Lq - 1)) * q_stride;
 #pragma unroll
-            for (int i = 0; i < CPR / 2; ++i) cp_async16(sq_copy + i * 32, qrow + i * 16, ok);
+            for (int i = 0; i < (FA_BM * CPR + FA_THREADS - 1) / FA_THREADS; ++i) {
+                const int idx = tid + i * FA_THREADS, r = idx / CPR, c = idx % CPR;
+                if (FA_BM * CPR % FA_THREADS != 0 && idx >= FA_BM * CPR) break;
+                const bool ok = m0 + r < Lq;
+                const int64_t off = ok ? (int64_t)(q0 + m0 + r) * q_stride + (int64_t)h * D + c * 8 : 0;
+                cp_async16(smem_addr(sQ + r * ROW + c * 8), q + off, ok);
+            }
             load_kv(0, 0);
             cp_async_commit();
         }
@@ -215,30 +201,24 @@ __device__ void flash_attention(bf16* __restrict__ out,         // (total_q, n_h
         float o[ND][4];      // O accumulator (16 x D), unnormalised
 #pragma unroll
         for (int n = 0; n < ND; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-        float m_run[2] = {-INFINITY, -INFINITY};  // rows r0, r0 + 8: the exponent base, within
-                                                  // FA_RESCALE of the max of sl2 * s so far
+        float m_run[2] = {-INFINITY, -INFINITY};  // running max of sl2 * s, rows r0, r0 + 8
         float l_run[2] = {0.f, 0.f};              // running sum of exp2, this thread's columns only
 
-        // One barrier per key tile: after it, tile `it` (and Q) has landed for
-        // every thread, and every warp is done with tile it - 1, whose stage
-        // the copies of tile it + 1 then refill while tile `it` is used.
         for (int it = 0; it < n_tiles; ++it) {
             const int n0 = it * FA_BN, st = it & 1;
-            cp_async_wait<0>();
-            __syncthreads();
             if (it + 1 < n_tiles) {
-                load_kv(n0 + FA_BN, st ^ 1);
+                load_kv(n0 + FA_BN, st ^ 1);  // that stage was consumed before the last barrier
                 cp_async_commit();
+                cp_async_wait<1>();
+            } else {
+                cp_async_wait<0>();
             }
+            __syncthreads();  // tile `it` (and Q) has landed for every thread
 
             if (it == 0) {
 #pragma unroll
                 for (int kk = 0; kk < KD; ++kk)
                     ldmatrix_x4(qf[kk], smem_addr(sQ + (warp * 16 + (lane & 15)) * ROW + kk * 16 + (lane >> 4) * 8));
-#pragma unroll
-                for (int kk = 0; kk < KD; ++kk)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) qf[kk][e] ^= q_sign;
             }
             const bf16* kt = sK + st * Smem::KV;
             const bf16* vt = sV + st * Smem::KV;
@@ -259,65 +239,43 @@ __device__ void flash_attention(bf16* __restrict__ out,         // (total_q, n_h
                 }
             }
 
-            // Mask keys a row may not see (only tiles that reach past a row's bound).
-            if (n0 + FA_BN > lim0) {  // lim0 <= lim1
+            // Scale to log2 units; mask keys a row may not see.
+            const bool masked = n0 + FA_BN > lim0;  // lim0 <= lim1
 #pragma unroll
-                for (int n = 0; n < NN; ++n) {
+            for (int n = 0; n < NN; ++n) {
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int key = n0 + n * 8 + 2 * t4 + (e & 1);
-                        if (key >= (e < 2 ? lim0 : lim1)) s[n][e] = -INFINITY;
-                    }
+                for (int e = 0; e < 4; ++e) {
+                    const int key = n0 + n * 8 + 2 * t4 + (e & 1);
+                    s[n][e] = (masked && key >= (e < 2 ? lim0 : lim1)) ? -INFINITY : s[n][e] * sl2;
                 }
             }
 
-            // Online softmax, rows r0 (e = 0, 1) and r0 + 8 (e = 2, 3), in
-            // log2 units: p = exp2(sl2 * s - m) by one FFMA and one MUFU.
-            // Lazy rescaling: a row moves its m (and rescales l and O) only
-            // when the tile's max passes it by more than FA_RESCALE, so
-            // p <= 2^FA_RESCALE, which f32 and bf16 hold with the same relative
-            // error; the warp rescales O only if one of its rows moved.
-            float mx[2];
-            bool grow = false;
+            // Online softmax, rows r0 (e = 0, 1) and r0 + 8 (e = 2, 3).
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
-                float x = -INFINITY;
+                float mx = -INFINITY;
 #pragma unroll
-                for (int n = 0; n < NN; ++n) x = fmaxf(x, fmaxf(s[n][2 * half], s[n][2 * half + 1]));
-                x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-                x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
-                mx[half] = x * sl2;  // -inf stays -inf (sl2 > 0)
-                grow |= mx[half] > m_run[half] + FA_RESCALE;  // false while the row has seen no key
-            }
-            if (__any_sync(0xffffffffu, grow)) {
-                float alpha[2];
-#pragma unroll
-                for (int half = 0; half < 2; ++half) {
-                    const bool moves = mx[half] > m_run[half] + FA_RESCALE;
-                    alpha[half] = moves ? fast_exp2(m_run[half] - mx[half]) : 1.f;  // exp2(-inf) = 0 at first
-                    m_run[half] = moves ? mx[half] : m_run[half];
-                    l_run[half] *= alpha[half];
-                }
-#pragma unroll
-                for (int n = 0; n < ND; ++n) {
-                    o[n][0] *= alpha[0];
-                    o[n][1] *= alpha[0];
-                    o[n][2] *= alpha[1];
-                    o[n][3] *= alpha[1];
-                }
-            }
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {
+                for (int n = 0; n < NN; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * half], s[n][2 * half + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                const float m_new = fmaxf(m_run[half], mx);
                 // A row with no visible key yet keeps m = -inf: subtract 0, so exp2(-inf) = 0, not NaN.
-                const float base = m_run[half] == -INFINITY ? 0.f : m_run[half];
+                const float base = m_new == -INFINITY ? 0.f : m_new;
+                const float alpha = fast_exp2(m_run[half] - base);
+                m_run[half] = m_new;
                 float sum = 0.f;
 #pragma unroll
                 for (int n = 0; n < NN; ++n) {
-                    s[n][2 * half] = fast_exp2(fmaf(s[n][2 * half], sl2, -base));
-                    s[n][2 * half + 1] = fast_exp2(fmaf(s[n][2 * half + 1], sl2, -base));
+                    s[n][2 * half] = fast_exp2(s[n][2 * half] - base);
+                    s[n][2 * half + 1] = fast_exp2(s[n][2 * half + 1] - base);
                     sum += s[n][2 * half] + s[n][2 * half + 1];
                 }
-                l_run[half] += sum;
+                l_run[half] = l_run[half] * alpha + sum;
+#pragma unroll
+                for (int n = 0; n < ND; ++n) {
+                    o[n][2 * half] *= alpha;
+                    o[n][2 * half + 1] *= alpha;
+                }
             }
 
             // O += P V: P's k16 step kc is S's n8 tiles 2kc, 2kc + 1; one
@@ -335,6 +293,7 @@ __device__ void flash_attention(bf16* __restrict__ out,         // (total_q, n_h
                     mma_bf16(o[2 * dn + 1], a, b[2], b[3]);
                 }
             }
+            __syncthreads();  // every warp is done with stage st before it is refilled
         }
 
         // O / l, through the warp's own 16 rows of sQ (only this warp read
@@ -369,25 +328,37 @@ __device__ void flash_attention(bf16* __restrict__ out,         // (total_q, n_h
 // ----------------------------------------------------------------------------
 // Unmangled entry points: {attention_varlen,paged_attention}_flash_d{64,80,96,128}_bf16
 
-#define FLASH_KERNEL(D, MINB)                                                                                  \
-    extern "C" __global__ void __launch_bounds__(FA_THREADS, MINB) attention_varlen_flash_d##D##_bf16( \
+#define FLASH_KERNELS(NAME, D, WARPS, BN, MINB)                                                              \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS, MINB) attention_varlen_##NAME##_bf16(          \
         bf16* out, const bf16* q, const bf16* k, const bf16* v, const int* cu_q, const int* cu_k,           \
         int total_q, int total_k, int n_heads, int n_kv_heads, int causal, float scale, int long_from) {    \
-        flash_attention<D>(out, q, k, v, cu_q, PackedKeys{cu_k, total_k, 0}, total_q, n_heads, n_kv_heads,  \
-                           causal, scale, long_from);                                                        \
+        flash_attention<D, WARPS, BN>(out, q, k, v, cu_q, PackedKeys{cu_k, total_k, 0}, total_q, n_heads,   \
+                                      n_kv_heads, causal, scale, long_from);                                 \
     }                                                                                                        \
-    extern "C" __global__ void __launch_bounds__(FA_THREADS, MINB) paged_attention_flash_d##D##_bf16(  \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS, MINB) paged_attention_##NAME##_bf16(           \
         bf16* out, const bf16* q, const bf16* k_cache, const bf16* v_cache, const int* cu_q,                \
         const int* seq_lens_k, const int* block_tables, int total_q, int num_blocks, int block_size,        \
         int max_blocks, int n_heads, int n_kv_heads, float scale, int long_from) {                          \
-        flash_attention<D>(out, q, k_cache, v_cache, cu_q,                                                   \
-                           PagedKeys{block_tables, seq_lens_k, max_blocks, block_size, num_blocks, nullptr},  \
-                           total_q, n_heads, n_kv_heads, 1, scale, long_from);                               \
+        flash_attention<D, WARPS, BN>(out, q, k_cache, v_cache, cu_q,                                        \
+                                      PagedKeys{block_tables, seq_lens_k, max_blocks, block_size, num_blocks, \
+                                                nullptr},                                                    \
+                                      total_q, n_heads, n_kv_heads, 1, scale, long_from);                    \
     }
-// Blocks per SM (MINB) as the register cap allows without spills (ptxas,
-// sm_90a): 3 at D 64 and 80 (at most 168 registers; shared memory holds 3
-// blocks), 2 at D 96 (3 would spill) and 128 (shared memory holds 2).
-FLASH_KERNEL(64, 3)
-FLASH_KERNEL(80, 3)
-FLASH_KERNEL(96, 2)
-FLASH_KERNEL(128, 2)
+#define FLASH(D) FLASH_KERNELS(flash_d##D, D, FA_WARPS, FA_BN, FA_MIN_BLOCKS)
+FLASH(64)
+FLASH(80)
+FLASH(96)
+FLASH(128)
+
+// TEMPORARY (tuning run): tile-shape variants the kernel benchmarks time
+// against the chosen one; removed once a shape is picked.
+#define FLASH_TUNE(D, W, BN, MINB) FLASH_KERNELS(flashtune_w##W##_n##BN##_b##MINB##_d##D, D, W, BN, MINB)
+FLASH_TUNE(128, 4, 32, 2)
+FLASH_TUNE(128, 8, 64, 1)
+FLASH_TUNE(128, 8, 32, 1)
+FLASH_TUNE(128, 4, 32, 3)
+FLASH_TUNE(80, 4, 32, 2)
+FLASH_TUNE(80, 8, 64, 1)
+FLASH_TUNE(80, 8, 32, 1)
+FLASH_TUNE(80, 4, 64, 3)
+FLASH_TUNE(80, 4, 32, 3)
