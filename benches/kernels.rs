@@ -211,8 +211,6 @@ fn run(gpu: &Arc<Gpu>) -> kestrel::Result<()> {
         });
     }
 
-    tune(gpu, &dev, gemm_tf, &mut seed, &mut rows)?;
-
     let (maj, min) = gpu.capability();
     println!("kernel benchmarks on {} (sm_{maj}{min}), median of {ITERS} runs unless noted", gpu.name());
     println!("{:<22} {:<26} {:>10} {:>12} {:>8} {:>9}", "kernel", "shape", "ms", "rate", "unit", "% ceiling");
@@ -226,90 +224,6 @@ fn run(gpu: &Arc<Gpu>) -> kestrel::Result<()> {
             r.unit,
             100.0 * r.rate / r.ceiling
         );
-    }
-    Ok(())
-}
-
-/// TEMPORARY (tuning run): the tensor-core kernel's tile-shape variants
-/// (csrc/flash_attention.cu FLASH_TUNE) on the causal 4k d128 and ViT shapes,
-/// each checked against the chosen kernel's output (max |diff|, printed) and timed.
-fn tune(gpu: &Arc<Gpu>, dev: &Device, gemm_tf: f64, seed: &mut u64, rows: &mut Vec<Row>) -> kestrel::Result<()> {
-    use kestrel::cuda::Arg;
-    use kestrel::tensor::Storage;
-    let p = |t: &Tensor| match t.storage() {
-        Storage::Cuda(b) => b.ptr(),
-        _ => 0,
-    };
-    let variants: [(usize, usize, usize, &[usize]); 5] = [
-        (4, 64, 2, &[128, 80]),
-        (4, 32, 2, &[128, 80]),
-        (8, 64, 1, &[128, 80]),
-        (8, 32, 1, &[128, 80]),
-        (4, 32, 3, &[128, 80]),
-    ];
-    let extra = [(4usize, 64usize, 3usize, 80usize)];
-    let vit = [1296usize; 4];
-    for (seqs, h, d, causal) in
-        [(&[4096usize][..], 16usize, 128usize, true), (&vit[..], 16, 80, false), (&[4096usize][..], 16, 80, true)]
-    {
-        let total: usize = seqs.iter().sum();
-        let q = rand_tensor(dev, &[total, h, d], 1.0, seed);
-        let kk = rand_tensor(dev, &[total, h, d], 1.0, seed);
-        let vv = rand_tensor(dev, &[total, h, d], 1.0, seed);
-        let mut cu = vec![0i32];
-        for &l in seqs {
-            cu.push(cu[cu.len() - 1] + l as i32);
-        }
-        let cut = Tensor::from_i32(dev, &[cu.len()], &cu)?;
-        let max_q = seqs.iter().copied().max().unwrap_or(0);
-        let scale = 1.0 / (d as f32).sqrt();
-        let mut want = Tensor::empty(dev, &[total, h, d], DType::BF16)?;
-        attention::attention(&mut want, &q, &kk, &vv, &cut, &cut, max_q, causal, scale)?;
-        let want = want.to_f32_vec()?;
-        let pairs: usize = seqs.iter().map(|&l| if causal { l * (l + 1) / 2 } else { l * l }).sum();
-        let flops = 4.0 * (pairs * h * d) as f64;
-        let all = variants
-            .iter()
-            .filter(|v| v.3.contains(&d))
-            .map(|v| (v.0, v.1, v.2))
-            .chain(extra.iter().filter(|v| v.3 == d).map(|v| (v.0, v.1, v.2)));
-        for (w, bn, minb) in all {
-            let name = if (w, bn, minb) == (4, 64, 2) {
-                format!("attention_varlen_flash_d{d}_bf16")
-            } else {
-                format!("attention_varlen_flashtune_w{w}_n{bn}_b{minb}_d{d}_bf16")
-            };
-            let o = Tensor::empty(dev, &[total, h, d], DType::BF16)?;
-            let args = [
-                Arg::Ptr(p(&o)),
-                Arg::Ptr(p(&q)),
-                Arg::Ptr(p(&kk)),
-                Arg::Ptr(p(&vv)),
-                Arg::Ptr(p(&cut)),
-                Arg::Ptr(p(&cut)),
-                Arg::I32(total as i32),
-                Arg::I32(total as i32),
-                Arg::I32(h as i32),
-                Arg::I32(h as i32),
-                Arg::I32(causal as i32),
-                Arg::F32(scale),
-                Arg::I32(16),
-            ];
-            let grid = (max_q.div_ceil(16 * w) as u32, h as u32, seqs.len() as u32);
-            let smem = ((16 * w + 4 * bn) * (d + 8) * 2) as u32;
-            let ms = median(gpu.time_ms(2, 10, || gpu.launch(&name, grid, ((32 * w) as u32, 1, 1), smem, &args))?);
-            let got = o.to_f32_vec()?;
-            let diff = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-            let mask = if causal { "causal" } else { "full" };
-            rows.push(Row {
-                name: format!("tune w{w} n{bn} b{minb}"),
-                shape: format!("{}x{} {mask} d{d} |d|{diff:.0e}", seqs.len(), seqs[0]),
-                ms,
-                rate: flops / (ms * 1e-3) / 1e12,
-                unit: "TFLOP/s",
-                ceiling: gemm_tf,
-            });
-        }
     }
     Ok(())
 }

@@ -32,7 +32,21 @@
 // is odd for every D here), so the 8 rows an ldmatrix reads fall in distinct
 // banks with no swizzle. D needs no padding: 64, 80, 96 and 128 are all
 // multiples of 16, the mma's k. Shared memory: (64 + 4 * 64) * (D + 8) * 2
-// bytes = 45 KB (D 64) to 85 KB (D 128), so 2 to 4 blocks per SM on Hopper.
+// bytes = 45 KB (D 64) to 85 KB (D 128); registers (182 to 254 a thread,
+// ptxas sm_90a) hold an SM to 2 blocks, 8 warps, at every D.
+//
+// Measured (H200, kernel benchmarks): 206 TFLOP/s causal 4k d128 16/16 heads,
+// 193 with 12/2, 257 non-causal 4k, 177 on the ViT's 4 x 1296 d80; 26% to 33%
+// of cuBLAS's GEMM rate. What holds it there (ncu, causal 4k d128): issue is
+// latency-bound at 2 warps per scheduler (4.8 cycles per issued instruction,
+// tensor pipe 32% busy), HMMA is 16% of the instructions (the rest: softmax,
+// rescaling, copy addresses), and SMs idle 21% of the time at the tail, as
+// blocks start in (tile, head) order with each head's longest tile first.
+// Tile shapes 64x32, 128x64, 128x32 and 3 blocks per SM were all slower. A
+// leaner variant (two threads per copied row, one barrier per key tile, FFMA
+// exp2, lazy rescaling, heads-fastest grid) cut registers to 211 and fixed the
+// tail, yet ran 10-25% slower with more short-scoreboard and MIO stalls: not
+// understood yet. Next: wgmma (sm_90a) with warp specialisation.
 //
 // Numerics, as the naive bf16 baseline of the kernel suite: Q·Kᵀ exact
 // products summed in f32, softmax in f32 (ex2.approx), P rounded to bf16 for
@@ -350,15 +364,3 @@ FLASH(80)
 FLASH(96)
 FLASH(128)
 
-// TEMPORARY (tuning run): tile-shape variants the kernel benchmarks time
-// against the chosen one; removed once a shape is picked.
-#define FLASH_TUNE(D, W, BN, MINB) FLASH_KERNELS(flashtune_w##W##_n##BN##_b##MINB##_d##D, D, W, BN, MINB)
-FLASH_TUNE(128, 4, 32, 2)
-FLASH_TUNE(128, 8, 64, 1)
-FLASH_TUNE(128, 8, 32, 1)
-FLASH_TUNE(128, 4, 32, 3)
-FLASH_TUNE(80, 4, 32, 2)
-FLASH_TUNE(80, 8, 64, 1)
-FLASH_TUNE(80, 8, 32, 1)
-FLASH_TUNE(80, 4, 64, 3)
-FLASH_TUNE(80, 4, 32, 3)
