@@ -169,22 +169,41 @@ fn run(gpu: &Arc<Gpu>) -> kestrel::Result<()> {
         )?;
     }
 
-    // Attention: flops over the GEMM ceiling (the simple kernel; the fast one is a later issue).
-    for (seq, causal) in [(4096usize, true), (1024, false)] {
-        let (h, kvh, d) = (16, 16, 128);
-        let q = rand_tensor(&dev, &[seq, h, d], 1.0, &mut seed);
-        let kk = rand_tensor(&dev, &[seq, kvh, d], 1.0, &mut seed);
-        let vv = rand_tensor(&dev, &[seq, kvh, d], 1.0, &mut seed);
-        let cu = Tensor::from_i32(&dev, &[2], &[0, seq as i32])?;
-        let mut o = Tensor::empty(&dev, &[seq, h, d], DType::BF16)?;
+    // Attention: flops over the GEMM ceiling. These prefill shapes run on the
+    // tensor-core kernel (bf16, sequences of FLASH_MIN_SEQLEN_Q queries or
+    // more): causal 4k prefills with 16/16 and Qwen2-VL-2B's 12/2 heads of
+    // 128, non-causal 1k, and the ViT's varlen batch (4 images of 36x36
+    // patches, 16 heads of 80, non-causal). Flops: 4 · d per (query, key,
+    // head) pair a query may see (QKᵀ and PV, 2 each).
+    let vit = [1296usize; 4];
+    let shapes: [(&str, &[usize], usize, usize, usize, bool); 5] = [
+        ("attention causal", &[4096], 16, 16, 128, true),
+        ("attention causal", &[4096], 12, 2, 128, true),
+        ("attention full", &[1024], 16, 16, 128, false),
+        ("attention full", &[4096], 16, 16, 128, false),
+        ("attention ViT", &vit, 16, 16, 80, false),
+    ];
+    for (name, seqs, h, kvh, d, causal) in shapes {
+        let total: usize = seqs.iter().sum();
+        let q = rand_tensor(&dev, &[total, h, d], 1.0, &mut seed);
+        let kk = rand_tensor(&dev, &[total, kvh, d], 1.0, &mut seed);
+        let vv = rand_tensor(&dev, &[total, kvh, d], 1.0, &mut seed);
+        let mut cu = vec![0i32];
+        for &l in seqs {
+            cu.push(cu[cu.len() - 1] + l as i32);
+        }
+        let cu = Tensor::from_i32(&dev, &[cu.len()], &cu)?;
+        let max_q = seqs.iter().copied().max().unwrap_or(0);
+        let mut o = Tensor::empty(&dev, &[total, h, d], DType::BF16)?;
         let scale = 1.0 / (d as f32).sqrt();
         let ms =
-            median(gpu.time_ms(2, 10, || attention::attention(&mut o, &q, &kk, &vv, &cu, &cu, seq, causal, scale))?);
-        let pairs = if causal { seq * (seq + 1) / 2 } else { seq * seq };
+            median(gpu.time_ms(2, 10, || attention::attention(&mut o, &q, &kk, &vv, &cu, &cu, max_q, causal, scale))?);
+        let pairs: usize = seqs.iter().map(|&l| if causal { l * (l + 1) / 2 } else { l * l }).sum();
         let flops = 4.0 * (pairs * h * d) as f64;
+        let lens = if seqs.len() > 1 { format!("{}x{}", seqs.len(), seqs[0]) } else { seqs[0].to_string() };
         rows.push(Row {
-            name: format!("attention {}", if causal { "causal" } else { "full" }),
-            shape: format!("{seq} tok, {h} heads, d{d}"),
+            name: name.into(),
+            shape: format!("{lens} tok, {h}/{kvh} d{d}"),
             ms,
             rate: flops / (ms * 1e-3) / 1e12,
             unit: "TFLOP/s",

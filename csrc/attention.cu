@@ -1,7 +1,7 @@
 // Attention over variable-length packed sequences (flash-attn varlen layout):
 // q, out (total_q, n_heads, D); sequence b owns query rows cu_q[b]..cu_q[b+1].
-// Its keys and values are found one of two ways (the `Keys` policy of the one
-// device function below, so both kernels share every line of the body):
+// Its keys and values are found one of two ways (the `Keys` policies of
+// attention.cuh, so both kernels share every line of the body below):
 // - attention_varlen (flash_attn_varlen_func): k, v (total_k, n_kv_heads, D)
 //   packed like q, sequence b owning key rows cu_k[b]..cu_k[b+1];
 // - paged_attention (vLLM's paged KV cache, flash_attn_varlen_func with a
@@ -15,7 +15,14 @@
 // fp32 accumulation and an online softmax (running max and sum), so shared
 // memory stays bounded for any sequence length. T is bf16 or f32.
 //
-// Design (the simple kernel; the tensor-core flash kernel is a later issue):
+// Which kernel runs a sequence: bf16 sequences of at least FLASH_MIN_SEQLEN_Q
+// queries (src/ops/attention.rs) run on the tensor-core kernel in
+// flash_attention.cu; this one runs the rest (decode steps, short chunks) and
+// every f32 call. Both take `long_from`: this kernel leaves sequences with
+// Lq >= long_from to the other (INT_MAX when the other is not launched), so
+// the choice depends on the sequence's own length, never on the batch.
+//
+// Design (the simple kernel):
 // one block of 8 warps per (tile of 8 rows, kv head, sequence), where a row is
 // a (query, query head) pair and the rows of a tile are the query heads of one
 // kv head for consecutive queries: row r is query r / group, head
@@ -35,10 +42,7 @@
 // reuses each K/V tile 8 times, and needs 37 KB of static shared memory at most
 // (D = 128), so no opt-in; at 48 to 76 registers a thread (ptxas, sm_90a,
 // depending on D, dtype and policy) an SM holds 3 to 5 blocks.
-// What the fast version will change: Q·Kᵀ and P·V on tensor cores (mma /
-// wgmma) over 64-128 query tiles per block in bf16 with P kept in registers,
-// K/V tiles double-buffered with cp.async / TMA, causal tiles above the
-// diagonal skipped per tile, and split-K over the cache for long decode.
+// Still to do here: split-K over the cache for long decode.
 //
 // Robustness: the block grid-strides over its sequence's rows, so a launch
 // grid sized from a too-small max_seqlen_q costs speed, not rows; offsets read
@@ -57,48 +61,11 @@
 // Kernel names: attention_varlen_d{D}_{dtype} and paged_attention_d{D}_{dtype},
 // e.g. paged_attention_d128_bf16 (the house rule <op>[_<variant>]_<dtype>,
 // with the head dim in the variant).
-#include "common.cuh"
+#include "attention.cuh"
 
 constexpr int ATTN_WARPS = 8;  // rows (query, head) per block, one warp each; blockDim.x = 32 * ATTN_WARPS
 constexpr int ATTN_KEYS = 32;  // keys per shared-memory tile, one per lane when scoring
 constexpr int ATTN_TPK = 32 * ATTN_WARPS / ATTN_KEYS;  // threads staging each key of a tile
-
-// ----------------------------------------------------------------------------
-// Key addressing policies: bind(seq) returns sequence seq's key count Lk (and
-// remembers the sequence); row(j), for j < Lk, is the row of key j in k and v
-// viewed as (rows, n_kv_heads, D). Both clamp what they read from device memory.
-
-// attention_varlen: sequence b owns the packed key rows cu_k[b]..cu_k[b+1].
-struct PackedKeys {
-    const int* __restrict__ cu_k;  // (batch + 1,) key offsets
-    int total_k;                   // rows of k and v
-    int k0;                        // first key row of the bound sequence
-
-    __device__ __forceinline__ int bind(int seq) {
-        k0 = min(max(cu_k[seq], 0), total_k);
-        return min(max(cu_k[seq + 1], k0), total_k) - k0;
-    }
-    __device__ __forceinline__ int64_t row(int j) const { return (int64_t)k0 + j; }
-};
-
-// paged_attention: key j of sequence b is in block block_tables[b, j / block_size]
-// of the cache, at offset j % block_size. num_blocks, block_size >= 1 (the launcher checks).
-struct PagedKeys {
-    const int* __restrict__ block_tables;  // (batch, max_blocks) block ids
-    const int* __restrict__ seq_lens;      // (batch,) keys per sequence
-    int max_blocks, block_size, num_blocks;
-    const int* __restrict__ table;  // the bound sequence's row of block_tables
-
-    __device__ __forceinline__ int bind(int seq) {
-        table = block_tables + (int64_t)seq * max_blocks;
-        const int64_t held = (int64_t)max_blocks * block_size;  // keys the table row can address
-        return (int)min(max((int64_t)seq_lens[seq], (int64_t)0), held);
-    }
-    __device__ __forceinline__ int64_t row(int j) const {
-        const int block = min(max(table[j / block_size], 0), num_blocks - 1);
-        return (int64_t)block * block_size + j % block_size;
-    }
-};
 
 // 16 bytes of T (16 / sizeof(T) values) widened to f32 at dst (16-byte aligned).
 __device__ __forceinline__ void widen16(const float*, uint4 w, float* dst) {
@@ -125,7 +92,8 @@ __device__ void attention_varlen(T* __restrict__ out,         // (total_q, n_hea
                                  const T* __restrict__ v,     // (rows, n_kv_heads, D)
                                  const int* __restrict__ cu_q,  // (batch + 1,) query offsets
                                  Keys keys,                     // where each sequence's keys are
-                                 int total_q, int n_heads, int n_kv_heads, int causal, float scale) {
+                                 int total_q, int n_heads, int n_kv_heads, int causal, float scale,
+                                 int long_from) {  // sequences with Lq >= long_from are not this kernel's
     static_assert(D % 32 == 0 || D % 32 == 16, "float4 rows and the K padding assume D = 16 mod 32 or 0 mod 32");
     constexpr int KS = D + 4;            // padded row of sK, in floats (16-byte aligned rows)
     constexpr int NV = (D + 31) / 32;    // output dims per lane
@@ -140,8 +108,10 @@ __device__ void attention_varlen(T* __restrict__ out,         // (total_q, n_hea
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int seq = blockIdx.z, kvh = blockIdx.y;
     const int group = n_heads / n_kv_heads;
-    const int q0 = min(max(cu_q[seq], 0), total_q), q1 = min(max(cu_q[seq + 1], q0), total_q);
-    const int Lq = q1 - q0, Lk = keys.bind(seq);
+    const int2 qr = query_range(cu_q, seq, total_q);
+    const int q0 = qr.x, Lq = qr.y;
+    if (Lq >= long_from) return;  // block-uniform: the flash kernel's sequence
+    const int Lk = keys.bind(seq);
     const int64_t rows = (int64_t)Lq * group;
     const int64_t q_stride = (int64_t)n_heads * D;      // elements per token of q and out
     const int64_t kv_stride = (int64_t)n_kv_heads * D;  // elements per token of k and v
@@ -255,18 +225,18 @@ __device__ void attention_varlen(T* __restrict__ out,         // (total_q, n_hea
 #define ATTN_KERNEL(T, S, D)                                                                              \
     extern "C" __global__ void __launch_bounds__(32 * ATTN_WARPS) attention_varlen_d##D##_##S(            \
         T* out, const T* q, const T* k, const T* v, const int* cu_q, const int* cu_k, int total_q,        \
-        int total_k, int n_heads, int n_kv_heads, int causal, float scale) {                              \
+        int total_k, int n_heads, int n_kv_heads, int causal, float scale, int long_from) {               \
         attention_varlen<T, D>(out, q, k, v, cu_q, PackedKeys{cu_k, total_k, 0}, total_q, n_heads,       \
-                               n_kv_heads, causal, scale);                                                \
+                               n_kv_heads, causal, scale, long_from);                                     \
     }                                                                                                     \
     extern "C" __global__ void __launch_bounds__(32 * ATTN_WARPS) paged_attention_d##D##_##S(             \
         T* out, const T* q, const T* k_cache, const T* v_cache, const int* cu_q, const int* seq_lens_k,  \
         const int* block_tables, int total_q, int num_blocks, int block_size, int max_blocks,            \
-        int n_heads, int n_kv_heads, float scale) {                                                       \
+        int n_heads, int n_kv_heads, float scale, int long_from) {                                        \
         attention_varlen<T, D>(out, q, k_cache, v_cache, cu_q,                                            \
                                PagedKeys{block_tables, seq_lens_k, max_blocks, block_size, num_blocks,    \
                                          nullptr},                                                        \
-                               total_q, n_heads, n_kv_heads, 1, scale);                                   \
+                               total_q, n_heads, n_kv_heads, 1, scale, long_from);                        \
     }
 #define ATTN_KERNELS(T, S) ATTN_KERNEL(T, S, 64) ATTN_KERNEL(T, S, 80) ATTN_KERNEL(T, S, 96) ATTN_KERNEL(T, S, 128)
 FOR_FLOAT_TYPES(ATTN_KERNELS)

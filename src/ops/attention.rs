@@ -10,13 +10,25 @@
 //! `block_table`): keys and values come from the cache that
 //! `kv_cache::kv_cache_write` fills, through each sequence's block table.
 //! Its CPU reference and unit tests live in `paged_attention.rs`.
-//! Kernels: csrc/attention.cu (its header says how they work); both ops run
-//! one device function there, so they give bit-identical results on the same keys.
+//! Kernels: csrc/attention.cu, the simple CUDA-core kernel, and
+//! csrc/flash_attention.cu, the tensor-core (mma.sync) one; their headers say
+//! how they work. Both ops run the same device functions, so they give
+//! bit-identical results on the same keys.
+//!
+//! Which kernel runs a sequence: on the GPU in bf16, a sequence of at least
+//! [`FLASH_MIN_SEQLEN_Q`] queries runs on the tensor-core kernel, any other on
+//! the simple one (decode steps, short chunks; f32 always). A call with
+//! `max_seqlen_q >= FLASH_MIN_SEQLEN_Q` launches both, and each kernel skips
+//! the other's sequences by their length, read on the device; a call below it
+//! launches only the simple kernel, which then takes every sequence. So the
+//! kernels a call launches depend only on its shapes, and the kernel that
+//! computes a sequence only on that sequence's own length (given an honest
+//! `max_seqlen_q`), never on the rest of the batch.
 
 use rayon::prelude::*;
 
 use super::{expect_dtype, f32s, f32s_mut, float_dtype, i32s, kernel, placement, ptr, On};
-use crate::cuda::Arg;
+use crate::cuda::{Arg, Gpu};
 use crate::ensure_shape;
 use crate::error::Result;
 use crate::tensor::{DType, Tensor};
@@ -26,6 +38,21 @@ pub const HEAD_DIMS: [usize; 4] = [64, 80, 96, 128];
 
 /// Warps per block in csrc/attention.cu (`ATTN_WARPS`): rows per block.
 const WARPS: usize = 8;
+
+/// bf16 sequences with at least this many queries run on the tensor-core
+/// kernel (see the module doc): a 64-query tile is then at least a quarter full.
+pub const FLASH_MIN_SEQLEN_Q: usize = 16;
+
+/// The tensor-core kernel's tile (csrc/flash_attention.cu `FA_WARPS`, `FA_BN`):
+/// 16 query rows per warp, keys per K/V tile.
+const FLASH_WARPS: usize = 4;
+const FLASH_BN: usize = 64;
+
+/// Its dynamic shared memory: the Q tile and two stages of K and V, rows of
+/// head_dim + 8 bf16 (`FlashTile::BYTES`).
+fn flash_smem(head_dim: usize) -> u32 {
+    ((16 * FLASH_WARPS + 4 * FLASH_BN) * (head_dim + 8) * 2) as u32
+}
 
 /// Shapes checked on every device: (total_q, n_heads, total_k, n_kv_heads, head_dim, batch).
 struct Dims {
@@ -147,27 +174,64 @@ pub(super) fn attend_token(
     }
 }
 
-/// The launch grid of both kernels, (row tiles, n_kv_heads, batch), after the
-/// checks only the GPU needs: grid limits and 16-byte aligned K/V (the kernel
-/// stages them in 16-byte words; every pool allocation is aligned).
-fn launch_grid(
+/// The launches of one GPU call (see the module doc): the simple kernel's
+/// grid, `long_from` for both kernels (sequences with at least that many
+/// queries are the tensor-core kernel's), and the tensor-core kernel's grid
+/// when it runs.
+struct Launches {
+    simple: (u32, u32, u32),
+    long_from: i32,
+    flash: Option<(u32, u32, u32)>,
+}
+
+/// Plans a GPU call after the checks only the GPU needs: grid limits and
+/// 16-byte aligned K/V (both kernels copy them in 16-byte words; every pool
+/// allocation is aligned), and q and out too for the tensor-core kernel.
+fn plan(
     op: &'static str,
     dims: (usize, usize, usize, usize),
     max_seqlen_q: usize,
-    kv: [&Tensor; 2],
-) -> Result<(u32, u32, u32)> {
+    dt: DType,
+    [out, q, k, v]: [&Tensor; 4],
+) -> Result<Launches> {
     let (total_q, n_heads, n_kv_heads, batch) = dims;
     ensure_shape!(
-        batch <= 65535 && n_kv_heads <= 65535,
+        batch <= 65535 && n_heads <= 65535,
         op,
-        "{batch} sequences or {n_kv_heads} kv heads exceed the launch grid (65535)"
+        "{batch} sequences or {n_heads} heads exceed the launch grid (65535)"
     );
-    ensure_shape!(kv.iter().all(|t| ptr(t).is_multiple_of(16)), op, "k and v must be 16-byte aligned on the GPU");
-    // Rows are (query, head of the group) pairs, WARPS per block; the
-    // kernel grid-strides over them, so clamping the grid loses nothing.
-    let rows = max_seqlen_q.min(total_q) * (n_heads / n_kv_heads);
-    let grid_x = rows.div_ceil(WARPS).clamp(1, i32::MAX as usize) as u32;
-    Ok((grid_x, n_kv_heads as u32, batch as u32))
+    ensure_shape!([k, v].iter().all(|t| ptr(t).is_multiple_of(16)), op, "k and v must be 16-byte aligned on the GPU");
+    let max_q = max_seqlen_q.min(total_q);
+    let flash = dt == DType::BF16 && max_q >= FLASH_MIN_SEQLEN_Q;
+    // The simple kernel: rows are (query, head of the group) pairs, WARPS per
+    // block; it grid-strides over them, so clamping the grid loses nothing.
+    // With the tensor-core kernel beside it, its sequences are shorter than FLASH_MIN_SEQLEN_Q.
+    let simple_q = if flash { max_q.min(FLASH_MIN_SEQLEN_Q - 1) } else { max_q };
+    let rows = simple_q * (n_heads / n_kv_heads);
+    let simple = (rows.div_ceil(WARPS).clamp(1, i32::MAX as usize) as u32, n_kv_heads as u32, batch as u32);
+    if !flash {
+        return Ok(Launches { simple, long_from: i32::MAX, flash: None });
+    }
+    ensure_shape!(
+        [out, q].iter().all(|t| ptr(t).is_multiple_of(16)),
+        op,
+        "q and out must be 16-byte aligned on the GPU"
+    );
+    // One block per (64-query tile, head, sequence); it grid-strides over the tiles too.
+    let tiles = max_q.div_ceil(16 * FLASH_WARPS).clamp(1, i32::MAX as usize) as u32;
+    Ok(Launches { simple, long_from: FLASH_MIN_SEQLEN_Q as i32, flash: Some((tiles, n_heads as u32, batch as u32)) })
+}
+
+/// Runs a call's launches: `args` without `long_from`, which is added here;
+/// `name` is the kernel's name without its variant and dtype (`attention_varlen`).
+fn launch(gpu: &Gpu, name: &str, d: usize, dt: DType, plan: &Launches, mut args: Vec<Arg>) -> Result<()> {
+    args.push(Arg::I32(plan.long_from));
+    gpu.launch(&kernel(&format!("{name}_d{d}"), dt), plan.simple, ((WARPS * 32) as u32, 1, 1), 0, &args)?;
+    if let Some(grid) = plan.flash {
+        let block = ((FLASH_WARPS * 32) as u32, 1, 1);
+        gpu.launch(&kernel(&format!("{name}_flash_d{d}"), dt), grid, block, flash_smem(d), &args)?;
+    }
+    Ok(())
 }
 
 /// Packed varlen attention. q, out: (total_q, n_heads, head_dim); k, v:
@@ -187,7 +251,9 @@ fn launch_grid(
 /// the launch grid. The CPU path checks it and the offsets; on the GPU the
 /// offsets are device data the launcher cannot read, so the kernel clamps them
 /// to the tensors and a too-small `max_seqlen_q` costs speed, not results.
-/// Head dims 64, 80, 96, 128; bf16 or f32 on the GPU, f32 on the CPU.
+/// Head dims 64, 80, 96, 128; bf16 or f32 on the GPU, f32 on the CPU. In
+/// bf16, sequences of at least [`FLASH_MIN_SEQLEN_Q`] queries run on the
+/// tensor-core kernel when `max_seqlen_q` says there may be one (module doc).
 #[allow(clippy::too_many_arguments)] // flash-attn's varlen argument list, kept whole
 pub fn attention(
     out: &mut Tensor,
@@ -230,8 +296,8 @@ pub fn attention(
             if batch == 0 || total_q == 0 {
                 return Ok(());
             }
-            let grid = launch_grid(OP, (total_q, n_heads, n_kv_heads, batch), max_seqlen_q, [k, v])?;
-            let args = [
+            let plan = plan(OP, (total_q, n_heads, n_kv_heads, batch), max_seqlen_q, dt, [&*out, q, k, v])?;
+            let args = vec![
                 Arg::Ptr(ptr(out)),
                 Arg::Ptr(ptr(q)),
                 Arg::Ptr(ptr(k)),
@@ -245,8 +311,7 @@ pub fn attention(
                 Arg::I32(causal as i32),
                 Arg::F32(scale),
             ];
-            let name = kernel(&format!("attention_varlen_d{d}"), dt);
-            gpu.launch(&name, grid, ((WARPS * 32) as u32, 1, 1), 0, &args)
+            launch(&gpu, "attention_varlen", d, dt, &plan, args)
         }
     }
 }
@@ -364,8 +429,9 @@ pub fn paged_attention(
             if batch == 0 || total_q == 0 {
                 return Ok(());
             }
-            let grid = launch_grid(OP, (total_q, n_heads, n_kv_heads, batch), max_seqlen_q, [k_cache, v_cache])?;
-            let args = [
+            let tensors = [&*out, q, k_cache, v_cache];
+            let plan = plan(OP, (total_q, n_heads, n_kv_heads, batch), max_seqlen_q, dt, tensors)?;
+            let args = vec![
                 Arg::Ptr(ptr(out)),
                 Arg::Ptr(ptr(q)),
                 Arg::Ptr(ptr(k_cache)),
@@ -381,8 +447,7 @@ pub fn paged_attention(
                 Arg::I32(n_kv_heads as i32),
                 Arg::F32(scale),
             ];
-            let name = kernel(&format!("paged_attention_d{d}"), dt);
-            gpu.launch(&name, grid, ((WARPS * 32) as u32, 1, 1), 0, &args)
+            launch(&gpu, "paged_attention", d, dt, &plan, args)
         }
     }
 }

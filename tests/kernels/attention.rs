@@ -9,9 +9,14 @@
 //! `cargo test` builds this unoptimised, where attention costs ~25 ns per
 //! multiply-add, so the inputs are drawn once per case as bf16 values and
 //! serve both kernels (exact in f32 too): one CPU reference and one f64
-//! formulation check both. The long case checks the f64 formulation on every
+//! formulation check both. The long cases check the f64 formulation on every
 //! 8th query row (and the last); the GPU's bf16 output is still compared on
 //! every row, and the grid-stride check (exact, NaN fails) sees every row of both.
+//!
+//! In bf16 a sequence of 16 queries or more runs on the tensor-core kernel
+//! (src/ops/attention.rs), the others on the simple one, both in one call;
+//! the grid-stride check keeps that choice, and `attention.simple` checks the
+//! same call with max_seqlen_q = 1, where the simple kernel runs them all.
 
 use half::bf16;
 use kestrel::ops::attention;
@@ -206,12 +211,31 @@ fn run(sp: &Spec, gpu: Option<&Device>, rng: &mut Rng) -> Vec<Row> {
             }
             _ => check_gpu("attention", &label, dt, &got, &widen(&cpu), &attention_bf16(sp, &qd, &kd, &vd, scale)),
         });
-        // A grid sized for one query: the blocks grid-stride over the other
-        // rows, which must come out bit for bit the same.
-        let small = launch(1);
+        // A grid sized for the fewest queries that keep the kernel choice (1,
+        // or FLASH_MIN_SEQLEN_Q when the tensor-core kernel runs): the blocks
+        // grid-stride over the other rows, which must come out bit for bit the same.
+        let small_q = small_grid(dt, max_q);
+        let small = launch(small_q);
         rows.push(check_exact("gpu", "attention.grid_stride", &label, dt, &widen(&small), &widen(&got)));
+        // max_seqlen_q = 1 below the truth: only the simple kernel runs, over
+        // every sequence and grid-striding, and must still be right.
+        if small_q > 1 {
+            let simple = launch(1);
+            let base = attention_bf16(sp, &qd, &kd, &vd, scale);
+            rows.push(check_gpu("attention.simple", &label, dt, &simple, &widen(&cpu), &base));
+        }
     }
     rows
+}
+
+/// The smallest max_seqlen_q that keeps a call's kernel choice (see the
+/// module doc of kestrel::ops::attention): a grid that small grid-strides.
+pub(crate) fn small_grid(dt: DType, max_q: usize) -> usize {
+    if dt == DType::BF16 && max_q >= attention::FLASH_MIN_SEQLEN_Q {
+        attention::FLASH_MIN_SEQLEN_Q
+    } else {
+        1
+    }
 }
 
 pub fn cases() -> Vec<Case> {
@@ -243,6 +267,21 @@ pub fn cases() -> Vec<Case> {
         spec(12, 2, 96, &[(1, 300), (37, 129), (6, 2), (2, 0)], true, 1.0, 1),
         // Non-causal with Lq != Lk, an empty query sequence, groups of 7.
         spec(28, 4, 64, &[(5, 40), (0, 3), (9, 9)], false, 1.0, 1),
+        // The tensor-core kernel (bf16, sequences of 16 queries or more) beside
+        // the simple one in the same batch: lengths around its 64-query and
+        // 64-key tiles. ViT heads, then Qwen2-VL-2B's causal 12/2 of 128.
+        spec(16, 16, 80, &same(&[1, 17, 63, 65, 129]), false, 1.0, 1),
+        spec(12, 2, 128, &same(&[1, 17, 63, 65, 129]), true, 1.0, 1),
+        spec(16, 16, 128, &same(&[129, 65]), true, 3.0, 1),
+        // Long: 17 query and key tiles, a peaked softmax whose running max moves.
+        spec(1, 1, 80, &same(&[1030, 17]), false, 3.0, 8),
+        spec(2, 1, 128, &same(&[1030]), true, 1.0, 8),
+        // Chunked prefill (Lq < Lk, not at tile boundaries), a decode step, and
+        // long chunks whose first queries see no key (20 over 2, 16 over 0).
+        spec(12, 2, 128, &[(17, 300), (65, 129), (1, 50), (20, 2), (16, 0)], true, 1.0, 1),
+        spec(8, 2, 96, &[(33, 100), (16, 7), (70, 70)], true, 1.0, 1),
+        // Non-causal chunks (Lq != Lk) with fewer keys than a tile.
+        spec(4, 4, 64, &[(33, 100), (16, 7), (0, 5), (40, 1)], false, 1.0, 1),
     ];
     specs
         .into_iter()

@@ -12,13 +12,16 @@
 //! Exact checks besides the tolerance ones, on each device: the paged op
 //! against packed `attention` on the gathered keys (one device function, one
 //! CPU routine: bit for bit) and the last sequence alone against its rows in
-//! the batch (its output must not depend on the batch); on the GPU also a
-//! one-query grid (grid stride).
+//! the batch (its output must not depend on the batch); on the GPU also the
+//! smallest grid that keeps the kernel choice (grid stride). When the
+//! tensor-core kernel runs (bf16, a sequence of 16 queries or more), the same
+//! call with max_seqlen_q = 1 runs the simple kernel on every sequence, which
+//! is checked against the tolerance too (`paged.simple`).
 
 use kestrel::ops::{attention, kv_cache};
 use kestrel::{DType, Device, Tensor};
 
-use crate::attention::{attention64, attention_bf16, pick, Spec};
+use crate::attention::{attention64, attention_bf16, pick, small_grid, Spec};
 use crate::harness::*;
 
 /// A random permutation of 0..n (Fisher–Yates).
@@ -256,6 +259,7 @@ fn run(p: &Paged, gpu: Option<&Device>, rng: &mut Rng) -> Vec<Row> {
     ));
 
     let Some(g) = gpu else { return rows };
+    let baseline = attention_bf16(&sp, &qd, &kd, &vd, scale);
     for dt in FLOAT_DTYPES {
         let x = inputs(g, dt);
         let got = paged(&x, g, dt, max_q);
@@ -263,11 +267,17 @@ fn run(p: &Paged, gpu: Option<&Device>, rng: &mut Rng) -> Vec<Row> {
             DType::F32 => {
                 check_gpu("paged_attention", &label, dt, &pick(&got, &kept, hd), &r64, &widen(&pick(&cpu, &kept, hd)))
             }
-            _ => check_gpu("paged_attention", &label, dt, &got, &cpu64, &attention_bf16(&sp, &qd, &kd, &vd, scale)),
+            _ => check_gpu("paged_attention", &label, dt, &got, &cpu64, &baseline),
         });
         let got = widen(&got);
-        // A grid sized for one query: the blocks grid-stride over the other rows.
-        let small = widen(&paged(&x, g, dt, 1));
+        // max_seqlen_q = 1 below the truth: the simple kernel takes every sequence.
+        if small_grid(dt, max_q) > 1 {
+            let simple = paged(&x, g, dt, 1);
+            rows.push(check_gpu("paged.simple", &label, dt, &simple, &cpu64, &baseline));
+        }
+        // A grid sized for the fewest queries that keep the kernel choice:
+        // the blocks grid-stride over the other rows.
+        let small = widen(&paged(&x, g, dt, small_grid(dt, max_q)));
         rows.push(check_exact("gpu", "paged.grid_stride", &label, dt, &small, &got));
         // The packed kernel on the gathered keys runs the same device code.
         rows.push(check_exact("gpu", "paged.vs_packed", &label, dt, &widen(&packed(&x, g, dt)), &got));
@@ -308,6 +318,12 @@ pub fn cases() -> Vec<Case> {
         // One key per block; groups of 7 (Qwen2-VL-7B's 28/4).
         spec(28, 4, 96, 1, &[(4, 10), (1, 3)], 1.0),
         spec(12, 2, 128, 16, &decodes, 1.0),
+        // The tensor-core kernel (sequences of 16 queries or more) beside the
+        // simple one: prefills around its 64-row tiles, chunked prefills over
+        // cached keys, decode steps, and queries that see no key (20 over 2).
+        spec(12, 2, 128, 16, &[(1, 300), (65, 65), (17, 129), (129, 129), (20, 2), (1, 1)], 1.0),
+        spec(16, 16, 80, 5, &[(63, 63), (17, 17), (1, 40), (64, 130)], 3.0),
+        spec(4, 1, 80, 5, &[(16, 16), (100, 1030)], 1.0),
     ];
     v.extend(
         specs
