@@ -40,8 +40,9 @@
 // of cuBLAS's GEMM rate. What holds it there (ncu, causal 4k d128): issue is
 // latency-bound at 2 warps per scheduler (4.8 cycles per issued instruction,
 // tensor pipe 32% busy), HMMA is 16% of the instructions (the rest: softmax,
-// rescaling, copy addresses), and SMs idle 21% of the time at the tail, as
-// blocks start in (tile, head) order with each head's longest tile first.
+// rescaling, copy addresses), and SMs idled 21% of the time at the tail when
+// blocks started in (tile, head) order (this grid, heads fastest, is meant
+// to fix that; not yet measured on its own).
 // Tile shapes 64x32, 128x64, 128x32 and 3 blocks per SM were all slower. A
 // leaner variant (two threads per copied row, one barrier per key tile, FFMA
 // exp2, lazy rescaling, heads-fastest grid) cut registers to 211 and fixed the
@@ -130,8 +131,10 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 // ----------------------------------------------------------------------------
 // CUDA kernel
 
-// grid (query tiles, n_heads, batch), block 32 * WARPS, FlashTile::BYTES of
-// dynamic shared memory. Fragment layouts (PTX ISA, mma.m16n8k16): lane l is
+// grid (n_heads, query tiles, batch), block 32 * WARPS, FlashTile::BYTES of
+// dynamic shared memory. Heads vary fastest, so blocks start in the order
+// (sequence, tile from the last, head): in a causal prefill every head's
+// longest tiles start first and the short ones fill the tail. Fragment layouts (PTX ISA, mma.m16n8k16): lane l is
 // g = l / 4, t = l % 4; an accumulator holds rows g, g + 8 and columns 2t, 2t + 1.
 template <int D, int WARPS, int BN, typename Keys>
 __device__ void flash_attention(bf16* __restrict__ out,         // (total_q, n_heads, D)
@@ -159,7 +162,7 @@ __device__ void flash_attention(bf16* __restrict__ out,         // (total_q, n_h
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t4 = lane & 3;
-    const int seq = blockIdx.z, h = blockIdx.y;
+    const int seq = blockIdx.z, h = blockIdx.x;
     const int kvh = h / (n_heads / n_kv_heads);
     const int2 qr = query_range(cu_q, seq, total_q);
     const int q0 = qr.x, Lq = qr.y;
@@ -172,7 +175,7 @@ __device__ void flash_attention(bf16* __restrict__ out,         // (total_q, n_h
 
     // Block-uniform loop over this sequence's query tiles; the barriers inside
     // are reached by every thread.
-    for (int tile = blockIdx.x; tile < n_mt; tile += gridDim.x) {
+    for (int tile = blockIdx.y; tile < n_mt; tile += gridDim.y) {
         const int m0 = (n_mt - 1 - tile) * FA_BM;  // the last (longest causal) tiles first
         // Keys the tile may see: j < n_end (its last row sees the most).
         const int n_end = causal ? min(max(min(m0 + FA_BM, Lq) + Lk - Lq, 0), Lk) : Lk;

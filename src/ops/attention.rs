@@ -217,9 +217,10 @@ fn plan(
         op,
         "q and out must be 16-byte aligned on the GPU"
     );
-    // One block per (64-query tile, head, sequence); it grid-strides over the tiles too.
-    let tiles = max_q.div_ceil(16 * FLASH_WARPS).clamp(1, i32::MAX as usize) as u32;
-    Ok(Launches { simple, long_from: FLASH_MIN_SEQLEN_Q as i32, flash: Some((tiles, n_heads as u32, batch as u32)) })
+    // One block per (head, 64-query tile, sequence), heads varying fastest
+    // (longest causal tiles first); it grid-strides over the tiles too.
+    let tiles = max_q.div_ceil(16 * FLASH_WARPS).clamp(1, 65535) as u32;
+    Ok(Launches { simple, long_from: FLASH_MIN_SEQLEN_Q as i32, flash: Some((n_heads as u32, tiles, batch as u32)) })
 }
 
 /// Runs a call's launches: `args` without `long_from`, which is added here;
