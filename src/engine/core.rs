@@ -464,12 +464,11 @@ impl EngineCore {
         if finish.is_none() && (n_out >= p.max_tokens || s.total() >= self.cfg.max_model_len) {
             finish = Some((FinishReason::Length, None));
         }
-        if let Some((FinishReason::Stop, None | Some(StopReason::Token(_))) | (FinishReason::Length, _)) = &finish {
-            // Flush what the detokenizer and the stop check still hold.
-            let detok = std::mem::replace(&mut s.detok, IncrementalDetokenizer::new(true));
-            let tail = detok.finish(&self.tokenizer)?;
-            let stop = std::mem::replace(&mut s.stop, StopChecker::new::<&str>(&[]));
-            let mut stop = stop;
+        // Finished other than by a stop string: flush what the detokenizer and
+        // the stop check still hold (a stop string may still complete in it).
+        if finish.as_ref().is_some_and(|(_, r)| !matches!(r, Some(StopReason::String(_)))) {
+            let tail = std::mem::replace(&mut s.detok, IncrementalDetokenizer::new(true)).finish(&self.tokenizer)?;
+            let mut stop = std::mem::replace(&mut s.stop, StopChecker::new::<&str>(&[]));
             let (released, stopped) = stop.push(&tail);
             text.push_str(&released);
             if stopped {

@@ -53,6 +53,14 @@ impl ChunkHeader {
     }
 }
 
+/// `finish_reason` and `stop_reason` of a choice chunk (null while it goes on).
+fn finish_fields(finish: Option<(&str, Option<Value>)>) -> (Value, Value) {
+    match finish {
+        Some((r, s)) => (json!(r), s.unwrap_or(Value::Null)),
+        None => (Value::Null, Value::Null),
+    }
+}
+
 /// A chat choice's delta: `delta` is `{"role": ...}`, `{"content": ...}` or `{}`.
 pub fn chat_choice(
     index: usize,
@@ -60,10 +68,7 @@ pub fn chat_choice(
     logprobs: Option<Value>,
     finish: Option<(&str, Option<Value>)>,
 ) -> Value {
-    let (finish_reason, stop_reason) = match finish {
-        Some((r, s)) => (json!(r), s.unwrap_or(Value::Null)),
-        None => (Value::Null, Value::Null),
-    };
+    let (finish_reason, stop_reason) = finish_fields(finish);
     json!({
         "index": index,
         "delta": delta,
@@ -80,10 +85,7 @@ pub fn completion_choice(
     logprobs: Option<Value>,
     finish: Option<(&str, Option<Value>)>,
 ) -> Value {
-    let (finish_reason, stop_reason) = match finish {
-        Some((r, s)) => (json!(r), s.unwrap_or(Value::Null)),
-        None => (Value::Null, Value::Null),
-    };
+    let (finish_reason, stop_reason) = finish_fields(finish);
     json!({
         "index": index,
         "text": text,
