@@ -205,6 +205,23 @@ impl Tensor {
         Ok(Self { shape: shape.to_vec(), dtype: DType::I32, storage })
     }
 
+    /// Overwrites the first `data.len()` elements of an i32 tensor in place
+    /// (inputs of a captured graph live at fixed addresses).
+    pub fn write_i32(&mut self, data: &[i32]) -> Result<()> {
+        if self.dtype != DType::I32 || data.len() > self.numel() {
+            return Err(Error::Shape {
+                op: "write_i32",
+                msg: format!("{} i32 values into {:?} {:?}", data.len(), self.shape, self.dtype),
+            });
+        }
+        match &mut self.storage {
+            Storage::I32(v) => v[..data.len()].copy_from_slice(data),
+            Storage::Cuda(b) => b.gpu().upload(b, data)?,
+            Storage::F32(_) => return Err(Error::DType { op: "write_i32", got: DType::F32, supported: "i32" }),
+        }
+        Ok(())
+    }
+
     /// The values as f32 (downloads and widens device data; waits for the GPU).
     pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
         let n = self.numel();

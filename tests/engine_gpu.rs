@@ -38,50 +38,66 @@ struct Tally {
     divergence_positions: Vec<usize>,
 }
 
-#[test]
-fn batched_greedy_matches_alone_up_to_near_ties() {
+/// The model to run on the GPU, or None (and a notice) without one.
+fn gpu_model(test: &str) -> Option<PathBuf> {
     if let Err(e) = kestrel::Device::cuda(0) {
         let require = std::env::var("KESTREL_REQUIRE_GPU").is_ok_and(|v| v == "1");
         assert!(!require, "KESTREL_REQUIRE_GPU=1 but no GPU: {e}");
-        common::notice(&format!("engine_gpu: SKIPPED: no usable GPU ({e})"));
-        return;
+        common::notice(&format!("{test}: SKIPPED: no usable GPU ({e})"));
+        return None;
     }
-    let dir = match std::env::var_os("KESTREL_GPU_MODEL") {
+    Some(match std::env::var_os("KESTREL_GPU_MODEL") {
         Some(d) => PathBuf::from(d),
         None => kestrel::model::builtin::materialize().unwrap(),
-    };
-    let engine = Engine::start(EngineConfig {
+    })
+}
+
+fn start(dir: PathBuf, enforce_eager: bool) -> Engine {
+    Engine::start(EngineConfig {
         model_dir: dir,
         device: "cuda".into(),
         max_model_len: Some(4096),
+        gpu_memory_utilization: 0.45,
+        enforce_eager,
         ..Default::default()
     })
-    .unwrap();
+    .unwrap()
+}
+
+/// Request i of the mix: text only, or one image of 224, 512 or 320 pixels.
+fn make(fe: &kestrel::engine::Frontend, i: usize) -> Request {
+    let text = synthetic_text(8 + (i * 37) % 120, i as u64);
+    let (content, media) = match i % 3 {
+        0 => (serde_json::json!([{"type": "text", "text": text}]), vec![]),
+        _ => {
+            let side = [224u32, 512, 320][i % 3];
+            (
+                serde_json::json!([{"type": "image"}, {"type": "text", "text": text}]),
+                vec![Media::Image(synthetic_image(side, i as u64))],
+            )
+        }
+    };
+    let input = fe.prepare_chat(&serde_json::json!([{"role": "user", "content": content}]), &media).unwrap();
+    let params = RequestParams {
+        sampling: SamplingParams { logprobs: Some(5), ..SamplingParams::greedy() },
+        max_tokens: TOKENS,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    Request { input, params }
+}
+
+fn run(engine: &Engine, ids: std::ops::Range<usize>) -> Vec<RequestOutput> {
+    let fe = engine.frontend();
+    engine.generate(ids.map(|i| make(fe, i)).collect()).into_iter().map(Result::unwrap).collect()
+}
+
+#[test]
+fn batched_greedy_matches_alone_up_to_near_ties() {
+    let Some(dir) = gpu_model("engine_gpu") else { return };
+    let engine = start(dir, false);
     let fe = engine.frontend().clone();
-    let make = |i: usize| {
-        let text = synthetic_text(8 + (i * 37) % 120, i as u64);
-        let (content, media) = match i % 3 {
-            0 => (serde_json::json!([{"type": "text", "text": text}]), vec![]),
-            _ => {
-                let side = [224u32, 512, 320][i % 3];
-                (
-                    serde_json::json!([{"type": "image"}, {"type": "text", "text": text}]),
-                    vec![Media::Image(synthetic_image(side, i as u64))],
-                )
-            }
-        };
-        let input = fe.prepare_chat(&serde_json::json!([{"role": "user", "content": content}]), &media).unwrap();
-        let params = RequestParams {
-            sampling: SamplingParams { logprobs: Some(5), ..SamplingParams::greedy() },
-            max_tokens: TOKENS,
-            ignore_eos: true,
-            ..Default::default()
-        };
-        Request { input, params }
-    };
-    let run = |ids: std::ops::Range<usize>| -> Vec<RequestOutput> {
-        engine.generate(ids.map(make).collect()).into_iter().map(Result::unwrap).collect()
-    };
+    let run = |ids: std::ops::Range<usize>| run(&engine, ids);
     let alone: Vec<RequestOutput> = (0..REQUESTS).flat_map(|i| run(i..i + 1)).collect();
     let b16: Vec<RequestOutput> = (0..REQUESTS / 16).flat_map(|g| run(g * 16..g * 16 + 16)).collect();
     let b64 = run(0..REQUESTS);
@@ -105,6 +121,38 @@ fn batched_greedy_matches_alone_up_to_near_ties() {
     }
     let s = engine.stats();
     assert_eq!(s.free_blocks, fe.num_blocks, "every KV block came back: {s:?}");
+    assert!(s.graph_steps > 0, "decode steps ran from CUDA graphs: {s:?}");
+}
+
+/// Decode steps replayed from CUDA graphs against the same steps run
+/// eagerly. A batch of 16 fills its graph bucket exactly, so every kernel
+/// sees the shapes the eager step gives it: tokens and logprobs must be
+/// bit-identical. A batch of 13 runs padded to 16 rows, where cuBLAS may
+/// choose other kernels: divergences must be near-ties.
+#[test]
+fn graph_replays_match_eager_steps() {
+    let Some(dir) = gpu_model("engine_gpu graphs") else { return };
+    let runs = |eager: bool| {
+        let engine = start(dir.clone(), eager);
+        let out = (run(&engine, 0..16), run(&engine, 16..29));
+        let s = engine.stats();
+        assert_eq!(s.graph_steps > 0, !eager, "graph steps with enforce_eager={eager}: {s:?}");
+        out
+    };
+    let (eager16, eager13) = runs(true);
+    let (graph16, graph13) = runs(false);
+    for (i, (e, g)) in eager16.iter().zip(&graph16).enumerate() {
+        assert_eq!(e.choices[0].token_ids, g.choices[0].token_ids, "request {i}: tokens");
+        let (el, gl): (Vec<f32>, Vec<f32>) =
+            (lps(e).iter().map(|l| l.logprob).collect(), lps(g).iter().map(|l| l.logprob).collect());
+        assert_eq!(el, gl, "request {i}: logprobs");
+    }
+    let mut t = Tally::default();
+    for (e, g) in eager13.iter().zip(&graph13) {
+        compare(&e.choices[0].token_ids, lps(e), &g.choices[0].token_ids, lps(g), &mut t);
+    }
+    println!("graphs vs eager: 16 of 16 bit-identical; padded 13: {} identical, {} near-tie", t.identical, t.near_tie);
+    assert_eq!(t.identical + t.near_tie, 13);
 }
 
 fn lps(o: &RequestOutput) -> &[TokenLogprob] {

@@ -37,6 +37,9 @@ pub struct EngineArgs {
     /// Chat template file (or template text) instead of the model's own.
     #[arg(long)]
     pub chat_template: Option<String>,
+    /// Run every step eagerly: no CUDA graphs for decode steps.
+    #[arg(long)]
+    pub enforce_eager: bool,
     /// Directory that file:// URLs and absolute paths in requests may read media from
     /// (default: local media is refused).
     #[arg(long)]
@@ -67,6 +70,7 @@ impl EngineArgs {
             gpu_memory_utilization: self.gpu_memory_utilization.unwrap_or(d.gpu_memory_utilization),
             cpu_kv_cache_bytes: (space * (1u64 << 30) as f64) as usize,
             chat_template: self.chat_template.clone(),
+            enforce_eager: self.enforce_eager,
             ..d
         })
     }

@@ -6,10 +6,13 @@
 //! `DeviceBuffer`, which gives itself back on drop.
 
 pub mod blas;
+pub mod graph;
 pub mod pool;
+pub mod profile;
 pub mod registry;
 
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use cudarc::driver::{result as drv, sys, CudaContext, CudaStream};
@@ -32,6 +35,15 @@ pub struct Gpu {
     kernels: registry::Registry,
     pub(crate) blas: blas::Blas,
     pool: pool::DevicePool,
+    /// Memory of captured CUDA graphs (see `graph`): while `graph_allocs` is
+    /// set, allocations come from here, and blocks freed here are only ever
+    /// handed out again to graph work, never to tensors that live across a
+    /// replay.
+    graph_pool: pool::DevicePool,
+    graph_allocs: AtomicBool,
+    /// Set while a graph capture records work (no profiling events then).
+    capturing: AtomicBool,
+    profiler: Option<profile::Profiler>,
     name: String,
     capability: (i32, i32),
     sm_count: i32,
@@ -61,11 +73,25 @@ impl Gpu {
         let stream = ctx.new_stream()?;
         let kernels = registry::Registry::load(&ctx)?;
         let pool = pool::DevicePool::default();
+        let graph_pool = pool::DevicePool::default();
         let blas = blas::Blas::new(&stream)?;
         let name = ctx.name()?;
         let capability = ctx.compute_capability()?;
         let sm_count = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
-        Ok(Arc::new(Self { ctx, stream, kernels, blas, pool, name, capability, sm_count }))
+        Ok(Arc::new(Self {
+            ctx,
+            stream,
+            kernels,
+            blas,
+            pool,
+            graph_pool,
+            graph_allocs: AtomicBool::new(false),
+            capturing: AtomicBool::new(false),
+            profiler: profile::Profiler::from_env(),
+            name,
+            capability,
+            sm_count,
+        }))
     }
 
     pub fn name(&self) -> &str {
@@ -126,15 +152,48 @@ impl Gpu {
                 )?;
             }
         }
-        unsafe { drv::launch_kernel(f.cu_function(), grid, block, smem, self.stream.cu_stream(), &mut params)? };
-        Ok(())
+        let stream = self.stream.cu_stream();
+        self.profiled(name, || Ok(unsafe { drv::launch_kernel(f.cu_function(), grid, block, smem, stream, &mut params)? }))
+    }
+
+    /// Runs `f`, which queues work on the stream, under the kernel profiler
+    /// when one is on (see `profile`).
+    pub(crate) fn profiled(&self, name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
+        match &self.profiler {
+            Some(p) if !self.capturing.load(Ordering::Relaxed) => p.around(&self.stream, name, f),
+            _ => f(),
+        }
+    }
+
+    pub fn profiling(&self) -> bool {
+        self.profiler.is_some()
+    }
+
+    /// GPU time per kernel since the last call, when `KESTREL_PROFILE=1`.
+    pub fn profile_report(&self) -> Result<Option<String>> {
+        self.bind()?;
+        self.profiler.as_ref().map(|p| p.report(&self.stream)).transpose()
     }
 
     /// A buffer of at least `bytes` bytes from the pool (contents undefined).
     pub fn alloc(self: &Arc<Self>, bytes: usize) -> Result<DeviceBuffer> {
         self.bind()?;
-        let (ptr, class) = self.pool.alloc(bytes)?;
-        Ok(DeviceBuffer { ptr, bytes, class, gpu: self.clone() })
+        let graph = self.graph_allocs.load(Ordering::Relaxed);
+        let (ptr, class) = if graph { self.graph_pool.alloc(bytes)? } else { self.pool.alloc(bytes)? };
+        Ok(DeviceBuffer { ptr, bytes, class, graph, gpu: self.clone() })
+    }
+
+    /// Runs `f` with allocations coming from the graph pool (see `graph`).
+    pub(crate) fn with_graph_allocs<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let before = self.graph_allocs.swap(true, Ordering::Relaxed);
+        let out = f();
+        self.graph_allocs.store(before, Ordering::Relaxed);
+        out
+    }
+
+    /// Bytes the graph pool holds (in use and cached).
+    pub fn graph_pool_bytes(&self) -> usize {
+        self.graph_pool.bytes_in_use() + self.graph_pool.bytes_cached()
     }
 
     pub fn upload<T: Copy>(&self, dst: &DeviceBuffer, src: &[T]) -> Result<()> {
@@ -236,6 +295,7 @@ impl Drop for Gpu {
         if self.bind().is_ok() {
             let _ = self.stream.synchronize();
             self.pool.trim();
+            self.graph_pool.trim();
         }
     }
 }
@@ -245,6 +305,7 @@ pub struct DeviceBuffer {
     ptr: u64,
     bytes: usize, // bytes asked for (the block may be larger)
     class: usize,
+    graph: bool, // from the graph pool
     gpu: Arc<Gpu>,
 }
 
@@ -262,7 +323,8 @@ impl DeviceBuffer {
 
 impl Drop for DeviceBuffer {
     fn drop(&mut self) {
-        self.gpu.pool.free(self.ptr, self.class);
+        let pool = if self.graph { &self.gpu.graph_pool } else { &self.gpu.pool };
+        pool.free(self.ptr, self.class);
     }
 }
 

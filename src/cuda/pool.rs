@@ -109,6 +109,10 @@ impl DevicePool {
     pub fn bytes_in_use(&self) -> usize {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).in_use
     }
+
+    pub fn bytes_cached(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).cached
+    }
 }
 
 impl Drop for DevicePool {

@@ -45,6 +45,8 @@ pub struct EngineConfig {
     pub task: Task,
     /// Embedding task: overrides the model folder's pooling type.
     pub pooling: Option<Pooling>,
+    /// Never replay decode steps from CUDA graphs (vLLM's `--enforce-eager`).
+    pub enforce_eager: bool,
 }
 
 impl Default for EngineConfig {
@@ -62,6 +64,7 @@ impl Default for EngineConfig {
             chat_template: None,
             task: Task::Generate,
             pooling: None,
+            enforce_eager: false,
         }
     }
 }
@@ -119,6 +122,8 @@ pub struct EngineStats {
     pub preemptions: u64,
     pub steps: u64,
     pub step_errors: u64,
+    /// Steps replayed from a CUDA graph.
+    pub graph_steps: u64,
 }
 
 enum Msg {
@@ -150,6 +155,7 @@ pub fn load(cfg: &EngineConfig) -> Result<(Frontend, EngineCore)> {
             cfg.gpu_memory_utilization
         )));
     }
+    let t0 = std::time::Instant::now();
     let dir = &cfg.model_dir;
     let config = Qwen2VlConfig::from_dir(dir)?;
     let tokenizer = Arc::new(Tokenizer::from_dir(dir)?);
@@ -160,13 +166,16 @@ pub fn load(cfg: &EngineConfig) -> Result<(Frontend, EngineCore)> {
     eos.sort_unstable();
     eos.dedup();
 
+    let t_files = t0.elapsed();
     let dev = Device::choose(&cfg.device)?;
+    let t_device = t0.elapsed();
     let device = match &dev {
         Device::Cpu => "cpu".to_owned(),
         Device::Cuda(g) => g.name().to_owned(),
     };
     let model = Qwen2Vl::load(dir, &dev)?;
-    let runner = Runner::new(
+    let t_weights = t0.elapsed();
+    let mut runner = Runner::new(
         model,
         &CacheConfig {
             block_size: cfg.block_size,
@@ -176,6 +185,7 @@ pub fn load(cfg: &EngineConfig) -> Result<(Frontend, EngineCore)> {
             max_image_pixels: processors.image.max_pixels,
         },
     )?;
+    let t_cache = t0.elapsed();
     let capacity = runner.num_blocks() * runner.block_size();
     let max_model_len = match cfg.max_model_len {
         Some(0) => return Err(Error::InvalidInput("--max-model-len must be positive".into())),
@@ -188,6 +198,23 @@ pub fn load(cfg: &EngineConfig) -> Result<(Frontend, EngineCore)> {
         Some(m) => m,
         None => config.text_config.max_position_embeddings.min(capacity),
     };
+    let graphs = if !cfg.enforce_eager && cfg.task == Task::Generate {
+        runner.capture_graphs(cfg.max_num_seqs, max_model_len)?.len()
+    } else {
+        0
+    };
+    let t_graphs = t0.elapsed();
+    let secs = |a: std::time::Duration, b: std::time::Duration| (b - a).as_secs_f64();
+    eprintln!(
+        "kestrel: loaded in {:.2} s: tokenizer and configs {:.2} s, device {:.2} s, weights {:.2} s, \
+         KV cache sizing {:.2} s, CUDA graphs ({graphs} batch sizes) {:.2} s",
+        t_graphs.as_secs_f64(),
+        t_files.as_secs_f64(),
+        secs(t_files, t_device),
+        secs(t_device, t_weights),
+        secs(t_weights, t_cache),
+        secs(t_cache, t_graphs),
+    );
     let model_name = cfg.model_name.clone().unwrap_or_else(|| {
         if crate::model::builtin::is_builtin(dir) {
             return crate::model::builtin::NAME.to_owned();
@@ -431,6 +458,14 @@ fn run(mut core: EngineCore, rx: Receiver<Msg>, stats: &Mutex<EngineStats>) {
         s.preemptions = core.preemptions();
         s.steps += 1;
         s.step_errors += failed as u64;
+        s.graph_steps = core.runner().graph_replays();
     }
     core.fail_all("the engine is shutting down");
+    if let crate::tensor::Device::Cuda(gpu) = &core.runner().model.device {
+        match gpu.profile_report() {
+            Ok(Some(table)) => eprintln!("kestrel: GPU time per kernel (KESTREL_PROFILE=1):\n{table}"),
+            Ok(None) => {}
+            Err(e) => eprintln!("kestrel: no kernel profile: {e}"),
+        }
+    }
 }

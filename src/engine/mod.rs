@@ -15,6 +15,7 @@ pub mod blocks;
 pub mod core;
 #[allow(clippy::module_inception)] // engine::engine holds the Engine type, as vLLM's engine/ package does
 pub mod engine;
+pub mod graphs;
 pub mod pooling;
 pub mod request;
 pub mod runner;

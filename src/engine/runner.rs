@@ -9,6 +9,7 @@
 //! weights, that peak, and the largest image the processor can produce.
 
 use super::blocks::blocks_for;
+use super::graphs::DecodeGraphs;
 use super::pooling::Pooling;
 use crate::error::{Error, Result};
 use crate::model::qwen2_vl::inputs::PreparedInput;
@@ -45,7 +46,7 @@ pub struct StepOutput {
 }
 
 impl SeqWork<'_> {
-    fn token(&self, t: usize) -> u32 {
+    pub(super) fn token(&self, t: usize) -> u32 {
         let n = self.input.input_ids.len();
         if t < n {
             self.input.input_ids[t]
@@ -55,7 +56,7 @@ impl SeqWork<'_> {
     }
 
     /// M-RoPE position of token t on `axis` (0 temporal, 1 height, 2 width).
-    fn position(&self, axis: usize, t: usize) -> i32 {
+    pub(super) fn position(&self, axis: usize, t: usize) -> i32 {
         let n = self.input.input_ids.len();
         if t < n {
             self.input.positions[axis * n + t]
@@ -68,6 +69,9 @@ impl SeqWork<'_> {
 pub struct Runner {
     pub model: Qwen2Vl,
     kv: PagedKv,
+    /// Decode steps replayed from CUDA graphs (None: every step eager).
+    graphs: Option<DecodeGraphs>,
+    graph_replays: u64,
 }
 
 /// Memory settings of the KV cache.
@@ -119,7 +123,20 @@ impl Runner {
             )));
         }
         let kv = PagedKv::new(&model.device, dims, num_blocks, cfg.block_size)?;
-        Ok(Runner { model, kv })
+        Ok(Runner { model, kv, graphs: None, graph_replays: 0 })
+    }
+
+    /// Captures decode graphs for batches of up to `max_batch` sequences of
+    /// up to `max_model_len` tokens (nothing on the CPU). Returns the sizes.
+    pub fn capture_graphs(&mut self, max_batch: usize, max_model_len: usize) -> Result<Vec<usize>> {
+        let width = blocks_for(max_model_len, self.kv.block_size);
+        self.graphs = DecodeGraphs::capture(&self.model, &mut self.kv, max_batch, width)?;
+        Ok(self.graphs.as_ref().map(DecodeGraphs::sizes).unwrap_or_default())
+    }
+
+    /// Steps run by replaying a CUDA graph so far.
+    pub fn graph_replays(&self) -> u64 {
+        self.graph_replays
     }
 
     pub fn num_blocks(&self) -> usize {
@@ -143,6 +160,10 @@ impl Runner {
     /// One forward pass over `work`: logits of the sequences with `sample`
     /// and hidden rows of those with `pool`.
     pub fn forward(&mut self, work: &[SeqWork]) -> Result<StepOutput> {
+        if let Some(g) = self.graphs.as_mut().filter(|g| g.fits(work)) {
+            self.graph_replays += 1;
+            return Ok(StepOutput { logits: Some(g.run(&self.model, work)?), pooled: Vec::new() });
+        }
         let dev = self.model.device.clone();
         let n: usize = work.iter().map(|w| w.new).sum();
         let mut ids = Vec::with_capacity(n);

@@ -327,6 +327,67 @@ impl Weights {
         Tensor::from_f32(dev, view.shape(), &view.to_f32_vec(), target)
     }
 
+    /// Several stored tensors stacked along their first dimension, each
+    /// checked against its expected shape (gate | up, q | k | v: one GEMM for
+    /// several projections). Bytes are stacked as stored when the dtype on
+    /// disk is the device's, so a large model loads without a float pass.
+    pub fn load_stacked(&self, dev: &Device, parts: &[(&str, &[usize])]) -> Result<Tensor> {
+        let views = parts
+            .iter()
+            .map(|&(name, shape)| {
+                let v = self.get(name)?;
+                let tail_ok = shape.len() == v.shape().len() && shape[1..] == parts[0].1[1..];
+                if v.shape() != shape || !tail_ok {
+                    return Err(Error::Weights(format!(
+                        "tensor `{name}`: expected shape {shape:?} (stacked with {:?}), found {:?}",
+                        parts[0].1,
+                        v.shape()
+                    )));
+                }
+                Ok(v)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let Some(first) = parts.first() else {
+            return Err(Error::Weights("nothing to stack".into()));
+        };
+        let mut shape = first.1.to_vec();
+        shape[0] = parts.iter().map(|p| p.1[0]).sum();
+        let target = dev.activation_dtype();
+        if dev.is_cuda() && views.iter().all(|v| v.dtype() == target) {
+            let bytes: Vec<u8> = views.iter().flat_map(|v| v.data().iter().copied()).collect();
+            return tensor_from_bytes(dev, &shape, target, &bytes);
+        }
+        let data: Vec<f32> = views.iter().flat_map(|v| v.to_f32_vec()).collect();
+        Tensor::from_f32(dev, &shape, &data, target)
+    }
+
+    /// Rows `rows` (of the first dimension) of a stored tensor of
+    /// `expected_shape`, placed as `load` places a whole tensor.
+    pub fn load_rows(
+        &self,
+        dev: &Device,
+        canonical: &str,
+        expected_shape: &[usize],
+        rows: std::ops::Range<usize>,
+    ) -> Result<Tensor> {
+        let view = self.get(canonical)?;
+        if view.shape() != expected_shape || rows.start > rows.end || rows.end > expected_shape[0] {
+            return Err(Error::Weights(format!(
+                "tensor `{canonical}`: rows {rows:?} of expected shape {expected_shape:?}, found {:?}",
+                view.shape()
+            )));
+        }
+        let row_bytes = view.data().len() / expected_shape[0].max(1);
+        let bytes = &view.data()[rows.start * row_bytes..rows.end * row_bytes];
+        let mut shape = expected_shape.to_vec();
+        shape[0] = rows.len();
+        let target = dev.activation_dtype();
+        if dev.is_cuda() && view.dtype() == target {
+            return tensor_from_bytes(dev, &shape, target, bytes);
+        }
+        Tensor::from_f32(dev, &shape, &bytes_to_f32(view.dtype(), bytes), target)
+    }
+
     /// Which canonical tensor serves as the LM head: `lm_head.weight` when
     /// the checkpoint has it, else the token embedding when
     /// `tie_word_embeddings` (HF's `_tied_weights_keys`), else an error.

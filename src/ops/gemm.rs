@@ -57,7 +57,8 @@ pub fn gemm(y: &mut Tensor, x: &Tensor, w: &Tensor) -> Result<()> {
             if m == 0 || n == 0 {
                 return Ok(());
             }
-            gpu.blas.gemm(ptr(y), ptr(x), ptr(w), m, n, k, x.dtype(), y.dtype())
+            let name = if gpu.profiling() { format!("gemm (cuBLAS) n={n} k={k}") } else { String::new() };
+            gpu.profiled(&name, || gpu.blas.gemm(ptr(y), ptr(x), ptr(w), m, n, k, x.dtype(), y.dtype()))
         }
     }
 }

@@ -8,7 +8,7 @@
 //! path also rounds the sum to bf16 before normalising.
 
 use crate::error::Result;
-use crate::model::layers::{concat_rows, Linear};
+use crate::model::layers::Linear;
 use crate::model::weights::Weights;
 use crate::ops::{activation, attention, embedding, gemm, kv_cache, norm, rope};
 use crate::tensor::{DType, Device, Tensor};
@@ -123,6 +123,54 @@ impl AttnBatch {
     }
 }
 
+impl AttnBatch {
+    /// `seqs` one-token sequences with block tables `width` blocks wide, for
+    /// a captured decode graph; `write_decode` rewrites it in place before
+    /// each replay. Until then every row is padding.
+    pub fn decode_static(dev: &Device, seqs: usize, width: usize) -> Result<Self> {
+        let cu: Vec<i32> = (0..=seqs as i32).collect();
+        Ok(Self {
+            slot_mapping: Tensor::from_i32(dev, &[seqs], &vec![-1; seqs])?,
+            cu_seqlens_q: Tensor::from_i32(dev, &[seqs + 1], &cu)?,
+            seq_lens_k: Tensor::from_i32(dev, &[seqs], &vec![1; seqs])?,
+            block_tables: Tensor::from_i32(dev, &[seqs, width], &vec![0; seqs * width])?,
+            max_seqlen_q: 1,
+            tokens: seqs,
+        })
+    }
+
+    /// Rewrites a `decode_static` batch for `chunks`, each adding one token.
+    /// Rows past the chunks are padding: their key is not written (slot -1)
+    /// and their query attends to one key of whatever block their table row
+    /// names; their outputs are never read.
+    pub fn write_decode(&mut self, chunks: &[SeqChunk], block_size: usize) -> Result<()> {
+        let (seqs, width) = (self.tokens, self.block_tables.shape()[1]);
+        crate::ensure_shape!(chunks.len() <= seqs, "decode batch", "{} sequences for {seqs} rows", chunks.len());
+        let mut slots = vec![-1i32; seqs];
+        let mut lens = vec![1i32; seqs];
+        let mut table = vec![0i32; chunks.len() * width];
+        for (i, c) in chunks.iter().enumerate() {
+            let total = c.past + 1;
+            crate::ensure_shape!(
+                c.new == 1 && c.blocks.len() <= width && total <= c.blocks.len() * block_size,
+                "decode batch",
+                "{} new tokens after {} over {} blocks (at most {width})",
+                c.new,
+                c.past,
+                c.blocks.len()
+            );
+            slots[i] = (c.blocks[c.past / block_size] as usize * block_size + c.past % block_size) as i32;
+            lens[i] = total as i32;
+            for (t, &b) in table[i * width..].iter_mut().zip(c.blocks) {
+                *t = b as i32;
+            }
+        }
+        self.slot_mapping.write_i32(&slots)?;
+        self.seq_lens_k.write_i32(&lens)?;
+        self.block_tables.write_i32(&table)
+    }
+}
+
 impl TextModel {
     /// `tied`: tie_word_embeddings, where the LM head is the embedding matrix.
     /// A checkpoint that still stores `lm_head.weight` while tied gets it used.
@@ -137,9 +185,8 @@ impl TextModel {
         let mut layers = Vec::with_capacity(dims.layers);
         for i in 0..dims.layers {
             let p = format!("model.language_model.layers.{i}");
-            let cpu = Device::Cpu;
-            let gate = w.load(&cpu, &format!("{p}.mlp.gate_proj.weight"), &[dims.intermediate, h])?;
-            let up = w.load(&cpu, &format!("{p}.mlp.up_proj.weight"), &[dims.intermediate, h])?;
+            let (gate, up) = (format!("{p}.mlp.gate_proj.weight"), format!("{p}.mlp.up_proj.weight"));
+            let mlp_shape = [dims.intermediate, h];
             layers.push(Layer {
                 input_norm: w.load(dev, &format!("{p}.input_layernorm.weight"), &[h])?,
                 post_norm: w.load(dev, &format!("{p}.post_attention_layernorm.weight"), &[h])?,
@@ -147,7 +194,7 @@ impl TextModel {
                 k: lin(&format!("{p}.self_attn.k_proj"), dims.kv_heads * hd, h, true)?,
                 v: lin(&format!("{p}.self_attn.v_proj"), dims.kv_heads * hd, h, true)?,
                 o: lin(&format!("{p}.self_attn.o_proj"), h, dims.heads * hd, false)?,
-                gate_up: concat_rows(dev, &[gate, up])?,
+                gate_up: w.load_stacked(dev, &[(&gate, &mlp_shape), (&up, &mlp_shape)])?,
                 down: w.load(dev, &format!("{p}.mlp.down_proj.weight"), &[h, dims.intermediate])?,
             });
         }

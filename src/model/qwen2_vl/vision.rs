@@ -4,7 +4,7 @@
 //! `Qwen2VLVisionBlock`, `PatchMerger`, `Qwen2VisionTransformerPretrainedModel.forward`.
 
 use crate::error::Result;
-use crate::model::layers::{split_rows, Linear};
+use crate::model::layers::Linear;
 use crate::model::weights::Weights;
 use crate::ops::{activation, attention, norm, rope};
 use crate::tensor::{Device, Tensor};
@@ -83,10 +83,14 @@ impl VisionTower {
         let mut blocks = Vec::with_capacity(dims.depth);
         for i in 0..dims.depth {
             let b = format!("{pre}.blocks.{i}");
-            let qkv_w = split_rows(dev, &w.load(&Device::Cpu, &format!("{b}.attn.qkv.weight"), &[3 * e, e])?, 3)?;
-            let qkv_b = split_rows(dev, &w.load(&Device::Cpu, &format!("{b}.attn.qkv.bias"), &[3 * e])?, 3)?;
-            let mut it = qkv_w.into_iter().zip(qkv_b).map(|(w, b)| Linear { w, b: Some(b) });
-            let (q, k, v) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
+            let (wn, bn) = (format!("{b}.attn.qkv.weight"), format!("{b}.attn.qkv.bias"));
+            let part = |j: usize| -> Result<Linear> {
+                Ok(Linear {
+                    w: w.load_rows(dev, &wn, &[3 * e, e], j * e..(j + 1) * e)?,
+                    b: Some(w.load_rows(dev, &bn, &[3 * e], j * e..(j + 1) * e)?),
+                })
+            };
+            let (q, k, v) = (part(0)?, part(1)?, part(2)?);
             blocks.push(Block {
                 norm1: layer_norm_weights(w, dev, &format!("{b}.norm1"), e)?,
                 norm2: layer_norm_weights(w, dev, &format!("{b}.norm2"), e)?,
