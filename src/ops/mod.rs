@@ -13,6 +13,7 @@ pub mod activation;
 pub mod argmax;
 pub mod attention;
 pub mod embedding;
+mod flash_decoding;
 pub mod gemm;
 pub mod kv_cache;
 pub mod norm;
