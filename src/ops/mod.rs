@@ -18,6 +18,7 @@ pub mod gemm;
 pub mod kv_cache;
 pub mod norm;
 mod paged_attention;
+pub mod qkv_rope;
 pub mod rope;
 pub mod softmax;
 
