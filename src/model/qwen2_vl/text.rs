@@ -10,7 +10,7 @@
 use crate::error::Result;
 use crate::model::layers::{concat_rows, Linear};
 use crate::model::weights::Weights;
-use crate::ops::{activation, attention, embedding, gemm, kv_cache, norm, rope};
+use crate::ops::{activation, attention, embedding, gemm, norm, qkv_rope};
 use crate::tensor::{DType, Device, Tensor};
 
 /// What the decoder needs from text_config.
@@ -31,9 +31,8 @@ pub struct TextDims {
 struct Layer {
     input_norm: Tensor, // (hidden,)
     post_norm: Tensor,  // (hidden,)
-    q: Linear,          // (heads·hd, hidden) + bias
-    k: Linear,          // (kv_heads·hd, hidden) + bias
-    v: Linear,          // (kv_heads·hd, hidden) + bias
+    qkv: Tensor,        // ((heads + 2·kv_heads)·hd, hidden): q_proj, k_proj, v_proj rows
+    qkv_bias: Tensor,   // ((heads + 2·kv_heads)·hd,): their biases, in the same order
     o: Linear,          // (hidden, heads·hd), no bias
     gate_up: Tensor,    // (2·intermediate, hidden): gate_proj rows, then up_proj rows
     down: Tensor,       // (hidden, intermediate)
@@ -128,25 +127,29 @@ impl TextModel {
     /// A checkpoint that still stores `lm_head.weight` while tied gets it used.
     pub fn load(w: &Weights, dev: &Device, dims: TextDims, tied: bool) -> Result<Self> {
         let (h, hd) = (dims.hidden, dims.head_dim);
-        let lin = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-            Ok(Linear {
-                w: w.load(dev, &format!("{name}.weight"), &[out, inp])?,
-                b: if bias { Some(w.load(dev, &format!("{name}.bias"), &[out])?) } else { None },
-            })
-        };
         let mut layers = Vec::with_capacity(dims.layers);
         for i in 0..dims.layers {
             let p = format!("model.language_model.layers.{i}");
             let cpu = Device::Cpu;
+            // q | k | v concatenated: one GEMM, then bias, M-RoPE and the
+            // cache write in one op (qkv_rope_cache). Biases as (out, 1) rows.
+            let (mut ws, mut bs) = (Vec::new(), Vec::new());
+            for (name, out) in
+                [("q_proj", dims.heads * hd), ("k_proj", dims.kv_heads * hd), ("v_proj", dims.kv_heads * hd)]
+            {
+                ws.push(w.load(&cpu, &format!("{p}.self_attn.{name}.weight"), &[out, h])?);
+                bs.push(w.load(&cpu, &format!("{p}.self_attn.{name}.bias"), &[out])?.reshape(&[out, 1])?);
+            }
+            let qkv_bias = concat_rows(dev, &bs)?;
+            let width = qkv_bias.shape()[0];
             let gate = w.load(&cpu, &format!("{p}.mlp.gate_proj.weight"), &[dims.intermediate, h])?;
             let up = w.load(&cpu, &format!("{p}.mlp.up_proj.weight"), &[dims.intermediate, h])?;
             layers.push(Layer {
                 input_norm: w.load(dev, &format!("{p}.input_layernorm.weight"), &[h])?,
                 post_norm: w.load(dev, &format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                q: lin(&format!("{p}.self_attn.q_proj"), dims.heads * hd, h, true)?,
-                k: lin(&format!("{p}.self_attn.k_proj"), dims.kv_heads * hd, h, true)?,
-                v: lin(&format!("{p}.self_attn.v_proj"), dims.kv_heads * hd, h, true)?,
-                o: lin(&format!("{p}.self_attn.o_proj"), h, dims.heads * hd, false)?,
+                qkv: concat_rows(dev, &ws)?,
+                qkv_bias: qkv_bias.reshape(&[width])?,
+                o: Linear { w: w.load(dev, &format!("{p}.self_attn.o_proj.weight"), &[h, dims.heads * hd])?, b: None },
                 gate_up: concat_rows(dev, &[gate, up])?,
                 down: w.load(dev, &format!("{p}.mlp.down_proj.weight"), &[h, dims.intermediate])?,
             });
@@ -195,13 +198,24 @@ impl TextModel {
         let mut h = Tensor::empty(&dev, &[n, d.hidden], dt)?;
         norm::rms_norm(&mut h, &x, &self.layers[0].input_norm, d.eps)?;
         for (i, l) in self.layers.iter().enumerate() {
-            // Attention.
-            let mut q = l.q.forward(&h)?.reshape(&[n, d.heads, d.head_dim])?;
-            let mut k = l.k.forward(&h)?.reshape(&[n, d.kv_heads, d.head_dim])?;
-            let v = l.v.forward(&h)?.reshape(&[n, d.kv_heads, d.head_dim])?;
-            rope::mrope(&mut q, positions, d.mrope_section, d.rope_theta)?;
-            rope::mrope(&mut k, positions, d.mrope_section, d.rope_theta)?;
-            kv_cache::kv_cache_write(&mut kv.k[i], &mut kv.v[i], &k, &v, &batch.slot_mapping)?;
+            // Attention: q | k | v in one GEMM; bias, M-RoPE on q and k, and
+            // the cache write of k and v in one op.
+            let mut qkv = Tensor::empty(&dev, &[n, l.qkv.shape()[0]], dt)?;
+            gemm::gemm(&mut qkv, &h, &l.qkv)?;
+            let mut q = Tensor::empty(&dev, &[n, d.heads, d.head_dim], dt)?;
+            let (sections, theta) = (d.mrope_section, d.rope_theta);
+            let (kc, vc) = (&mut kv.k[i], &mut kv.v[i]);
+            qkv_rope::qkv_rope_cache(
+                &mut q,
+                kc,
+                vc,
+                &qkv,
+                &l.qkv_bias,
+                positions,
+                &batch.slot_mapping,
+                sections,
+                theta,
+            )?;
             let mut a = Tensor::empty(&dev, &[n, d.heads, d.head_dim], dt)?;
             attention::paged_attention(
                 &mut a,
