@@ -169,6 +169,8 @@ fn run(gpu: &Arc<Gpu>) -> kestrel::Result<()> {
         )?;
     }
 
+    rows.extend(split_decode_rows(gpu, copy_gbs, &mut seed)?);
+
     // Attention: flops over the GEMM ceiling. These prefill shapes run on the
     // tensor-core kernel (bf16, sequences of FLASH_MIN_SEQLEN_Q queries or
     // more): causal 4k prefills with 16/16 and Qwen2-VL-2B's 12/2 heads of
@@ -226,4 +228,58 @@ fn run(gpu: &Arc<Gpu>) -> kestrel::Result<()> {
         );
     }
     Ok(())
+}
+
+// ----------------------------------------------------------------------------
+// Split-K decode attention (src/ops/flash_decoding.rs), unsplit against split.
+
+/// Batch-1 and batch-64 decode at 4k context, Qwen2-VL-2B (12/2 heads of 128)
+/// and 7B (28/4) shapes, blocks of 16, each with `Split::Never` (one block
+/// per sequence and kv head) and `Split::Auto` (the partitions the model
+/// gets; the count is printed). GB/s = K and V bytes read / time, over the
+/// copy ceiling; calls cycle through >= 256 MB of shuffled blocks (DRAM, not L2).
+fn split_decode_rows(gpu: &Arc<Gpu>, copy_gbs: f64, seed: &mut u64) -> kestrel::Result<Vec<Row>> {
+    use attention::Split;
+    let dev = Device::Cuda(gpu.clone());
+    let mut rows = Vec::new();
+    for (batch, ctx, h, kvh) in
+        [(1usize, 4096usize, 12usize, 2usize), (64, 4096, 12, 2), (1, 4096, 28, 4), (64, 4096, 28, 4)]
+    {
+        let (d, bs) = (128, 16);
+        let seq_bytes = 2 * ctx * kvh * d * 2; // K and V of one sequence, bf16
+        let calls = (256usize << 20).div_ceil(seq_bytes * batch);
+        let per_seq = ctx / bs;
+        let num_blocks = calls * batch * per_seq;
+        let kc = rand_tensor(&dev, &[num_blocks, bs, kvh, d], 1.0, seed);
+        let vc = rand_tensor(&dev, &[num_blocks, bs, kvh, d], 1.0, seed);
+        let mut ids: Vec<i32> = (0..num_blocks as i32).collect();
+        for i in (1..ids.len()).rev() {
+            *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ids.swap(i, (*seed >> 33) as usize % (i + 1));
+        }
+        let tables = ids
+            .chunks(batch * per_seq)
+            .map(|t| Tensor::from_i32(&dev, &[batch, per_seq], t))
+            .collect::<kestrel::Result<Vec<_>>>()?;
+        let q = rand_tensor(&dev, &[batch, h, d], 1.0, seed);
+        let cu = Tensor::from_i32(&dev, &[batch + 1], &(0..=batch as i32).collect::<Vec<_>>())?;
+        let lens = Tensor::from_i32(&dev, &[batch], &vec![ctx as i32; batch])?;
+        let mut o = Tensor::empty(&dev, &[batch, h, d], DType::BF16)?;
+        let scale = 1.0 / (d as f32).sqrt();
+        let parts = kestrel::ops::attention::auto_splits(batch, kvh, 1, ctx, gpu.sm_count().max(1) as usize);
+        for (split, name) in
+            [(Split::Never, "paged decode unsplit".to_string()), (Split::Auto, format!("paged decode split {parts}"))]
+        {
+            let mut call = 0;
+            let ms = median(gpu.time_ms(WARMUP, ITERS, || {
+                call += 1;
+                let t = &tables[call % calls];
+                attention::paged_attention_with(&mut o, &q, &kc, &vc, &cu, &lens, t, 1, scale, split)
+            })?);
+            let rate = (batch * seq_bytes) as f64 / (ms * 1e-3) / 1e9;
+            let shape = format!("b{batch} ctx{ctx} {h}/{kvh} d{d} b{bs}");
+            rows.push(Row { name, shape, ms, rate, unit: "GB/s", ceiling: copy_gbs });
+        }
+    }
+    Ok(rows)
 }

@@ -42,7 +42,22 @@
 // reuses each K/V tile 8 times, and needs 37 KB of static shared memory at most
 // (D = 128), so no opt-in; at 48 to 76 registers a thread (ptxas, sm_90a,
 // depending on D, dtype and policy) an SM holds 3 to 5 blocks.
-// Still to do here: split-K over the cache for long decode.
+//
+// Split-K (flash-decoding), paged_attention_split + paged_attention_combine:
+// the simple kernel gives one block to a (sequence, kv head), so a decode
+// step of a few sequences keeps a handful of SMs busy and reads the cache at a
+// few percent of the chip's bandwidth. The split kernel runs the same body on
+// grid (n_split, n_kv_heads, batch): block s takes the keys of partition s of
+// its sequence (split_keys: Lk cut into n_split runs of a multiple of 32 keys,
+// at least SPLIT_MIN_KEYS), walks every row tile of the sequence over them,
+// and writes each row's unnormalised state (o, running max m, sum l: the
+// warp's registers at the end of the key loop) as f32 to `part`; the combine
+// kernel rescales the partitions of each row by exp2(m_s - max m) and
+// divides by the rescaled sum (log-sum-exp). n_split comes from the host
+// (batch shape only) and the partition length from the sequence's own Lk on
+// the device, so a CUDA graph replays the same launch for any context length.
+// With one partition the combine multiplies by exp2(0) = 1 and divides as the
+// simple kernel does: bit-identical to it (tests/kernels/paged.rs checks).
 //
 // Robustness: the block grid-strides over its sequence's rows, so a launch
 // grid sized from a too-small max_seqlen_q costs speed, not rows; offsets read
@@ -61,11 +76,26 @@
 // Kernel names: attention_varlen_d{D}_{dtype} and paged_attention_d{D}_{dtype},
 // e.g. paged_attention_d128_bf16 (the house rule <op>[_<variant>]_<dtype>,
 // with the head dim in the variant).
+#include <climits>
+
 #include "attention.cuh"
 
 constexpr int ATTN_WARPS = 8;  // rows (query, head) per block, one warp each; blockDim.x = 32 * ATTN_WARPS
 constexpr int ATTN_KEYS = 32;  // keys per shared-memory tile, one per lane when scoring
 constexpr int ATTN_TPK = 32 * ATTN_WARPS / ATTN_KEYS;  // threads staging each key of a tile
+constexpr int SPLIT_MIN_KEYS = 64;  // fewest keys of a split partition (src/ops/flash_decoding.rs)
+constexpr int COMBINE_THREADS = 128;  // blockDim.x of the combine kernel
+
+// Keys per partition when a sequence of Lk keys is split n_split ways: the
+// split and the combine kernels both call this, so they agree on which
+// partitions hold which keys. A multiple of ATTN_KEYS (partition tiles start
+// where the unsplit kernel's do), at least SPLIT_MIN_KEYS, and n_split of them
+// cover Lk; partition s holds keys [s * per, min((s + 1) * per, Lk)).
+__device__ __forceinline__ int split_keys(int Lk, int n_split) {
+    const int64_t per = ((int64_t)Lk + n_split - 1) / n_split;
+    const int64_t tiles = (per + ATTN_KEYS - 1) / ATTN_KEYS * ATTN_KEYS;
+    return (int)min(max(tiles, (int64_t)SPLIT_MIN_KEYS), (int64_t)INT_MAX);
+}
 
 // 16 bytes of T (16 / sizeof(T) values) widened to f32 at dst (16-byte aligned).
 __device__ __forceinline__ void widen16(const float*, uint4 w, float* dst) {
@@ -83,17 +113,21 @@ __device__ __forceinline__ void widen16(const bf16*, uint4 w, float* dst) {
 // ----------------------------------------------------------------------------
 // CUDA kernels
 
-// grid (row tiles, n_kv_heads, batch), block 32 * ATTN_WARPS threads.
+// grid (row tiles, n_kv_heads, batch), block 32 * ATTN_WARPS threads; with
+// SPLIT, grid (n_split, n_kv_heads, batch): block x takes partition x of the
+// keys and every row tile, and writes `part` instead of `out`.
 // k and v must be 16-byte aligned (rows are: D * sizeof(T) is a multiple of 16).
-template <typename T, int D, typename Keys>
-__device__ void attention_varlen(T* __restrict__ out,         // (total_q, n_heads, D)
+template <typename T, int D, bool SPLIT, typename Keys>
+__device__ void attention_varlen(T* __restrict__ out,         // (total_q, n_heads, D); unused with SPLIT
+                                 float* __restrict__ part,    // SPLIT: (total_q, n_heads, n_split, D + 2)
                                  const T* __restrict__ q,     // (total_q, n_heads, D)
                                  const T* __restrict__ k,     // (rows, n_kv_heads, D), rows per `keys`
                                  const T* __restrict__ v,     // (rows, n_kv_heads, D)
                                  const int* __restrict__ cu_q,  // (batch + 1,) query offsets
                                  Keys keys,                     // where each sequence's keys are
                                  int total_q, int n_heads, int n_kv_heads, int causal, float scale,
-                                 int long_from) {  // sequences with Lq >= long_from are not this kernel's
+                                 int long_from,  // sequences with Lq >= long_from are not this kernel's
+                                 int n_split) {  // SPLIT: partitions per sequence (gridDim.x)
     static_assert(D % 32 == 0 || D % 32 == 16, "float4 rows and the K padding assume D = 16 mod 32 or 0 mod 32");
     constexpr int KS = D + 4;            // padded row of sK, in floats (16-byte aligned rows)
     constexpr int NV = (D + 31) / 32;    // output dims per lane
@@ -112,6 +146,15 @@ __device__ void attention_varlen(T* __restrict__ out,         // (total_q, n_hea
     const int q0 = qr.x, Lq = qr.y;
     if (Lq >= long_from) return;  // block-uniform: the flash kernel's sequence
     const int Lk = keys.bind(seq);
+    // The keys this block walks: all of them, or its partition of the sequence's.
+    int k_begin = 0, k_end = Lk;
+    if (SPLIT) {
+        const int per = split_keys(Lk, n_split);
+        const int64_t first = (int64_t)blockIdx.x * per;
+        if (first >= Lk) return;  // block-uniform: an empty partition, which the combine never reads
+        k_begin = (int)first;
+        k_end = (int)min(first + per, (int64_t)Lk);
+    }
     const int64_t rows = (int64_t)Lq * group;
     const int64_t q_stride = (int64_t)n_heads * D;      // elements per token of q and out
     const int64_t kv_stride = (int64_t)n_kv_heads * D;  // elements per token of k and v
@@ -122,15 +165,18 @@ __device__ void attention_varlen(T* __restrict__ out,         // (total_q, n_hea
 
     // Block-uniform loop: every thread of the block runs the same iterations,
     // so the barriers inside are reached by all of them.
-    for (int64_t base = (int64_t)blockIdx.x * ATTN_WARPS; base < rows; base += (int64_t)gridDim.x * ATTN_WARPS) {
+    // The split kernel's block walks every row tile itself (blockIdx.x is its partition).
+    const int64_t tile0 = SPLIT ? 0 : blockIdx.x, tiles_step = SPLIT ? 1 : gridDim.x;
+    for (int64_t base = tile0 * ATTN_WARPS; base < rows; base += tiles_step * ATTN_WARPS) {
         const int64_t row = base + warp;
         const bool active = row < rows;
         const int i = active ? (int)(row / group) : 0;  // query within the sequence
         const int h = kvh * group + (active ? (int)(row % group) : 0);
-        const int n_vis = active ? visible(i) : 0;  // warp-uniform
+        // Keys of [k_begin, n_vis) are the row's in this block (warp-uniform).
+        const int n_vis = active ? min(visible(i), k_end) : 0;
         // The tile's last row has the largest query index, so it sees the most keys.
         const int64_t last = min(base + ATTN_WARPS, rows) - 1;
-        const int n_block = visible((int)(last / group));  // block-uniform
+        const int n_block = min(visible((int)(last / group)), k_end);  // block-uniform
 
         // Each warp reads back only its own sQ row; the first tile's barrier
         // orders these writes before the reads (and there are no reads without a tile).
@@ -145,7 +191,7 @@ __device__ void attention_varlen(T* __restrict__ out,         // (total_q, n_hea
 #pragma unroll
         for (int c = 0; c < NV; ++c) o[c] = 0.f;
 
-        for (int kt = 0; kt < n_block; kt += ATTN_KEYS) {
+        for (int kt = k_begin; kt < n_block; kt += ATTN_KEYS) {
             const int nk = min(ATTN_KEYS, n_block - kt);  // keys in this tile
             // Stage the tile, ATTN_TPK threads per key, all loads of a thread
             // before its stores; rows past nk are zeros so no thread reads
@@ -213,7 +259,19 @@ __device__ void attention_varlen(T* __restrict__ out,         // (total_q, n_hea
             __syncthreads();  // the tile is consumed before the next one overwrites it
         }
 
-        if (active) {
+        if (SPLIT) {
+            // A row with a visible key here has a finite m; the combine reads
+            // exactly the partitions that hold one of the row's visible keys.
+            if (active && n_vis > k_begin) {
+                float* rec = part + (((int64_t)(q0 + i) * n_heads + h) * n_split + blockIdx.x) * (D + 2);  // record: o[D], m, l
+#pragma unroll
+                for (int c = 0; c < NV; ++c) {
+                    const int d = lane + 32 * c;
+                    if (D % 32 == 0 || d < D) rec[d] = o[c];
+                }
+                if (lane == 0) rec[D] = m, rec[D + 1] = l;
+            }
+        } else if (active) {
             T* orow = out + (int64_t)(q0 + i) * q_stride + (int64_t)h * D;
             const float inv = l > 0.f ? 1.f / l : 0.f;  // no visible key: zeros
 #pragma unroll
@@ -225,24 +283,70 @@ __device__ void attention_varlen(T* __restrict__ out,         // (total_q, n_hea
     }
 }
 
-// ----------------------------------------------------------------------------
-// Unmangled entry points: {attention_varlen,paged_attention}_d{64,80,96,128}_{f32,bf16}
+// grid (n_heads, query tiles, batch), block COMBINE_THREADS: one block per
+// (head, query) row of a sequence, grid-striding over the queries. Reads the
+// partitions holding the row's visible keys, written by the split kernel.
+template <typename T, int D, typename Keys>
+__device__ void attention_combine(T* __restrict__ out,             // (total_q, n_heads, D)
+                                  const float* __restrict__ part,  // (total_q, n_heads, n_split, D + 2)
+                                  const int* __restrict__ cu_q,    // (batch + 1,) query offsets
+                                  Keys keys, int total_q, int n_heads, int n_split) {
+    const int h = blockIdx.x, seq = blockIdx.z;
+    const int2 qr = query_range(cu_q, seq, total_q);
+    const int q0 = qr.x, Lq = qr.y;
+    const int Lk = keys.bind(seq);
+    const int per = split_keys(Lk, n_split);
+    constexpr int R = D + 2;  // floats per record: o[D], m, l
+    for (int i = blockIdx.y; i < Lq; i += gridDim.y) {
+        const int n_vis = min(max(i + (Lk - Lq) + 1, 0), Lk);  // causal, as the split kernel's visible(i)
+        const int parts = n_vis == 0 ? 0 : (n_vis - 1) / per + 1;  // partitions with a visible key
+        const float* rec = part + ((int64_t)(q0 + i) * n_heads + h) * n_split * R;
+        float mx = -INFINITY;  // the largest partition max (finite when parts > 0)
+        for (int s = 0; s < parts; ++s) mx = fmaxf(mx, rec[s * R + D]);
+        T* orow = out + ((int64_t)(q0 + i) * n_heads + h) * D;
+        for (int d = threadIdx.x; d < D; d += COMBINE_THREADS) {
+            float acc = 0.f, l = 0.f;
+            for (int s = 0; s < parts; ++s) {
+                const float w = exp2f(rec[s * R + D] - mx);
+                l += w * rec[s * R + D + 1];
+                acc += w * rec[s * R + d];
+            }
+            const float inv = l > 0.f ? 1.f / l : 0.f;  // no visible key: zeros
+            orow[d] = from_float<T>(acc * inv);
+        }
+    }
+}
 
+// ----------------------------------------------------------------------------
+// Unmangled entry points: {attention_varlen,paged_attention,paged_attention_split,
+// paged_attention_combine}_d{64,80,96,128}_{f32,bf16}
+
+#define PAGED_KEYS PagedKeys{block_tables, seq_lens_k, max_blocks, block_size, num_blocks, nullptr}
 #define ATTN_KERNEL(T, S, D)                                                                              \
     extern "C" __global__ void __launch_bounds__(32 * ATTN_WARPS) attention_varlen_d##D##_##S(            \
         T* out, const T* q, const T* k, const T* v, const int* cu_q, const int* cu_k, int total_q,        \
         int total_k, int n_heads, int n_kv_heads, int causal, float scale, int long_from) {               \
-        attention_varlen<T, D>(out, q, k, v, cu_q, PackedKeys{cu_k, total_k, 0}, total_q, n_heads,       \
-                               n_kv_heads, causal, scale, long_from);                                     \
+        attention_varlen<T, D, false>(out, nullptr, q, k, v, cu_q, PackedKeys{cu_k, total_k, 0}, total_q, \
+                                      n_heads, n_kv_heads, causal, scale, long_from, 1);                  \
     }                                                                                                     \
     extern "C" __global__ void __launch_bounds__(32 * ATTN_WARPS) paged_attention_d##D##_##S(             \
         T* out, const T* q, const T* k_cache, const T* v_cache, const int* cu_q, const int* seq_lens_k,  \
         const int* block_tables, int total_q, int num_blocks, int block_size, int max_blocks,            \
         int n_heads, int n_kv_heads, float scale, int long_from) {                                        \
-        attention_varlen<T, D>(out, q, k_cache, v_cache, cu_q,                                            \
-                               PagedKeys{block_tables, seq_lens_k, max_blocks, block_size, num_blocks,    \
-                                         nullptr},                                                        \
-                               total_q, n_heads, n_kv_heads, 1, scale, long_from);                        \
+        attention_varlen<T, D, false>(out, nullptr, q, k_cache, v_cache, cu_q, PAGED_KEYS, total_q,       \
+                                      n_heads, n_kv_heads, 1, scale, long_from, 1);                       \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(32 * ATTN_WARPS) paged_attention_split_d##D##_##S(       \
+        float* part, const T* q, const T* k_cache, const T* v_cache, const int* cu_q,                    \
+        const int* seq_lens_k, const int* block_tables, int total_q, int num_blocks, int block_size,     \
+        int max_blocks, int n_heads, int n_kv_heads, float scale, int n_split) {                          \
+        attention_varlen<T, D, true>(nullptr, part, q, k_cache, v_cache, cu_q, PAGED_KEYS, total_q,       \
+                                     n_heads, n_kv_heads, 1, scale, INT_MAX, n_split);                    \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(COMBINE_THREADS) paged_attention_combine_d##D##_##S(     \
+        T* out, const float* part, const int* cu_q, const int* seq_lens_k, const int* block_tables,      \
+        int total_q, int num_blocks, int block_size, int max_blocks, int n_heads, int n_split) {          \
+        attention_combine<T, D>(out, part, cu_q, PAGED_KEYS, total_q, n_heads, n_split);                  \
     }
 #define ATTN_KERNELS(T, S) ATTN_KERNEL(T, S, 64) ATTN_KERNEL(T, S, 80) ATTN_KERNEL(T, S, 96) ATTN_KERNEL(T, S, 128)
 FOR_FLOAT_TYPES(ATTN_KERNELS)

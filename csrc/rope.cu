@@ -16,23 +16,13 @@
 // and rotates the pair (i, i + half) of every head it visits, so the
 // transcendental work is per (token, i), not per element. Each element is read
 // and written by exactly one thread: no barrier is needed for the in-place update.
-#include "common.cuh"
+#include "rope.cuh"
 
 // ----------------------------------------------------------------------------
 // CUDA kernels
 
-// theta^(-i / n), computed in double and rounded to f32. In f32 the rounding of
-// the exponent i/n is amplified by ln(theta) (~14 for theta = 1e6) into several
-// ulps of inv_freq; double gives the correctly rounded value, the same one the
-// CPU reference computes, so both sides form the same f32 angle.
-__device__ __forceinline__ float inv_freq(float theta, int i, int n) {
-    return (float)pow((double)theta, -(double)i / (double)n);
-}
-
 // Rotates the pair (i, i + half) of every head of one token by `angle`.
-// sincosf, not __sincosf: angles reach ~3e4 rad (position x inv_freq up to 1),
-// where the fast intrinsic's error grows with |angle|; sincosf does a full
-// range reduction and stays within 2 ulp.
+// sincosf, not __sincosf: see rope.cuh.
 template <typename T>
 __device__ __forceinline__ void rotate_heads(T* __restrict__ xt,  // (heads, 2 * half): one token
                                              int heads, int half, int i, float angle) {
@@ -41,9 +31,9 @@ __device__ __forceinline__ void rotate_heads(T* __restrict__ xt,  // (heads, 2 *
     const size_t d = 2 * (size_t)half;
     for (int h = threadIdx.y; h < heads; h += blockDim.y) {
         T* xh = xt + (size_t)h * d;
-        const float a = to_float(xh[i]), b = to_float(xh[i + half]);
-        xh[i] = from_float<T>(a * c - b * s);
-        xh[i + half] = from_float<T>(b * c + a * s);
+        const float2 r = rotate_pair(to_float(xh[i]), to_float(xh[i + half]), c, s);
+        xh[i] = from_float<T>(r.x);
+        xh[i + half] = from_float<T>(r.y);
     }
 }
 
@@ -68,8 +58,7 @@ __device__ void mrope(T* __restrict__ x,            // (tokens, heads, 2 * half)
     const int i = threadIdx.x;
     if (i >= half) return;
     const size_t t = blockIdx.x;
-    const int row = i < s0 ? 0 : (i < s0 + s1 ? 1 : 2);
-    const float angle = (float)pos[(size_t)row * tokens + t] * inv_freq(theta, i, half);
+    const float angle = (float)pos[(size_t)mrope_row(i, s0, s1) * tokens + t] * inv_freq(theta, i, half);
     rotate_heads<T>(x + t * heads * (2 * (size_t)half), heads, half, i, angle);
 }
 

@@ -153,7 +153,9 @@ impl Gpu {
             }
         }
         let stream = self.stream.cu_stream();
-        self.profiled(name, || Ok(unsafe { drv::launch_kernel(f.cu_function(), grid, block, smem, stream, &mut params)? }))
+        self.profiled(name, || {
+            Ok(unsafe { drv::launch_kernel(f.cu_function(), grid, block, smem, stream, &mut params)? })
+        })
     }
 
     /// Runs `f`, which queues work on the stream, under the kernel profiler

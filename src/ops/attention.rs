@@ -24,10 +24,17 @@
 //! kernels a call launches depend only on its shapes, and the kernel that
 //! computes a sequence only on that sequence's own length (given an honest
 //! `max_seqlen_q`), never on the rest of the batch.
+//!
+//! Except for decode: a paged call of at most [`SPLIT_MAX_Q`] queries per
+//! sequence that would not fill the chip runs split-K (flash_decoding.rs),
+//! its partition count chosen from the batch shape. Its results match the
+//! unsplit kernels to rounding, not bit for bit, and depend (to rounding) on
+//! the batch size.
 
 use rayon::prelude::*;
 
-use super::{expect_dtype, f32s, f32s_mut, float_dtype, i32s, kernel, placement, ptr, On};
+pub use super::flash_decoding::{auto_splits, Split, SPLIT_MAX_Q};
+use super::{expect_dtype, f32s, f32s_mut, flash_decoding, float_dtype, i32s, kernel, placement, ptr, On};
 use crate::cuda::{Arg, Gpu};
 use crate::ensure_shape;
 use crate::error::Result;
@@ -318,6 +325,7 @@ pub fn attention(
 }
 
 /// Shapes of a paged call, checked on every device.
+#[derive(Clone, Copy)]
 pub(super) struct PagedDims {
     pub total_q: usize,
     pub n_heads: usize,
@@ -402,6 +410,9 @@ fn check_paged(
 /// offsets, lengths and block ids to the tensors, so bad ones give wrong keys,
 /// never an access outside them. Any block size; head dims 64, 80, 96, 128;
 /// bf16 or f32 on the GPU, f32 on the CPU.
+///
+/// Decode calls split each sequence's keys over several blocks on the GPU
+/// when the batch would not fill the chip ([`Split::Auto`], module doc).
 #[allow(clippy::too_many_arguments)] // flash-attn's varlen argument list with a block table, kept whole
 pub fn paged_attention(
     out: &mut Tensor,
@@ -413,6 +424,26 @@ pub fn paged_attention(
     block_tables: &Tensor,
     max_seqlen_q: usize,
     scale: f32,
+) -> Result<()> {
+    let (kc, vc, cu, lens, bt) = (k_cache, v_cache, cu_seqlens_q, seq_lens_k, block_tables);
+    paged_attention_with(out, q, kc, vc, cu, lens, bt, max_seqlen_q, scale, Split::Auto)
+}
+
+/// [`paged_attention`] with the GPU's choice of kernels made by the caller
+/// (the kernel tests and benchmarks pin it); the CPU computes the same
+/// function whatever `split` says.
+#[allow(clippy::too_many_arguments)] // paged_attention's arguments and the split choice
+pub fn paged_attention_with(
+    out: &mut Tensor,
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    cu_seqlens_q: &Tensor,
+    seq_lens_k: &Tensor,
+    block_tables: &Tensor,
+    max_seqlen_q: usize,
+    scale: f32,
+    split: Split,
 ) -> Result<()> {
     const OP: &str = "paged_attention";
     let dims = check_paged(OP, out, q, k_cache, v_cache, cu_seqlens_q, seq_lens_k, block_tables)?;
@@ -432,6 +463,19 @@ pub fn paged_attention(
             }
             let tensors = [&*out, q, k_cache, v_cache];
             let plan = plan(OP, (total_q, n_heads, n_kv_heads, batch), max_seqlen_q, dt, tensors)?;
+            let max_q = max_seqlen_q.min(total_q);
+            let splits = match split {
+                Split::Auto => {
+                    let sms = gpu.sm_count().max(1) as usize;
+                    flash_decoding::auto_splits(batch, n_kv_heads, max_q, max_blocks * block_size, sms)
+                }
+                Split::Never => 1,
+                Split::Parts(n) => n,
+            };
+            if splits > 1 || matches!(split, Split::Parts(_)) {
+                let ts = [&*out, q, k_cache, v_cache, cu_seqlens_q, seq_lens_k, block_tables];
+                return flash_decoding::launch(OP, &gpu, &dims, ts, max_q, scale, splits);
+            }
             let args = vec![
                 Arg::Ptr(ptr(out)),
                 Arg::Ptr(ptr(q)),

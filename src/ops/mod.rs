@@ -13,10 +13,12 @@ pub mod activation;
 pub mod argmax;
 pub mod attention;
 pub mod embedding;
+mod flash_decoding;
 pub mod gemm;
 pub mod kv_cache;
 pub mod norm;
 mod paged_attention;
+pub mod qkv_rope;
 pub mod rope;
 pub mod softmax;
 

@@ -17,6 +17,7 @@ mod embedding;
 mod gemm;
 mod norm;
 mod paged;
+mod qkv_rope;
 mod rope;
 mod softmax;
 
@@ -36,6 +37,7 @@ fn all_cases() -> Vec<Case> {
     v.extend(argmax::cases());
     v.extend(attention::cases());
     v.extend(paged::cases());
+    v.extend(qkv_rope::cases());
     v.extend(copy::cases());
     v
 }

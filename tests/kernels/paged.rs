@@ -16,8 +16,18 @@
 //! smallest grid that keeps the kernel choice (grid stride). When the
 //! tensor-core kernel runs (bf16, a sequence of 16 queries or more), the same
 //! call with max_seqlen_q = 1 runs the simple kernel on every sequence, which
-//! is checked against the tolerance too (`paged.simple`).
+//! is checked against the tolerance too (`paged.simple`). The exact checks
+//! pin `Split::Never`: a split call's rounding depends on its partitions.
+//!
+//! Split-K decode (`Split`): the op as the model calls it (`Split::Auto`,
+//! which splits decode batches) against the tolerance; the split kernel with
+//! one partition bit for bit against the simple kernel (`paged.split1`: same
+//! key order, the combine multiplies by exp2(0)); with 3 and 64 partitions
+//! against the tolerance (`paged.split3`, `paged.split64`), and bit for bit
+//! against itself with a one-query grid (`paged.split_stride`: the combine's
+//! grid stride, and a race would show as a moving result).
 
+use kestrel::ops::attention::Split;
 use kestrel::ops::{attention, kv_cache};
 use kestrel::{DType, Device, Tensor};
 
@@ -218,12 +228,14 @@ fn run(p: &Paged, gpu: Option<&Device>, rng: &mut Rng) -> Vec<Row> {
         Device::Cpu => Tensor::empty(dev, &[tq, h, d], dt).unwrap(),
         _ => poisoned(dev, &[tq, h, d], dt),
     };
-    let paged = |x: &Inputs, dev: &Device, dt: DType, max_seqlen_q: usize| {
+    let paged_with = |x: &Inputs, dev: &Device, dt: DType, max_seqlen_q: usize, split: Split| {
         let mut o = out(dev, dt, total_q);
-        attention::paged_attention(&mut o, &x.q, &x.kc, &x.vc, &x.cu_q, &x.lens, &x.tables, max_seqlen_q, scale)
-            .unwrap();
+        let (q, kc, vc, cu, lens, tables) = (&x.q, &x.kc, &x.vc, &x.cu_q, &x.lens, &x.tables);
+        attention::paged_attention_with(&mut o, q, kc, vc, cu, lens, tables, max_seqlen_q, scale, split).unwrap();
         o.to_f32_vec().unwrap()
     };
+    let paged =
+        |x: &Inputs, dev: &Device, dt: DType, max_seqlen_q: usize| paged_with(x, dev, dt, max_seqlen_q, Split::Never);
     let packed = |x: &Inputs, dev: &Device, dt: DType| {
         let mut o = out(dev, dt, total_q);
         attention::attention(&mut o, &x.q, &x.k, &x.v, &x.cu_q, &x.cu_k, max_q, true, scale).unwrap();
@@ -237,7 +249,7 @@ fn run(p: &Paged, gpu: Option<&Device>, rng: &mut Rng) -> Vec<Row> {
         let table = i(&[1, max_blocks], &tables[(batch - 1) * max_blocks..]);
         let (kc, vc) = (f(&cs, &kc), f(&cs, &vc));
         let mut o = out(dev, dt, lq);
-        attention::paged_attention(&mut o, &q, &kc, &vc, &cu, &len, &table, lq, scale).unwrap();
+        attention::paged_attention_with(&mut o, &q, &kc, &vc, &cu, &len, &table, lq, scale, Split::Never).unwrap();
         widen(&o.to_f32_vec().unwrap())
     };
 
@@ -260,15 +272,27 @@ fn run(p: &Paged, gpu: Option<&Device>, rng: &mut Rng) -> Vec<Row> {
 
     let Some(g) = gpu else { return rows };
     let baseline = attention_bf16(&sp, &qd, &kd, &vd, scale);
+    let tolerance = |name: &str, dt: DType, got: &[f32]| match dt {
+        DType::F32 => check_gpu(name, &label, dt, &pick(got, &kept, hd), &r64, &widen(&pick(&cpu, &kept, hd))),
+        _ => check_gpu(name, &label, dt, got, &cpu64, &baseline),
+    };
     for dt in FLOAT_DTYPES {
         let x = inputs(g, dt);
+        // As the model calls it: decode batches run split-K.
+        rows.push(tolerance("paged_attention", dt, &paged_with(&x, g, dt, max_q, Split::Auto)));
+        // Split-K on every sequence, whatever the call's shape.
+        let simple = widen(&paged(&x, g, dt, 1));
+        let one = widen(&paged_with(&x, g, dt, max_q, Split::Parts(1)));
+        rows.push(check_exact("gpu", "paged.split1", &label, dt, &one, &simple));
+        for n in [3, 64] {
+            let split = paged_with(&x, g, dt, max_q, Split::Parts(n));
+            rows.push(tolerance(&format!("paged.split{n}"), dt, &split));
+            let stride = widen(&paged_with(&x, g, dt, 1, Split::Parts(n)));
+            rows.push(check_exact("gpu", "paged.split_stride", &label, dt, &stride, &widen(&split)));
+        }
+
         let got = paged(&x, g, dt, max_q);
-        rows.push(match dt {
-            DType::F32 => {
-                check_gpu("paged_attention", &label, dt, &pick(&got, &kept, hd), &r64, &widen(&pick(&cpu, &kept, hd)))
-            }
-            _ => check_gpu("paged_attention", &label, dt, &got, &cpu64, &baseline),
-        });
+        rows.push(tolerance("paged.unsplit", dt, &got));
         let got = widen(&got);
         // max_seqlen_q = 1 below the truth: the simple kernel takes every sequence.
         if small_grid(dt, max_q) > 1 {
@@ -324,6 +348,17 @@ pub fn cases() -> Vec<Case> {
         spec(12, 2, 128, 16, &[(1, 300), (65, 65), (17, 129), (129, 129), (20, 2), (1, 1)], 1.0),
         spec(16, 16, 80, 5, &[(63, 63), (17, 17), (1, 40), (64, 130)], 3.0),
         spec(4, 1, 80, 5, &[(16, 16), (100, 1030)], 1.0),
+        // Split-K decode: contexts around the 32-key tiles and 64-key
+        // partitions, short and long sequences in one batch; groups of 6,
+        // 7, 1 and 2; a peaked softmax whose max moves between partitions.
+        spec(12, 2, 128, 16, &[(1, 1), (1, 15), (1, 16), (1, 17), (1, 255), (1, 257), (1, 1000), (1, 4097)], 1.0),
+        spec(12, 2, 128, 16, &[(1, 4097)], 3.0),
+        spec(28, 4, 128, 16, &[(1, 4097), (1, 1), (1, 65), (1, 128)], 1.0),
+        spec(16, 16, 80, 16, &[(1, 1000), (1, 257), (1, 16)], 3.0),
+        // Several queries a sequence (split up to SPLIT_MAX_Q), an odd block
+        // size, queries that see no key (3 over 1: the first 2; 2 over 0).
+        spec(4, 2, 80, 5, &[(2, 1000), (3, 1), (4, 4097), (2, 0), (1, 63)], 1.0),
+        spec(14, 2, 128, 1, &[(1, 300), (2, 129)], 1.0),
     ];
     v.extend(
         specs

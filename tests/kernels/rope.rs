@@ -60,7 +60,7 @@ fn rope64(x: &[f64], heads: usize, d: usize, pos: &[i32], theta: f64) -> Vec<f64
 
 /// M-RoPE as `apply_multimodal_rotary_pos_emb`: one emb per position row
 /// (t, h, w), the head dim split by `sections * 2`, chunk k taken from row k % 3.
-fn mrope64(x: &[f64], heads: usize, d: usize, pos: &[i32], sections: [usize; 3], theta: f64) -> Vec<f64> {
+pub fn mrope64(x: &[f64], heads: usize, d: usize, pos: &[i32], sections: [usize; 3], theta: f64) -> Vec<f64> {
     let tokens = pos.len() / 3;
     let inv = inv64(theta, d);
     apply64(x, heads, d, |t| {

@@ -10,7 +10,7 @@
 use crate::error::Result;
 use crate::model::layers::Linear;
 use crate::model::weights::Weights;
-use crate::ops::{activation, attention, embedding, gemm, kv_cache, norm, rope};
+use crate::ops::{activation, attention, embedding, gemm, norm, qkv_rope};
 use crate::tensor::{DType, Device, Tensor};
 
 /// What the decoder needs from text_config.
@@ -31,9 +31,8 @@ pub struct TextDims {
 struct Layer {
     input_norm: Tensor, // (hidden,)
     post_norm: Tensor,  // (hidden,)
-    q: Linear,          // (heads·hd, hidden) + bias
-    k: Linear,          // (kv_heads·hd, hidden) + bias
-    v: Linear,          // (kv_heads·hd, hidden) + bias
+    qkv: Tensor,        // ((heads + 2·kv_heads)·hd, hidden): q_proj, k_proj, v_proj rows
+    qkv_bias: Tensor,   // ((heads + 2·kv_heads)·hd,): their biases, in the same order
     o: Linear,          // (hidden, heads·hd), no bias
     gate_up: Tensor,    // (2·intermediate, hidden): gate_proj rows, then up_proj rows
     down: Tensor,       // (hidden, intermediate)
@@ -176,24 +175,25 @@ impl TextModel {
     /// A checkpoint that still stores `lm_head.weight` while tied gets it used.
     pub fn load(w: &Weights, dev: &Device, dims: TextDims, tied: bool) -> Result<Self> {
         let (h, hd) = (dims.hidden, dims.head_dim);
-        let lin = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-            Ok(Linear {
-                w: w.load(dev, &format!("{name}.weight"), &[out, inp])?,
-                b: if bias { Some(w.load(dev, &format!("{name}.bias"), &[out])?) } else { None },
-            })
-        };
         let mut layers = Vec::with_capacity(dims.layers);
         for i in 0..dims.layers {
             let p = format!("model.language_model.layers.{i}");
+            // q | k | v stacked: one GEMM, then bias, M-RoPE and the cache
+            // write in one op (qkv_rope_cache).
+            let at = |name: &str| format!("{p}.self_attn.{name}");
+            let (qw, kw, vw) = (at("q_proj.weight"), at("k_proj.weight"), at("v_proj.weight"));
+            let (qb, kb, vb) = (at("q_proj.bias"), at("k_proj.bias"), at("v_proj.bias"));
+            let (q_rows, kv_rows) = (dims.heads * hd, dims.kv_heads * hd);
+            let (qs, kvs) = ([q_rows, h], [kv_rows, h]);
+            let (qbs, kvbs) = ([q_rows], [kv_rows]);
             let (gate, up) = (format!("{p}.mlp.gate_proj.weight"), format!("{p}.mlp.up_proj.weight"));
             let mlp_shape = [dims.intermediate, h];
             layers.push(Layer {
                 input_norm: w.load(dev, &format!("{p}.input_layernorm.weight"), &[h])?,
                 post_norm: w.load(dev, &format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                q: lin(&format!("{p}.self_attn.q_proj"), dims.heads * hd, h, true)?,
-                k: lin(&format!("{p}.self_attn.k_proj"), dims.kv_heads * hd, h, true)?,
-                v: lin(&format!("{p}.self_attn.v_proj"), dims.kv_heads * hd, h, true)?,
-                o: lin(&format!("{p}.self_attn.o_proj"), h, dims.heads * hd, false)?,
+                qkv: w.load_stacked(dev, &[(&qw, &qs), (&kw, &kvs), (&vw, &kvs)])?,
+                qkv_bias: w.load_stacked(dev, &[(&qb, &qbs), (&kb, &kvbs), (&vb, &kvbs)])?,
+                o: Linear { w: w.load(dev, &at("o_proj.weight"), &[h, dims.heads * hd])?, b: None },
                 gate_up: w.load_stacked(dev, &[(&gate, &mlp_shape), (&up, &mlp_shape)])?,
                 down: w.load(dev, &format!("{p}.mlp.down_proj.weight"), &[h, dims.intermediate])?,
             });
@@ -242,13 +242,24 @@ impl TextModel {
         let mut h = Tensor::empty(&dev, &[n, d.hidden], dt)?;
         norm::rms_norm(&mut h, &x, &self.layers[0].input_norm, d.eps)?;
         for (i, l) in self.layers.iter().enumerate() {
-            // Attention.
-            let mut q = l.q.forward(&h)?.reshape(&[n, d.heads, d.head_dim])?;
-            let mut k = l.k.forward(&h)?.reshape(&[n, d.kv_heads, d.head_dim])?;
-            let v = l.v.forward(&h)?.reshape(&[n, d.kv_heads, d.head_dim])?;
-            rope::mrope(&mut q, positions, d.mrope_section, d.rope_theta)?;
-            rope::mrope(&mut k, positions, d.mrope_section, d.rope_theta)?;
-            kv_cache::kv_cache_write(&mut kv.k[i], &mut kv.v[i], &k, &v, &batch.slot_mapping)?;
+            // Attention: q | k | v in one GEMM; bias, M-RoPE on q and k, and
+            // the cache write of k and v in one op.
+            let mut qkv = Tensor::empty(&dev, &[n, l.qkv.shape()[0]], dt)?;
+            gemm::gemm(&mut qkv, &h, &l.qkv)?;
+            let mut q = Tensor::empty(&dev, &[n, d.heads, d.head_dim], dt)?;
+            let (sections, theta) = (d.mrope_section, d.rope_theta);
+            let (kc, vc) = (&mut kv.k[i], &mut kv.v[i]);
+            qkv_rope::qkv_rope_cache(
+                &mut q,
+                kc,
+                vc,
+                &qkv,
+                &l.qkv_bias,
+                positions,
+                &batch.slot_mapping,
+                sections,
+                theta,
+            )?;
             let mut a = Tensor::empty(&dev, &[n, d.heads, d.head_dim], dt)?;
             attention::paged_attention(
                 &mut a,
