@@ -18,6 +18,7 @@ pub mod kv_cache;
 pub mod norm;
 mod paged_attention;
 pub mod rope;
+pub mod sampling;
 pub mod softmax;
 
 use std::sync::Arc;

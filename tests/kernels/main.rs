@@ -18,6 +18,7 @@ mod gemm;
 mod norm;
 mod paged;
 mod rope;
+mod sampling;
 mod softmax;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -37,6 +38,7 @@ fn all_cases() -> Vec<Case> {
     v.extend(attention::cases());
     v.extend(paged::cases());
     v.extend(copy::cases());
+    v.extend(sampling::cases());
     v
 }
 
