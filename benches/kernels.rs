@@ -11,7 +11,8 @@
 //! Prints a table; without a GPU it says so and exits 0.
 
 use kestrel::cuda::Gpu;
-use kestrel::ops::{activation, attention, gemm, norm, softmax};
+use kestrel::engine::sampling::SamplingParams;
+use kestrel::ops::{activation, attention, gemm, norm, sampling, softmax};
 use kestrel::{DType, Device, Tensor};
 use std::sync::Arc;
 
@@ -213,6 +214,8 @@ fn run(gpu: &Arc<Gpu>) -> kestrel::Result<()> {
         });
     }
 
+    rows.extend(bench_sampling(gpu, &dev, copy_gbs, &mut seed)?);
+
     let (maj, min) = gpu.capability();
     println!("kernel benchmarks on {} (sm_{maj}{min}), median of {ITERS} runs unless noted", gpu.name());
     println!("{:<22} {:<26} {:>10} {:>12} {:>8} {:>9}", "kernel", "shape", "ms", "rate", "unit", "% ceiling");
@@ -282,4 +285,80 @@ fn split_decode_rows(gpu: &Arc<Gpu>, copy_gbs: f64, seed: &mut u64) -> kestrel::
         }
     }
     Ok(rows)
+}
+
+// ----------------------------------------------------------------------------
+// Sampling (ops::sampling): a decode step's 64 rows over the Qwen2-VL vocabulary.
+
+/// `sample_f32` on 64 rows of 151936 f32 logits for several settings: the
+/// median time and the logits bytes read once over the copy ceiling. The
+/// kernel reads each row more than once (argmax, then one pass per radix
+/// level and one for the draw, from L2), so the ratio says how far it is
+/// from one read. Calls alternate between two logits tensors (78 MB, over
+/// L2); penalties edit their rows a little more each call, which does not
+/// change the work.
+fn bench_sampling(gpu: &Arc<Gpu>, dev: &Device, copy_gbs: f64, seed: &mut u64) -> kestrel::Result<Vec<Row>> {
+    let (r, v) = (64usize, 151936usize);
+    let mut logits = [rand_f32(dev, &[r, v], 8.0, seed)?, rand_f32(dev, &[r, v], 8.0, seed)?];
+    let mut out = Tensor::empty(dev, &[r], DType::I32)?;
+    let prompt: Vec<u32> = (0..2000u32).map(|i| i * 37 % v as u32).collect();
+    let output: Vec<u32> = (0..200u32).map(|i| i * 101 % v as u32).collect();
+    let settings: [(&str, SamplingParams); 5] = [
+        ("greedy", SamplingParams::greedy()),
+        ("temperature", SamplingParams::default()),
+        ("top_k 50", SamplingParams { top_k: 50, ..Default::default() }),
+        ("top_p 0.9", SamplingParams { top_p: 0.9, ..Default::default() }),
+        (
+            "all + penalties",
+            SamplingParams {
+                top_k: 50,
+                top_p: 0.9,
+                min_p: 0.05,
+                repetition_penalty: 1.1,
+                frequency_penalty: 0.5,
+                presence_penalty: 0.5,
+                ..Default::default()
+            },
+        ),
+    ];
+    let mut rows = Vec::new();
+    for (name, params) in &settings {
+        let specs: Vec<sampling::SampleRow> = (0..r)
+            .map(|i| sampling::SampleRow {
+                row: i,
+                params,
+                u: (i as f64 + 0.5) / r as f64,
+                prompt: &prompt,
+                output: &output,
+                banned: Vec::new(),
+            })
+            .collect();
+        let mut call = 0;
+        let ms = median(gpu.time_ms(WARMUP, ITERS, || {
+            call += 1;
+            sampling::sample(&mut out, &mut logits[call % 2], &specs)
+        })?);
+        let bytes = r * v * 4;
+        rows.push(Row {
+            name: format!("sample {name}"),
+            shape: format!("{r}x{v} f32"),
+            ms,
+            rate: bytes as f64 / (ms * 1e-3) / 1e9,
+            unit: "GB/s",
+            ceiling: copy_gbs,
+        });
+    }
+    Ok(rows)
+}
+
+/// f32 values uniform in [-scale, scale) on `dev` (logits are f32).
+fn rand_f32(dev: &Device, shape: &[usize], scale: f32, seed: &mut u64) -> kestrel::Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let data: Vec<f32> = (0..n)
+        .map(|_| {
+            *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((*seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
+        })
+        .collect();
+    Tensor::from_f32(dev, shape, &data, DType::F32)
 }

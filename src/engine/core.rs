@@ -16,12 +16,14 @@ use std::sync::Arc;
 use super::blocks::BlockPool;
 use super::pooling::PoolingConfig;
 use super::request::{Event, FinishReason, Request, RequestId, RequestParams, StopReason, TokenLogprob, Usage};
-use super::runner::{argmax_rows, host_rows, Runner, SeqWork};
+use super::runner::{host_rows, Runner, SeqWork};
 use super::sampling::{Sampled, Sampler};
 use super::scheduler::{Plan, Scheduler, SchedulerConfig, SeqId, Tokens};
 use crate::error::{Error, Result};
 use crate::model::qwen2_vl::inputs::PreparedInput;
 use crate::model::qwen2_vl::model::MediaFeatures;
+use crate::ops::{self, sampling::SampleRow};
+use crate::tensor::{DType, Tensor};
 use crate::text::detokenizer::{IncrementalDetokenizer, StopChecker};
 use crate::text::tokenizer::Tokenizer;
 
@@ -360,7 +362,7 @@ impl EngineCore {
         }
         let Some(logits) = out.logits else { return Ok(stats) };
         stats.sampled = sampled.len();
-        let tokens = match self.sample(&sampled, &logits) {
+        let tokens = match self.sample(&sampled, logits) {
             Ok(t) => t,
             Err(e) => {
                 // The logits could not be read back: nothing of this step can be trusted.
@@ -387,46 +389,79 @@ impl EngineCore {
     }
 
     /// The next token of each sampled sequence (row i of `logits` is `seqs[i]`).
-    /// Plain greedy rows take the device argmax (ids come back, not logits);
-    /// the rest go through the CPU sampler on their downloaded row.
+    /// Rows that want logprobs download their logits to the CPU sampler (raw
+    /// logprobs need the whole distribution on the host). Every other row goes
+    /// through `ops::sampling::sample` on the logits' device in one call: on
+    /// the GPU one launch and one download of the token ids, the host only
+    /// drawing each row's uniform from its request's stream, so seeded
+    /// streams are the same on both backends.
     /// A row's own failure (every logit NaN, say) fails only its request.
-    fn sample(&mut self, seqs: &[SeqId], logits: &crate::tensor::Tensor) -> Result<Vec<Result<Sampled>>> {
-        let plain = |s: &Sequence, p: &RequestParams| {
-            s.sampler.params().is_greedy()
-                && !s.sampler.params().has_penalties()
-                && s.sampler.params().logprobs.is_none()
-                && s.output.len() >= p.min_tokens
-        };
-        let fast: Vec<bool> = seqs
-            .iter()
-            .map(|sid| {
-                let s = &self.seqs.0[sid];
-                plain(s, &self.reqs[&s.req].params)
-            })
-            .collect();
-        let greedy = if fast.iter().any(|&f| f) { argmax_rows(logits)? } else { Vec::new() };
-        let slow: Vec<usize> = (0..seqs.len()).filter(|&i| !fast[i]).collect();
-        let mut rows = if slow.is_empty() { Vec::new() } else { host_rows(logits, &slow)? }.into_iter();
+    fn sample(&mut self, seqs: &[SeqId], mut logits: Tensor) -> Result<Vec<Result<Sampled>>> {
+        let vocab = logits.shape()[1];
+        let on_host: Vec<bool> = seqs.iter().map(|sid| self.seqs.0[sid].sampler.params().logprobs.is_some()).collect();
+        let host: Vec<usize> = (0..seqs.len()).filter(|&i| on_host[i]).collect();
+        let device: Vec<usize> = (0..seqs.len()).filter(|&i| !on_host[i]).collect();
+        // Downloaded before the op below edits its rows in place.
+        let mut host_logits = if host.is_empty() { Vec::new() } else { host_rows(&logits, &host)? }.into_iter();
+        let mut tokens = Vec::new();
+        if !device.is_empty() {
+            let mut u = Vec::with_capacity(device.len());
+            for &i in &device {
+                let sampler = &mut self.seqs.0.get_mut(&seqs[i]).expect("present").sampler;
+                u.push(if sampler.params().is_greedy() { 0.0 } else { sampler.next_uniform() });
+            }
+            let rows: Vec<SampleRow> = device
+                .iter()
+                .zip(u)
+                .map(|(&i, u)| {
+                    let s = &self.seqs.0[&seqs[i]];
+                    SampleRow {
+                        row: i,
+                        params: s.sampler.params(),
+                        u,
+                        prompt: &s.input.input_ids,
+                        output: &s.output,
+                        banned: self.banned(s),
+                    }
+                })
+                .collect();
+            let mut out = Tensor::empty(&logits.device(), &[rows.len()], DType::I32)?;
+            ops::sampling::sample(&mut out, &mut logits, &rows)?;
+            tokens = out.to_i32_vec()?;
+        }
+        let mut tokens = tokens.into_iter();
         let mut out = Vec::with_capacity(seqs.len());
         for (i, sid) in seqs.iter().enumerate() {
-            if fast[i] {
-                out.push(Ok(Sampled { token: greedy[i], logprob: 0.0, top: Vec::new() }));
+            if !on_host[i] {
+                let t = tokens.next().expect("one token per device row");
+                out.push(if t == ops::sampling::NO_TOKEN {
+                    Err(Error::Shape { op: "sample", msg: format!("every logit in a row of {vocab} is -inf or NaN") })
+                } else {
+                    Ok(Sampled { token: t as u32, logprob: 0.0, top: Vec::new() })
+                });
                 continue;
             }
-            let mut row = rows.next().expect("one row per slow sequence");
-            let s = self.seqs.0.get_mut(sid).expect("present");
-            let p = &self.reqs[&s.req].params;
-            if s.output.len() < p.min_tokens {
-                // vLLM's min_tokens processor: no EOS or stop id before min_tokens.
-                for &t in self.cfg.eos.iter().chain(&p.stop_token_ids) {
-                    if let Some(l) = row.get_mut(t as usize) {
-                        *l = f32::NEG_INFINITY;
-                    }
+            let mut row = host_logits.next().expect("one row per host sequence");
+            for t in self.banned(&self.seqs.0[sid]) {
+                if let Some(l) = row.get_mut(t as usize) {
+                    *l = f32::NEG_INFINITY;
                 }
             }
+            let s = self.seqs.0.get_mut(sid).expect("present");
             out.push(s.sampler.sample(&mut row, &s.input.input_ids, &s.output));
         }
         Ok(out)
+    }
+
+    /// vLLM's min_tokens processor: no EOS or stop id before min_tokens.
+    /// The ids to set to -inf in the sequence's row (ids past the vocabulary
+    /// are skipped where they are applied).
+    fn banned(&self, s: &Sequence) -> Vec<u32> {
+        let p = &self.reqs[&s.req].params;
+        if s.output.len() >= p.min_tokens {
+            return Vec::new();
+        }
+        self.cfg.eos.iter().chain(&p.stop_token_ids).copied().collect()
     }
 
     /// Appends a sampled token to its sequence, checks the stop conditions in

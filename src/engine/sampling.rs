@@ -29,7 +29,7 @@
 //! distribution, the streams of tokens for a given seed differ.
 
 use std::collections::hash_map::RandomState;
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -130,163 +130,9 @@ impl SamplingParams {
     }
 
     /// top_k as a count that actually filters a vocabulary of `vocab`, if any.
-    fn effective_top_k(&self, vocab: usize) -> Option<usize> {
+    pub fn effective_top_k(&self, vocab: usize) -> Option<usize> {
         let k = usize::try_from(self.top_k).ok().filter(|&k| k > 0)?;
         (k < vocab).then_some(k)
-    }
-}
-
-/// One sampled token.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Sampled {
-    pub token: u32,
-    /// Raw logprob of `token` under the model's distribution (before
-    /// penalties and temperature), as vLLM's default `raw_logprobs`.
-    pub logprob: f32,
-    /// The `logprobs` most likely tokens of the raw distribution, most likely
-    /// first (lower id first on ties); empty when logprobs is None.
-    pub top: Vec<(u32, f32)>,
-}
-
-/// xoshiro256++ (Blackman & Vigna), seeded through SplitMix64. Small, fast and
-/// good enough for drawing tokens; the state is per request.
-#[derive(Clone, Debug)]
-pub struct Rng {
-    s: [u64; 4],
-}
-
-fn splitmix64(x: &mut u64) -> u64 {
-    *x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *x;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-impl Rng {
-    pub fn from_seed(seed: u64) -> Self {
-        let mut x = seed;
-        Rng { s: [splitmix64(&mut x), splitmix64(&mut x), splitmix64(&mut x), splitmix64(&mut x)] }
-    }
-
-    /// A stream that differs per call and per process: a process-wide counter
-    /// hashed with std's randomly keyed SipHash.
-    pub fn from_entropy() -> Self {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let mut h = RandomState::new().build_hasher();
-        h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
-        Rng::from_seed(h.finish())
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        let s = &mut self.s;
-        let out = s[0].wrapping_add(s[3]).rotate_left(23).wrapping_add(s[0]);
-        let t = s[1] << 17;
-        s[2] ^= s[0];
-        s[3] ^= s[1];
-        s[1] ^= s[2];
-        s[0] ^= s[3];
-        s[2] ^= t;
-        s[3] = s[3].rotate_left(45);
-        out
-    }
-
-    /// Uniform in [0, 1) with 53 random bits.
-    pub fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
-}
-
-/// Apply repetition, frequency and presence penalties in place (vLLM
-/// `apply_penalties`). Repetition applies to tokens in `prompt_ids` or
-/// `output_ids`; frequency and presence count `output_ids` only. Ids outside
-/// the vocabulary are ignored.
-pub fn apply_penalties(logits: &mut [f32], params: &SamplingParams, prompt_ids: &[u32], output_ids: &[u32]) {
-    if !params.has_penalties() {
-        return;
-    }
-    let vocab = logits.len();
-    let mut counts: HashMap<u32, u32> = HashMap::new();
-    for &t in output_ids.iter().filter(|&&t| (t as usize) < vocab) {
-        *counts.entry(t).or_insert(0) += 1;
-    }
-    let r = params.repetition_penalty;
-    if r != 1.0 {
-        let mut seen = vec![false; vocab];
-        for &t in prompt_ids.iter().filter(|&&t| (t as usize) < vocab) {
-            seen[t as usize] = true;
-        }
-        for &t in counts.keys() {
-            seen[t as usize] = true;
-        }
-        for (l, _) in logits.iter_mut().zip(&seen).filter(|(_, &s)| s) {
-            // vLLM: where(logits > 0, logits / r, logits * r)
-            *l = if *l > 0.0 { *l / r } else { *l * r };
-        }
-    }
-    for (&t, &c) in &counts {
-        let l = &mut logits[t as usize];
-        *l -= params.frequency_penalty * c as f32;
-        *l -= params.presence_penalty;
-    }
-}
-
-/// Index of the largest logit, the first one on ties; NaN never wins.
-/// None when no logit is a number.
-pub fn argmax(logits: &[f32]) -> Option<usize> {
-    let mut best: Option<(usize, f32)> = None;
-    for (i, &l) in logits.iter().enumerate() {
-        if l.is_nan() {
-            continue;
-        }
-        if best.is_none_or(|(_, b)| l > b) {
-            best = Some((i, l));
-        }
-    }
-    best.map(|(i, _)| i)
-}
-
-/// log_softmax in f64. NaN logits get -inf.
-fn log_softmax(logits: &[f32]) -> Vec<f64> {
-    let max = logits.iter().copied().filter(|l| !l.is_nan()).fold(f32::NEG_INFINITY, f32::max) as f64;
-    let sum: f64 = logits.iter().filter(|l| !l.is_nan()).map(|&l| (l as f64 - max).exp()).sum();
-    let lse = max + sum.ln();
-    logits.iter().map(|&l| if l.is_nan() { f64::NEG_INFINITY } else { l as f64 - lse }).collect()
-}
-
-/// The `n` largest entries as (index, value), largest first, lower index first on ties.
-fn top_n(values: &[f64], n: usize) -> Vec<(u32, f32)> {
-    let n = n.min(values.len());
-    if n == 0 {
-        return Vec::new();
-    }
-    let cmp = |a: &usize, b: &usize| values[*b].total_cmp(&values[*a]).then(a.cmp(b));
-    let mut idx: Vec<usize> = (0..values.len()).collect();
-    if n < idx.len() {
-        idx.select_nth_unstable_by(n - 1, cmp);
-        idx.truncate(n);
-    }
-    idx.sort_unstable_by(cmp);
-    idx.into_iter().map(|i| (i as u32, values[i] as f32)).collect()
-}
-
-/// A request's sampler: its settings and its random stream.
-#[derive(Clone, Debug)]
-pub struct Sampler {
-    params: SamplingParams,
-    rng: Rng,
-}
-
-impl Sampler {
-    /// Validates `params`; seeds the stream from `params.seed` or fresh entropy.
-    pub fn new(params: SamplingParams) -> Result<Self> {
-        params.validate()?;
-        let rng = params.seed.map_or_else(Rng::from_entropy, Rng::from_seed);
-        Ok(Sampler { params, rng })
-    }
-
-    pub fn params(&self) -> &SamplingParams {
-        &self.params
     }
 
     /// Apply penalties, temperature and the min_p / top_k / top_p filters to
@@ -294,7 +140,7 @@ impl Sampler {
     /// from: (V,) probabilities in f64, zero for filtered tokens, summing to 1.
     /// Greedy requests get a one-hot on the argmax.
     pub fn final_distribution(&self, logits: &mut [f32], prompt_ids: &[u32], output_ids: &[u32]) -> Result<Vec<f64>> {
-        let p = &self.params;
+        let p = self;
         let vocab = logits.len();
         crate::ensure_shape!(vocab > 0, "sample", "empty logits row");
         apply_penalties(logits, p, prompt_ids, output_ids);
@@ -369,6 +215,186 @@ impl Sampler {
         Ok(probs)
     }
 
+    /// The token a final distribution gives for the uniform `u`: the one-hot's
+    /// position when greedy, else the inverse CDF in token order.
+    pub fn pick(&self, probs: &[f64], u: f64) -> usize {
+        if self.is_greedy() {
+            probs.iter().position(|&q| q == 1.0).unwrap_or(0)
+        } else {
+            inverse_cdf(probs, u)
+        }
+    }
+}
+
+/// One sampled token.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sampled {
+    pub token: u32,
+    /// Raw logprob of `token` under the model's distribution (before
+    /// penalties and temperature), as vLLM's default `raw_logprobs`.
+    pub logprob: f32,
+    /// The `logprobs` most likely tokens of the raw distribution, most likely
+    /// first (lower id first on ties); empty when logprobs is None.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// xoshiro256++ (Blackman & Vigna), seeded through SplitMix64. Small, fast and
+/// good enough for drawing tokens; the state is per request.
+#[derive(Clone, Debug)]
+pub struct Rng {
+    s: [u64; 4],
+}
+
+fn splitmix64(x: &mut u64) -> u64 {
+    *x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *x;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl Rng {
+    pub fn from_seed(seed: u64) -> Self {
+        let mut x = seed;
+        Rng { s: [splitmix64(&mut x), splitmix64(&mut x), splitmix64(&mut x), splitmix64(&mut x)] }
+    }
+
+    /// A stream that differs per call and per process: a process-wide counter
+    /// hashed with std's randomly keyed SipHash.
+    pub fn from_entropy() -> Self {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let mut h = RandomState::new().build_hasher();
+        h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+        Rng::from_seed(h.finish())
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let s = &mut self.s;
+        let out = s[0].wrapping_add(s[3]).rotate_left(23).wrapping_add(s[0]);
+        let t = s[1] << 17;
+        s[2] ^= s[0];
+        s[3] ^= s[1];
+        s[1] ^= s[2];
+        s[0] ^= s[3];
+        s[2] ^= t;
+        s[3] = s[3].rotate_left(45);
+        out
+    }
+
+    /// Uniform in [0, 1) with 53 random bits.
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+}
+
+/// The tokens the penalties touch, each once, in id order: every id of
+/// `prompt_ids` ∪ `output_ids` below `vocab`, with its count in `output_ids`
+/// (0 for a prompt-only token). The GPU sampler gets this list per row.
+pub fn penalized_tokens(vocab: usize, prompt_ids: &[u32], output_ids: &[u32]) -> Vec<(u32, u32)> {
+    let mut counts: BTreeMap<u32, u32> = BTreeMap::new();
+    for &t in prompt_ids.iter().filter(|&&t| (t as usize) < vocab) {
+        counts.entry(t).or_insert(0);
+    }
+    for &t in output_ids.iter().filter(|&&t| (t as usize) < vocab) {
+        *counts.entry(t).or_insert(0) += 1;
+    }
+    counts.into_iter().collect()
+}
+
+/// Apply repetition, frequency and presence penalties in place (vLLM
+/// `apply_penalties`). Repetition applies to tokens in `prompt_ids` or
+/// `output_ids`; frequency and presence count `output_ids` only. Ids outside
+/// the vocabulary are ignored. Each token is edited on its own, so the order
+/// between tokens does not matter; per token it is repetition, frequency,
+/// presence (csrc/sampling.cu repeats these f32 operations).
+pub fn apply_penalties(logits: &mut [f32], params: &SamplingParams, prompt_ids: &[u32], output_ids: &[u32]) {
+    if !params.has_penalties() {
+        return;
+    }
+    let r = params.repetition_penalty;
+    for (t, c) in penalized_tokens(logits.len(), prompt_ids, output_ids) {
+        let l = &mut logits[t as usize];
+        if r != 1.0 {
+            // vLLM: where(logits > 0, logits / r, logits * r)
+            *l = if *l > 0.0 { *l / r } else { *l * r };
+        }
+        if c > 0 {
+            *l -= params.frequency_penalty * c as f32;
+            *l -= params.presence_penalty;
+        }
+    }
+}
+
+/// Index of the largest logit, the first one on ties; NaN never wins.
+/// None when no logit is a number.
+pub fn argmax(logits: &[f32]) -> Option<usize> {
+    let mut best: Option<(usize, f32)> = None;
+    for (i, &l) in logits.iter().enumerate() {
+        if l.is_nan() {
+            continue;
+        }
+        if best.is_none_or(|(_, b)| l > b) {
+            best = Some((i, l));
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
+/// log_softmax in f64. NaN logits get -inf.
+fn log_softmax(logits: &[f32]) -> Vec<f64> {
+    let max = logits.iter().copied().filter(|l| !l.is_nan()).fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = logits.iter().filter(|l| !l.is_nan()).map(|&l| (l as f64 - max).exp()).sum();
+    let lse = max + sum.ln();
+    logits.iter().map(|&l| if l.is_nan() { f64::NEG_INFINITY } else { l as f64 - lse }).collect()
+}
+
+/// The `n` largest entries as (index, value), largest first, lower index first on ties.
+fn top_n(values: &[f64], n: usize) -> Vec<(u32, f32)> {
+    let n = n.min(values.len());
+    if n == 0 {
+        return Vec::new();
+    }
+    let cmp = |a: &usize, b: &usize| values[*b].total_cmp(&values[*a]).then(a.cmp(b));
+    let mut idx: Vec<usize> = (0..values.len()).collect();
+    if n < idx.len() {
+        idx.select_nth_unstable_by(n - 1, cmp);
+        idx.truncate(n);
+    }
+    idx.sort_unstable_by(cmp);
+    idx.into_iter().map(|i| (i as u32, values[i] as f32)).collect()
+}
+
+/// A request's sampler: its settings and its random stream.
+#[derive(Clone, Debug)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: Rng,
+}
+
+impl Sampler {
+    /// Validates `params`; seeds the stream from `params.seed` or fresh entropy.
+    pub fn new(params: SamplingParams) -> Result<Self> {
+        params.validate()?;
+        let rng = params.seed.map_or_else(Rng::from_entropy, Rng::from_seed);
+        Ok(Sampler { params, rng })
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// [`SamplingParams::final_distribution`] with this request's settings.
+    pub fn final_distribution(&self, logits: &mut [f32], prompt_ids: &[u32], output_ids: &[u32]) -> Result<Vec<f64>> {
+        self.params.final_distribution(logits, prompt_ids, output_ids)
+    }
+
+    /// The next uniform in [0, 1) of this request's stream: what `sample`
+    /// draws for a non-greedy token. The GPU sampler gets it from here, so a
+    /// seeded request's stream is the same on either backend.
+    pub fn next_uniform(&mut self) -> f64 {
+        self.rng.next_f64()
+    }
+
     /// Sample one token from `logits` (V,) of this request's current position.
     /// `logits` is modified in place (penalties, temperature, filters).
     /// `prompt_ids` / `output_ids`: the request's prompt and the tokens it has
@@ -383,13 +409,9 @@ impl Sampler {
         );
         // Raw logprobs first: the model's own distribution (vLLM raw_logprobs).
         let raw = log_softmax(logits);
-        let probs = self.final_distribution(logits, prompt_ids, output_ids)?;
-        let token = if self.params.is_greedy() {
-            // one-hot; the position of the 1.
-            probs.iter().position(|&q| q == 1.0).unwrap_or(0)
-        } else {
-            inverse_cdf(&probs, self.rng.next_f64())
-        };
+        let probs = self.params.final_distribution(logits, prompt_ids, output_ids)?;
+        let u = if self.params.is_greedy() { 0.0 } else { self.rng.next_f64() };
+        let token = self.params.pick(&probs, u);
         let top = self.params.logprobs.map_or_else(Vec::new, |n| top_n(&raw, n));
         Ok(Sampled { token: token as u32, logprob: raw[token] as f32, top })
     }

@@ -20,6 +20,7 @@ pub mod norm;
 mod paged_attention;
 pub mod qkv_rope;
 pub mod rope;
+pub mod sampling;
 pub mod softmax;
 
 use std::sync::Arc;

@@ -19,6 +19,7 @@ mod norm;
 mod paged;
 mod qkv_rope;
 mod rope;
+mod sampling;
 mod softmax;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -39,6 +40,7 @@ fn all_cases() -> Vec<Case> {
     v.extend(paged::cases());
     v.extend(qkv_rope::cases());
     v.extend(copy::cases());
+    v.extend(sampling::cases());
     v
 }
 
