@@ -31,10 +31,14 @@ enum Command {
     },
 }
 
+/// `kestrel bench …`: one variant per measurement, each in its own
+/// src/cli/bench_*.rs module, dispatched in `bench` below.
 #[derive(Subcommand)]
 enum BenchCommand {
     /// Offline serving throughput at fixed concurrency (synthetic image + text requests).
     Throughput(kestrel::cli::bench::ThroughputArgs),
+    /// Each kernel's GB/s or TFLOP/s against ceilings measured in the same run.
+    Kernels(kestrel::cli::bench_kernels::KernelsArgs),
 }
 
 fn main() {
@@ -47,13 +51,7 @@ fn main() {
             }
         }
         Command::Info { require_gpu } => std::process::exit(info(require_gpu)),
-        Command::Bench(BenchCommand::Throughput(args)) => match kestrel::cli::bench::throughput(&args) {
-            Ok(report) => print!("{report}"),
-            Err(e) => {
-                eprintln!("kestrel bench throughput: {e}");
-                std::process::exit(1);
-            }
-        },
+        Command::Bench(cmd) => std::process::exit(bench(cmd)),
         Command::CompareHf(args) => {
             if let Err(e) = kestrel::cli::compare::run(&args) {
                 eprintln!("kestrel compare-hf: {e}");
@@ -67,6 +65,25 @@ fn main() {
                 std::process::exit(1);
             }
         },
+    }
+}
+
+/// Runs one bench subcommand, prints its report; the exit status.
+fn bench(cmd: BenchCommand) -> i32 {
+    use kestrel::cli::{bench, bench_kernels};
+    let (name, result) = match cmd {
+        BenchCommand::Throughput(args) => ("throughput", bench::throughput(&args)),
+        BenchCommand::Kernels(args) => ("kernels", bench_kernels::kernels(&args)),
+    };
+    match result {
+        Ok(report) => {
+            print!("{report}");
+            0
+        }
+        Err(e) => {
+            eprintln!("kestrel bench {name}: {e}");
+            1
+        }
     }
 }
 
