@@ -37,8 +37,12 @@ enum Command {
 enum BenchCommand {
     /// Offline serving throughput at fixed concurrency (synthetic image + text requests).
     Throughput(kestrel::cli::bench::ThroughputArgs),
+    /// Load a running server's chat endpoint (as `vllm bench serve --dataset-name random-mm`).
+    Serve(Box<kestrel::cli::bench_serve::ServeBenchArgs>),
     /// Each kernel's GB/s or TFLOP/s against ceilings measured in the same run.
     Kernels(kestrel::cli::bench_kernels::KernelsArgs),
+    /// Process start of `kestrel serve` to /health ready and to the first token.
+    Startup(kestrel::cli::bench_startup::StartupArgs),
 }
 
 fn main() {
@@ -70,10 +74,19 @@ fn main() {
 
 /// Runs one bench subcommand, prints its report; the exit status.
 fn bench(cmd: BenchCommand) -> i32 {
-    use kestrel::cli::{bench, bench_kernels};
+    use kestrel::cli::{bench, bench_kernels, bench_serve, bench_startup};
     let (name, result) = match cmd {
         BenchCommand::Throughput(args) => ("throughput", bench::throughput(&args)),
         BenchCommand::Kernels(args) => ("kernels", bench_kernels::kernels(&args)),
+        BenchCommand::Startup(args) => ("startup", bench_startup::startup(&args).map(|(report, _)| report)),
+        BenchCommand::Serve(args) => match bench_serve::serve(&args) {
+            // Failed requests are in the report and the JSON; the status says so too.
+            Ok((report, s)) => {
+                print!("{report}");
+                return i32::from(s.failed > 0);
+            }
+            Err(e) => ("serve", Err(e)),
+        },
     };
     match result {
         Ok(report) => {

@@ -5,6 +5,8 @@
 pub mod batch;
 pub mod bench;
 pub mod bench_kernels;
+pub mod bench_serve;
+pub mod bench_startup;
 pub mod compare;
 pub mod engine_args;
 pub mod generate;
