@@ -39,6 +39,8 @@ enum BenchCommand {
     Throughput(kestrel::cli::bench::ThroughputArgs),
     /// Load a running server's chat endpoint (as `vllm bench serve --dataset-name random-mm`).
     Serve(Box<kestrel::cli::bench_serve::ServeBenchArgs>),
+    /// Steady-state decode tokens/s at batch sizes, against the bandwidth roofline.
+    Decode(kestrel::cli::bench_decode::DecodeArgs),
     /// Each kernel's GB/s or TFLOP/s against ceilings measured in the same run.
     Kernels(kestrel::cli::bench_kernels::KernelsArgs),
     /// Process start of `kestrel serve` to /health ready and to the first token.
@@ -74,9 +76,10 @@ fn main() {
 
 /// Runs one bench subcommand, prints its report; the exit status.
 fn bench(cmd: BenchCommand) -> i32 {
-    use kestrel::cli::{bench, bench_kernels, bench_serve, bench_startup};
+    use kestrel::cli::{bench, bench_decode, bench_kernels, bench_serve, bench_startup};
     let (name, result) = match cmd {
         BenchCommand::Throughput(args) => ("throughput", bench::throughput(&args)),
+        BenchCommand::Decode(args) => ("decode", bench_decode::decode(&args)),
         BenchCommand::Kernels(args) => ("kernels", bench_kernels::kernels(&args)),
         BenchCommand::Startup(args) => ("startup", bench_startup::startup(&args).map(|(report, _)| report)),
         BenchCommand::Serve(args) => match bench_serve::serve(&args) {

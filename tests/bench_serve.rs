@@ -1,7 +1,7 @@
 //! The benchmark harness end to end on the CPU backend and the built-in tiny
 //! model: `kestrel bench serve` against a `kestrel serve` started here (and
-//! one it launches itself), `bench startup` and `bench kernels` (which skips
-//! without a GPU). Counts are asserted from the
+//! one it launches itself), `bench startup`, `bench decode` and `bench
+//! kernels` (which skips without a GPU). Counts are asserted from the
 //! `--result-json` files, so the harness's bookkeeping is what is tested.
 
 use std::io::{BufRead, BufReader};
@@ -242,6 +242,28 @@ fn bench_startup_times_each_start() {
     assert!(healths.contains(&f(&s["median_health_ms"])), "{s:#}");
     assert!(stdout.contains("median of 2"), "{stdout}");
     let _ = std::fs::remove_file(out_json);
+}
+
+#[test]
+fn bench_decode_reports_each_batch_size() {
+    let (out, stdout) =
+        run(&["bench", "decode", "--device", "cpu", "--batch", "1,3", "--input-len", "6", "--output-len", "48"]);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("not meaningful on the CPU backend"), "{stdout}");
+    let rows: Vec<Vec<&str>> = stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|w| w.len() == 8 && w[0].parse::<usize>().is_ok())
+        .collect();
+    assert_eq!(rows.iter().map(|w| w[0]).collect::<Vec<_>>(), ["1", "3"], "{stdout}");
+    for w in &rows {
+        let tps: f64 = w[3].parse().unwrap();
+        let ms_step: f64 = w[4].parse().unwrap();
+        // tokens/s = batch / seconds per step.
+        let b: f64 = w[0].parse().unwrap();
+        assert!(tps > 0.0 && (tps - b * 1e3 / ms_step).abs() < 0.01 * tps + 0.2, "{w:?}");
+        assert_eq!(w[7], "-");
+    }
 }
 
 #[test]
