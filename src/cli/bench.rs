@@ -51,8 +51,13 @@ pub struct ThroughputArgs {
     pub gemm_tflops: Option<f64>,
 }
 
-/// A seeded noise image: every pixel differs, as a photograph's would.
-pub fn synthetic_image(width: u32, height: u32, seed: u64) -> RgbImage {
+/// A seeded square noise image: every pixel differs, as a photograph's would.
+pub fn synthetic_image(side: u32, seed: u64) -> RgbImage {
+    synthetic_image_wh(side, side, seed)
+}
+
+/// A seeded noise image of `width` x `height`.
+pub fn synthetic_image_wh(width: u32, height: u32, seed: u64) -> RgbImage {
     let mut rng = Rng::from_seed(seed);
     RgbImage::from_fn(width, height, |_, _| {
         let v = rng.next_u64();
@@ -109,7 +114,7 @@ pub fn throughput(args: &ThroughputArgs) -> Result<String> {
             .map(|i| {
                 let text = synthetic_text(args.input_len, i as u64);
                 let (content, media) = if args.image_size > 0 {
-                    let img = synthetic_image(args.image_size, args.image_size, 1000 + i as u64);
+                    let img = synthetic_image(args.image_size, 1000 + i as u64);
                     (serde_json::json!([{"type": "image"}, {"type": "text", "text": text}]), vec![Media::Image(img)])
                 } else {
                     (serde_json::json!([{"type": "text", "text": text}]), vec![])
@@ -228,9 +233,10 @@ mod tests {
 
     #[test]
     fn synthetic_inputs_are_seeded() {
-        assert_eq!(synthetic_image(8, 6, 1), synthetic_image(8, 6, 1));
-        assert_ne!(synthetic_image(8, 6, 1), synthetic_image(8, 6, 2));
-        assert_eq!(synthetic_image(8, 6, 1).dimensions(), (8, 6));
+        assert_eq!(synthetic_image(8, 1), synthetic_image(8, 1));
+        assert_ne!(synthetic_image(8, 1), synthetic_image(8, 2));
+        assert_eq!(synthetic_image_wh(8, 6, 1).dimensions(), (8, 6));
+        assert_eq!(synthetic_image_wh(8, 8, 1), synthetic_image(8, 1));
         assert_eq!(synthetic_text(5, 3).split(' ').count(), 5);
         assert_eq!(synthetic_text(5, 3), synthetic_text(5, 3));
     }

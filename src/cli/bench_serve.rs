@@ -23,7 +23,7 @@ use base64::Engine as _;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::cli::bench::{stats, synthetic_image, synthetic_text};
+use crate::cli::bench::{stats, synthetic_image_wh, synthetic_text};
 use crate::cli::bench_startup::ServerProcess;
 use crate::cli::roofline::{self, Ceilings, Workload};
 use crate::engine::sampling::Rng;
@@ -337,7 +337,7 @@ fn request_bodies(args: &ServeBenchArgs, model: &str) -> Result<Vec<String>> {
             let seed = args.seed.wrapping_mul(1_000_003).wrapping_add(i as u64);
             let mut content = Vec::new();
             if let ImageSize(Some((w, h))) = args.image_size {
-                let url = data_url(&synthetic_image(w, h, seed), args.image_format)?;
+                let url = data_url(&synthetic_image_wh(w, h, seed), args.image_format)?;
                 content.push(json!({"type": "image_url", "image_url": {"url": url}}));
             }
             content.push(json!({"type": "text", "text": synthetic_text(args.input_len, seed)}));
