@@ -8,6 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 
+use kestrel::cli::roofline;
 use serde_json::Value;
 
 fn kestrel() -> Command {
@@ -187,11 +188,20 @@ fn bench_serve_launches_its_server_and_counts_failures() {
     }
     assert!(stdout.contains("failed requests:       3"), "{stdout}");
 
-    // The same launch with room: all succeed, and the server is gone after.
+    // Ceilings without the model folder: refused before any request.
+    let (out, _) = run(&["bench", "serve", "--copy-gbps", "3000", "--gemm-tflops", "700"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs --model"));
+
+    // The built-in model's folder, served with room and given ceilings: all
+    // succeed, and the roofline is the library's for the measured prompts.
+    let dir = kestrel::model::builtin::materialize().unwrap();
     let (out, stdout) = run(&[
         "bench",
         "serve",
         "--launch",
+        "--model",
+        dir.to_str().unwrap(),
         "--image-size",
         "32",
         "--input-len",
@@ -201,6 +211,10 @@ fn bench_serve_launches_its_server_and_counts_failures() {
         "--num-prompts",
         "2",
         "--ignore-eos",
+        "--copy-gbps",
+        "3000",
+        "--gemm-tflops",
+        "700",
         "--result-json",
         out_json.to_str().unwrap(),
         "--",
@@ -210,7 +224,23 @@ fn bench_serve_launches_its_server_and_counts_failures() {
         "2",
     ]);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(json(&out_json)["total_output_tokens"].as_u64(), Some(6));
+    let s = json(&out_json);
+    assert_eq!(s["total_output_tokens"].as_u64(), Some(6));
+    let cfg = kestrel::model::config::Qwen2VlConfig::from_dir(&dir).unwrap();
+    let grid = kestrel::model::qwen2_vl::inputs::Processors::from_dir(&dir).unwrap().image.grid_thw(1, 32, 32).unwrap();
+    let w = roofline::Workload {
+        requests: 2,
+        concurrency: 2,
+        prompt_tokens: s["total_input_tokens"].as_u64().unwrap() as usize / 2,
+        image_grid: Some(grid),
+        output_len: 3,
+    };
+    let c = roofline::Ceilings { copy_gbps: 3000.0, gemm_tflops: 700.0 };
+    let want = roofline::random_mm(&cfg.text_config, &cfg.vision_config, &w, &c, 2);
+    let got = &s["roofline"];
+    assert!((f(&got["output_throughput"]) / want.output_tps - 1.0).abs() < 1e-9, "{got}");
+    assert!((f(&got["ratio"]) * want.output_tps / f(&s["output_throughput"]) - 1.0).abs() < 1e-9, "{got}");
+    assert!(stdout.contains("roofline: "), "{stdout}");
     let _ = std::fs::remove_file(out_json);
 }
 

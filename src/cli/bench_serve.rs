@@ -257,20 +257,21 @@ pub fn serve(args: &ServeBenchArgs) -> Result<(String, Summary)> {
             args.request_rate
         )));
     }
+    let roof = RooflineInputs::from_args(args)?;
     let server = if args.launch {
         Some(ServerProcess::launch(args.model.as_deref(), &args.serve_args, Duration::from_secs(600))?)
     } else {
         None
     };
     let base = server.as_ref().map_or_else(|| args.base_url.trim_end_matches('/').to_owned(), |s| s.base_url());
-    let agent = agent(Duration::from_secs(args.timeout));
+    let workers = args.max_concurrency.unwrap_or(args.num_prompts).min(args.num_prompts);
+    let agent = agent(Duration::from_secs(args.timeout), workers);
     let model = match &args.served_model_name {
         Some(m) => m.clone(),
         None => first_model(&agent, &base, args.api_key.as_deref())?,
     };
     let bodies = request_bodies(args, &model)?;
     let arrive = arrivals(args.num_prompts, args.request_rate, args.seed);
-    let workers = args.max_concurrency.unwrap_or(args.num_prompts).min(args.num_prompts);
     let url = format!("{base}/v1/chat/completions");
     let (next, bodies, arrive) = (Arc::new(AtomicUsize::new(0)), Arc::new(bodies), Arc::new(arrive));
 
@@ -299,7 +300,7 @@ pub fn serve(args: &ServeBenchArgs) -> Result<(String, Summary)> {
     let duration = start.elapsed().as_secs_f64();
     drop(server);
     outcomes.sort_by_key(|(i, _)| *i);
-    let summary = summarize(args, model, outcomes.into_iter().map(|(_, o)| o).collect(), duration)?;
+    let summary = summarize(args, model, outcomes.into_iter().map(|(_, o)| o).collect(), duration, roof.as_ref());
     let report = report(&summary);
     if let Some(p) = &args.result_json {
         let text = serde_json::to_string_pretty(&summary).map_err(|e| Error::Engine(e.to_string()))?;
@@ -308,9 +309,18 @@ pub fn serve(args: &ServeBenchArgs) -> Result<(String, Summary)> {
     Ok((report, summary))
 }
 
-/// An HTTP agent that returns error statuses as responses and ignores proxies.
-pub fn agent(timeout: Duration) -> ureq::Agent {
-    ureq::Agent::config_builder().http_status_as_error(false).proxy(None).timeout_global(Some(timeout)).build().into()
+/// An HTTP agent that returns error statuses as responses, ignores proxies
+/// and keeps up to `connections` idle connections for reuse (one per
+/// client thread, as a benchmark client keeps them alive).
+pub fn agent(timeout: Duration, connections: usize) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .proxy(None)
+        .timeout_global(Some(timeout))
+        .max_idle_connections(connections)
+        .max_idle_connections_per_host(connections)
+        .build()
+        .into()
 }
 
 fn first_model(agent: &ureq::Agent, base: &str, key: Option<&str>) -> Result<String> {
@@ -390,7 +400,8 @@ fn summarize(
     model: String,
     outcomes: Vec<std::result::Result<Record, String>>,
     duration: f64,
-) -> Result<Summary> {
+    roof: Option<&RooflineInputs>,
+) -> Summary {
     let mut errors: Vec<(String, usize)> = Vec::new();
     let mut ok: Vec<Record> = Vec::new();
     for o in outcomes {
@@ -411,19 +422,9 @@ fn summarize(
     let itls: Vec<f64> = ok.iter().flat_map(|r| r.itl.iter().copied()).collect();
     let total_in: usize = ok.iter().map(|r| r.prompt_tokens).sum();
     let total_out: usize = ok.iter().map(|r| r.output_tokens).sum();
-    let roofline = match (args.copy_gbps, args.gemm_tflops, &args.model) {
-        (Some(copy_gbps), Some(gemm_tflops), Some(dir)) if !ok.is_empty() => {
-            let c = Ceilings { copy_gbps, gemm_tflops };
-            let mean_prompt = total_in / ok.len();
-            let measured = total_out as f64 / duration;
-            Some(roofline_for(dir, args, &c, mean_prompt, measured)?)
-        }
-        (Some(_), Some(_), None) => {
-            return Err(Error::InvalidInput("the roofline needs --model (the folder the server serves)".into()))
-        }
-        _ => None,
-    };
-    Ok(Summary {
+    let roofline =
+        roof.filter(|_| !ok.is_empty()).map(|r| r.result(args, total_in / ok.len(), total_out as f64 / duration));
+    Summary {
         model,
         num_prompts: args.num_prompts,
         completed: ok.len(),
@@ -451,38 +452,55 @@ fn summarize(
         e2els_s: ok.iter().map(|r| r.e2e).collect(),
         itls_s: ok.into_iter().map(|r| r.itl).collect(),
         roofline,
-    })
+    }
 }
 
-/// The random-mm roofline of this run on the model in `dir` (bf16 on the GPU).
-fn roofline_for(
-    dir: &std::path::Path,
-    args: &ServeBenchArgs,
-    c: &Ceilings,
-    prompt_tokens: usize,
-    measured: f64,
-) -> Result<RooflineResult> {
-    let cfg = crate::model::config::Qwen2VlConfig::from_dir(dir)?;
-    let procs = crate::model::qwen2_vl::inputs::Processors::from_dir(dir)?;
-    let image_grid = match args.image_size.0 {
-        Some((w, h)) => Some(procs.image.grid_thw(1, h as usize, w as usize)?),
-        None => None,
-    };
-    let w = Workload {
-        requests: args.num_prompts,
-        concurrency: args.max_concurrency.unwrap_or(args.num_prompts),
-        prompt_tokens,
-        image_grid,
-        output_len: args.output_len,
-    };
-    let r = roofline::random_mm(&cfg.text_config, &cfg.vision_config, &w, c, 2);
-    Ok(RooflineResult {
-        ceilings: *c,
-        prefill_s: r.prefill_s,
-        decode_s: r.decode_s,
-        output_throughput: r.output_tps,
-        ratio: measured / r.output_tps,
-    })
+/// What the roofline needs, read before the run so a bad folder fails early:
+/// the model's config, the image's grid, and the ceilings.
+struct RooflineInputs {
+    cfg: crate::model::config::Qwen2VlConfig,
+    image_grid: Option<[usize; 3]>,
+    ceilings: Ceilings,
+}
+
+impl RooflineInputs {
+    /// Some when --copy-gbps and --gemm-tflops are given (they require each
+    /// other); --model must then name the folder served.
+    fn from_args(args: &ServeBenchArgs) -> Result<Option<Self>> {
+        let (Some(copy_gbps), Some(gemm_tflops)) = (args.copy_gbps, args.gemm_tflops) else { return Ok(None) };
+        let Some(dir) = &args.model else {
+            return Err(Error::InvalidInput(
+                "the roofline (--copy-gbps, --gemm-tflops) needs --model, the folder served".into(),
+            ));
+        };
+        let cfg = crate::model::config::Qwen2VlConfig::from_dir(dir)?;
+        let procs = crate::model::qwen2_vl::inputs::Processors::from_dir(dir)?;
+        let image_grid = match args.image_size.0 {
+            Some((w, h)) => Some(procs.image.grid_thw(1, h as usize, w as usize)?),
+            None => None,
+        };
+        Ok(Some(RooflineInputs { cfg, image_grid, ceilings: Ceilings { copy_gbps, gemm_tflops } }))
+    }
+
+    /// The run's measured output tok/s against the random-mm roofline at its
+    /// measured mean prompt length (bf16 weights and KV, as on the GPU).
+    fn result(&self, args: &ServeBenchArgs, prompt_tokens: usize, measured: f64) -> RooflineResult {
+        let w = Workload {
+            requests: args.num_prompts,
+            concurrency: args.max_concurrency.unwrap_or(args.num_prompts),
+            prompt_tokens,
+            image_grid: self.image_grid,
+            output_len: args.output_len,
+        };
+        let r = roofline::random_mm(&self.cfg.text_config, &self.cfg.vision_config, &w, &self.ceilings, 2);
+        RooflineResult {
+            ceilings: self.ceilings,
+            prefill_s: r.prefill_s,
+            decode_s: r.decode_s,
+            output_throughput: r.output_tps,
+            ratio: measured / r.output_tps,
+        }
+    }
 }
 
 fn report(s: &Summary) -> String {

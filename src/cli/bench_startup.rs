@@ -122,7 +122,7 @@ fn time_start(args: &StartupArgs) -> Result<Start> {
     let server = ServerProcess::launch(args.model.as_deref(), &args.serve_args, timeout)?;
     let ms = |t: Instant| t.duration_since(t0).as_secs_f64() * 1e3;
     let ready_line_ms = ms(Instant::now());
-    let (agent, base) = (agent(timeout), server.base_url());
+    let (agent, base) = (agent(timeout, 1), server.base_url());
     loop {
         match agent.get(format!("{base}/health")).call() {
             Ok(r) if r.status().as_u16() == 200 => break,
