@@ -166,6 +166,8 @@ fn bench_serve_launches_its_server_and_counts_failures() {
         "4",
         "--num-prompts",
         "3",
+        "--warmup",
+        "0",
         "--result-json",
         out_json.to_str().unwrap(),
         "--",
@@ -187,6 +189,26 @@ fn bench_serve_launches_its_server_and_counts_failures() {
         assert!(msg.starts_with("HTTP 400: ") && msg.contains("maximum context length is 32"), "{msg}");
     }
     assert!(stdout.contains("failed requests:       3"), "{stdout}");
+    // With the default warm-up request the same failure stops the run at once.
+    let (out, _) = run(&[
+        "bench",
+        "serve",
+        "--launch",
+        "--image-size",
+        "0",
+        "--input-len",
+        "80",
+        "--num-prompts",
+        "3",
+        "--",
+        "--device",
+        "cpu",
+        "--max-model-len",
+        "32",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the warm-up request failed (HTTP 400: "), "{err}");
 
     // Ceilings without the model folder: refused before any request.
     let (out, _) = run(&["bench", "serve", "--copy-gbps", "3000", "--gemm-tflops", "700"]);

@@ -5,7 +5,8 @@
 //! Every request carries its own noise image of `--image-size` (as a data
 //! URL) and `--input-len` random one-token words, asks for `--output-len`
 //! tokens (greedy; `ignore_eos` with `--ignore-eos`) and streams the answer
-//! with usage. All images and bodies are made before the clock starts.
+//! with usage. All images and bodies are made, and `--warmup` requests
+//! answered, before the clock starts.
 //! Requests arrive as a Poisson process of `--request-rate` per second (inf:
 //! all at once), at most `--max-concurrency` in flight. Per request: TTFT
 //! (to the first content delta; the role chunk comes before any work),
@@ -73,6 +74,10 @@ pub struct ServeBenchArgs {
     /// Generate exactly --output-len tokens (vLLM's `ignore_eos` request field).
     #[arg(long)]
     pub ignore_eos: bool,
+    /// Requests sent (the first prompt, one at a time) before the clock
+    /// starts, as vLLM's initial test run; if one fails the run stops there.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
     /// Seconds one request may take before it counts as failed.
     #[arg(long, default_value_t = 600)]
     pub timeout: u64,
@@ -273,6 +278,10 @@ pub fn serve(args: &ServeBenchArgs) -> Result<(String, Summary)> {
     let bodies = request_bodies(args, &model)?;
     let arrive = arrivals(args.num_prompts, args.request_rate, args.seed);
     let url = format!("{base}/v1/chat/completions");
+    for _ in 0..args.warmup {
+        send(&agent, &url, args.api_key.as_deref(), &bodies[0])
+            .map_err(|e| Error::Engine(format!("the warm-up request failed ({e}); pass --warmup 0 to skip it")))?;
+    }
     let (next, bodies, arrive) = (Arc::new(AtomicUsize::new(0)), Arc::new(bodies), Arc::new(arrive));
 
     let start = Instant::now();
