@@ -31,10 +31,20 @@ enum Command {
     },
 }
 
+/// `kestrel bench …`: one variant per measurement, each in its own
+/// src/cli/bench_*.rs module, dispatched in `bench` below.
 #[derive(Subcommand)]
 enum BenchCommand {
     /// Offline serving throughput at fixed concurrency (synthetic image + text requests).
     Throughput(kestrel::cli::bench::ThroughputArgs),
+    /// Load a running server's chat endpoint (as `vllm bench serve --dataset-name random-mm`).
+    Serve(Box<kestrel::cli::bench_serve::ServeBenchArgs>),
+    /// Steady-state decode tokens/s at batch sizes, against the bandwidth roofline.
+    Decode(kestrel::cli::bench_decode::DecodeArgs),
+    /// Each kernel's GB/s or TFLOP/s against ceilings measured in the same run.
+    Kernels(kestrel::cli::bench_kernels::KernelsArgs),
+    /// Process start of `kestrel serve` to /health ready and to the first token.
+    Startup(kestrel::cli::bench_startup::StartupArgs),
 }
 
 fn main() {
@@ -47,13 +57,7 @@ fn main() {
             }
         }
         Command::Info { require_gpu } => std::process::exit(info(require_gpu)),
-        Command::Bench(BenchCommand::Throughput(args)) => match kestrel::cli::bench::throughput(&args) {
-            Ok(report) => print!("{report}"),
-            Err(e) => {
-                eprintln!("kestrel bench throughput: {e}");
-                std::process::exit(1);
-            }
-        },
+        Command::Bench(cmd) => std::process::exit(bench(cmd)),
         Command::CompareHf(args) => {
             if let Err(e) = kestrel::cli::compare::run(&args) {
                 eprintln!("kestrel compare-hf: {e}");
@@ -67,6 +71,35 @@ fn main() {
                 std::process::exit(1);
             }
         },
+    }
+}
+
+/// Runs one bench subcommand, prints its report; the exit status.
+fn bench(cmd: BenchCommand) -> i32 {
+    use kestrel::cli::{bench, bench_decode, bench_kernels, bench_serve, bench_startup};
+    let (name, result) = match cmd {
+        BenchCommand::Throughput(args) => ("throughput", bench::throughput(&args)),
+        BenchCommand::Decode(args) => ("decode", bench_decode::decode(&args)),
+        BenchCommand::Kernels(args) => ("kernels", bench_kernels::kernels(&args)),
+        BenchCommand::Startup(args) => ("startup", bench_startup::startup(&args).map(|(report, _)| report)),
+        BenchCommand::Serve(args) => match bench_serve::serve(&args) {
+            // Failed requests are in the report and the JSON; the status says so too.
+            Ok((report, s)) => {
+                print!("{report}");
+                return i32::from(s.failed > 0);
+            }
+            Err(e) => ("serve", Err(e)),
+        },
+    };
+    match result {
+        Ok(report) => {
+            print!("{report}");
+            0
+        }
+        Err(e) => {
+            eprintln!("kestrel bench {name}: {e}");
+            1
+        }
     }
 }
 

@@ -5,13 +5,16 @@
 //! of about `input_len` tokens, generating exactly `output_len` tokens
 //! (ignore_eos). Inputs are prepared before the clock starts, so the figures
 //! are the engine's: requests/s, output tokens/s, and per-request time to
-//! first token and time per output token (mean and p50/p99).
+//! first token and time per output token (mean and p50/p99), and the
+//! output tokens/s against the workload's roofline (src/cli/roofline.rs) on
+//! ceilings given or measured in the same run.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use image::{Rgb, RgbImage};
 
+use crate::cli::roofline::{self, Workload};
 use crate::engine::request::Event;
 use crate::engine::sampling::{Rng, SamplingParams};
 use crate::engine::{Engine, Request, RequestParams};
@@ -40,12 +43,23 @@ pub struct ThroughputArgs {
     /// Tokens each request generates.
     #[arg(long, default_value_t = 128)]
     pub output_len: usize,
+    /// Copy bandwidth in GB/s for the roofline (default: measured here on the GPU).
+    #[arg(long)]
+    pub copy_gbps: Option<f64>,
+    /// bf16 GEMM rate in TFLOP/s for the roofline (default: measured here on the GPU).
+    #[arg(long)]
+    pub gemm_tflops: Option<f64>,
 }
 
-/// A seeded noise image: every pixel differs, as a photograph's would.
+/// A seeded square noise image: every pixel differs, as a photograph's would.
 pub fn synthetic_image(side: u32, seed: u64) -> RgbImage {
+    synthetic_image_wh(side, side, seed)
+}
+
+/// A seeded noise image of `width` x `height`.
+pub fn synthetic_image_wh(width: u32, height: u32, seed: u64) -> RgbImage {
     let mut rng = Rng::from_seed(seed);
-    RgbImage::from_fn(side, side, |_, _| {
+    RgbImage::from_fn(width, height, |_, _| {
         let v = rng.next_u64();
         Rgb([v as u8, (v >> 8) as u8, (v >> 16) as u8])
     })
@@ -69,6 +83,7 @@ struct Sample {
 
 pub fn throughput(args: &ThroughputArgs) -> Result<String> {
     let dir = crate::cli::generate::model_dir(&args.model)?;
+    let ceilings = crate::cli::bench_kernels::ceilings_for(&args.engine.device, args.copy_gbps, args.gemm_tflops)?;
     let t0 = Instant::now();
     let engine = Engine::start(args.engine.engine_config(dir)?)?;
     let fe = engine.frontend().clone();
@@ -81,9 +96,14 @@ pub fn throughput(args: &ThroughputArgs) -> Result<String> {
         fe.block_size
     );
     let engine = Arc::new(engine);
+    if let Some(c) = &ceilings {
+        report += &format!("ceilings: copy {:.1} GB/s, gemm bf16 {:.1} TFLOP/s\n", c.copy_gbps, c.gemm_tflops);
+    }
     report.push_str(
-        "concurrency  requests  prompt tok  req/s    out tok/s  TTFT mean/p50/p99 ms    TPOT mean/p50/p99 ms  prep ms/req\n",
+        "concurrency  requests  prompt tok  req/s    out tok/s  TTFT mean/p50/p99 ms    TPOT mean/p50/p99 ms  prep ms/req  roofline tok/s  % roofline\n",
     );
+    // Weights and KV cache: bf16 on the GPU, f32 on the CPU.
+    let dtype_bytes = if fe.device == "cpu" { 4 } else { 2 };
     for &c in &args.concurrency {
         if c == 0 {
             return Err(Error::InvalidInput("--concurrency must be positive".into()));
@@ -104,6 +124,16 @@ pub fn throughput(args: &ThroughputArgs) -> Result<String> {
             .collect::<Result<_>>()?;
         let prep_ms = t_prep.elapsed().as_secs_f64() * 1e3 / n as f64;
         let prompt_tokens = inputs.iter().map(|i| i.input_ids.len()).sum::<usize>() / n;
+        let workload = Workload {
+            requests: n,
+            concurrency: c,
+            prompt_tokens,
+            image_grid: inputs[0].image_grids().first().copied(),
+            output_len: args.output_len,
+        };
+        let roof = ceilings.map(|ce| {
+            roofline::random_mm(&fe.config.text_config, &fe.config.vision_config, &workload, &ce, dtype_bytes)
+        });
         let params = RequestParams {
             sampling: SamplingParams::greedy(),
             max_tokens: args.output_len,
@@ -157,10 +187,14 @@ pub fn throughput(args: &ThroughputArgs) -> Result<String> {
             .map(|s| (s.e2e - s.ttft).as_secs_f64() * 1e3 / (s.tokens - 1) as f64)
             .collect();
         let (t, p) = (stats(&ttft), stats(&tpot));
+        let tps = out_tokens as f64 / wall;
+        let roof = roof.map_or("             -           -".into(), |r| {
+            format!("{:>14.1}  {:>9.1}%", r.output_tps, 100.0 * tps / r.output_tps)
+        });
         report.push_str(&format!(
-            "{c:>11}  {n:>8}  {prompt_tokens:>10}  {:>6.2}  {:>9.1}  {:>7.1} {:>7.1} {:>7.1}  {:>6.2} {:>6.2} {:>6.2}  {prep_ms:>10.2}\n",
+            "{c:>11}  {n:>8}  {prompt_tokens:>10}  {:>6.2}  {:>9.1}  {:>7.1} {:>7.1} {:>7.1}  {:>6.2} {:>6.2} {:>6.2}  {prep_ms:>11.2}  {roof}\n",
             n as f64 / wall,
-            out_tokens as f64 / wall,
+            tps,
             t.0,
             t.1,
             t.2,
@@ -175,7 +209,7 @@ pub fn throughput(args: &ThroughputArgs) -> Result<String> {
 }
 
 /// (mean, p50, p99) of `xs` (nearest-rank percentiles); zeros when empty.
-fn stats(xs: &[f64]) -> (f64, f64, f64) {
+pub fn stats(xs: &[f64]) -> (f64, f64, f64) {
     if xs.is_empty() {
         return (0.0, 0.0, 0.0);
     }
@@ -201,6 +235,8 @@ mod tests {
     fn synthetic_inputs_are_seeded() {
         assert_eq!(synthetic_image(8, 1), synthetic_image(8, 1));
         assert_ne!(synthetic_image(8, 1), synthetic_image(8, 2));
+        assert_eq!(synthetic_image_wh(8, 6, 1).dimensions(), (8, 6));
+        assert_eq!(synthetic_image_wh(8, 8, 1), synthetic_image(8, 1));
         assert_eq!(synthetic_text(5, 3).split(' ').count(), 5);
         assert_eq!(synthetic_text(5, 3), synthetic_text(5, 3));
     }
