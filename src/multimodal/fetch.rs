@@ -19,7 +19,8 @@
 //! each redirect hop included, resolves its host through `MediaResolver`,
 //! which drops the addresses the policy refuses, so the check is made on the
 //! addresses actually connected to. Redirects are followed here, hop by hop,
-//! so each hop's host is also seen by `check_domain` and `policy::check_host`.
+//! so each hop's host is also seen by `check_host` (the domain allowlist and
+//! `policy::check_host`).
 //! With an HTTP proxy configured in the environment (ureq honours
 //! `HTTP_PROXY`/`HTTPS_PROXY`/`NO_PROXY`, as vLLM's aiohttp session does)
 //! the proxy resolves the target's name, so only the URL's host as written
