@@ -445,12 +445,34 @@ fn bodies_over_the_cap_are_413_before_reading() {
 
 #[test]
 fn unreachable_media_is_422() {
-    let s = Server::start(&[]);
+    // Loopback is refused unless allowed (see below); allowed, the closed
+    // port is a failed fetch.
+    let s = Server::start(&["--allow-private-media-urls"]);
     let content = json!([image_part(&closed_port_url()), {"type": "text", "text": "x"}]);
     let (status, v) = s.post("/v1/chat/completions", &chat_body(content, json!({})));
     assert_eq!(status, 422, "{v}");
     assert_eq!(v["error"]["code"], "media_fetch_failed");
     assert!(error_of(&v).1.starts_with("media item 0 (image): media URL http://127.0.0.1:"), "{v}");
+}
+
+#[test]
+fn private_and_metadata_media_urls_are_400() {
+    let s = Server::start(&[]);
+    for (url, why) in [
+        (closed_port_url(), "127.0.0.1 is a loopback address"),
+        ("http://192.168.1.10/cat.png".into(), "192.168.1.10 is a private-network address"),
+        ("http://169.254.169.254/latest/meta-data/".into(), "instance-metadata endpoint"),
+    ] {
+        let content = json!([image_part(&url), {"type": "text", "text": "x"}]);
+        let (status, v) = s.post("/v1/chat/completions", &chat_body(content, json!({})));
+        assert_eq!(status, 400, "{v}");
+        let (kind, message) = error_of(&v);
+        assert_eq!(kind, "invalid_request_error");
+        assert!(message.starts_with("media item 0 (image): media URL http://") && message.contains(why), "{v}");
+        if !why.contains("metadata") {
+            assert!(message.contains("--allow-private-media-urls"), "{v}");
+        }
+    }
 }
 
 /// A streamed request that runs long: opened on a raw socket, its head read.

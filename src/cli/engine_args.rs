@@ -47,6 +47,10 @@ pub struct EngineArgs {
     /// Hosts that http(s) media URLs may name (default: any).
     #[arg(long, num_args = 1.., value_delimiter = ',')]
     pub allowed_media_domains: Option<Vec<String>>,
+    /// Let http(s) media URLs reach loopback, private and link-local addresses
+    /// (default: only public addresses; cloud metadata endpoints are always refused).
+    #[arg(long)]
+    pub allow_private_media_urls: bool,
 }
 
 impl EngineArgs {
@@ -81,6 +85,7 @@ impl EngineArgs {
         Ok(FetchSettings {
             allowed_local_media_path: self.allowed_local_media_path.clone(),
             allowed_domains: self.allowed_media_domains.clone(),
+            allow_private_addresses: self.allow_private_media_urls,
             ..FetchSettings::from_env()?
         })
     }
@@ -122,6 +127,7 @@ mod tests {
             "tiny",
             "--allowed-media-domains",
             "a.com,b.org",
+            "--allow-private-media-urls",
         ]);
         let c = cli.engine.engine_config(PathBuf::from("/m")).unwrap();
         assert_eq!(c.model_dir, PathBuf::from("/m"));
@@ -132,6 +138,7 @@ mod tests {
         let f = cli.engine.fetch_settings().unwrap();
         assert_eq!(f.allowed_domains, Some(vec!["a.com".to_string(), "b.org".to_string()]));
         assert_eq!(f.allowed_local_media_path, None);
+        assert!(f.allow_private_addresses);
     }
 
     #[test]
@@ -141,6 +148,7 @@ mod tests {
         assert_eq!((c.device.as_str(), c.max_model_len, c.max_num_seqs), ("auto", None, d.max_num_seqs));
         assert_eq!((c.block_size, c.gpu_memory_utilization), (d.block_size, d.gpu_memory_utilization));
         assert_eq!(c.cpu_kv_cache_bytes, 4 << 30);
+        assert!(!Cli::parse_from(["x"]).engine.fetch_settings().unwrap().allow_private_addresses);
         let bad = Cli::parse_from(["x", "--cpu-kv-cache-space", "0"]).engine.engine_config(PathBuf::new());
         assert!(bad.unwrap_err().to_string().contains("--cpu-kv-cache-space"));
     }

@@ -14,13 +14,17 @@
 //! refused URL, bad data URL, a response over the size cap) is
 //! `Error::InvalidInput` (400): the URL came from a user.
 //!
-//! SSRF hardening (refusing loopback and private addresses) is a later step.
-//! Every TCP connection, including each redirect hop, resolves its host
-//! through `MediaResolver`, so an address check belongs there; redirects are
-//! followed here, hop by hop, so each hop's host is also seen by
-//! `check_domain`. With an HTTP proxy configured in the environment (ureq
-//! honours `HTTP_PROXY`/`HTTPS_PROXY`/`NO_PROXY`, as vLLM's aiohttp session
-//! does) the resolver sees the proxy's host instead.
+//! Addresses: by default a fetch may only reach public addresses (see
+//! `policy`; `--allow-private-media-urls` lifts it). Every TCP connection,
+//! each redirect hop included, resolves its host through `MediaResolver`,
+//! which drops the addresses the policy refuses, so the check is made on the
+//! addresses actually connected to. Redirects are followed here, hop by hop,
+//! so each hop's host is also seen by `check_host` (the domain allowlist and
+//! `policy::check_host`).
+//! With an HTTP proxy configured in the environment (ureq honours
+//! `HTTP_PROXY`/`HTTPS_PROXY`/`NO_PROXY`, as vLLM's aiohttp session does)
+//! the proxy resolves the target's name, so only the URL's host as written
+//! is checked here; the proxy's own address, chosen by the operator, is not.
 
 use std::fs::File;
 use std::io::Read;
@@ -35,6 +39,8 @@ use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver
 use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
 
 use crate::error::{Error, Result};
+
+pub mod policy;
 
 /// Default fetch deadline (vLLM's `VLLM_IMAGE_FETCH_TIMEOUT` default).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -58,6 +64,10 @@ pub struct FetchSettings {
     /// When set, http(s) URLs (and each redirect target) must name one of
     /// these hosts exactly, ignoring case (vLLM `--allowed-media-domains`).
     pub allowed_domains: Option<Vec<String>>,
+    /// Let http(s) URLs reach loopback, private, link-local and other
+    /// non-public addresses (`--allow-private-media-urls`); cloud metadata
+    /// endpoints stay refused (see `policy`).
+    pub allow_private_addresses: bool,
 }
 
 impl Default for FetchSettings {
@@ -68,6 +78,7 @@ impl Default for FetchSettings {
             timeout: DEFAULT_TIMEOUT,
             max_bytes: DEFAULT_MAX_BYTES,
             allowed_domains: None,
+            allow_private_addresses: false,
         }
     }
 }
@@ -128,7 +139,11 @@ impl MediaFetcher {
             .timeout_global(Some(settings.timeout))
             .user_agent(concat!("kestrel/", env!("CARGO_PKG_VERSION")))
             .build();
-        let agent = ureq::Agent::with_parts(config, DefaultConnector::new(), MediaResolver::default());
+        let agent = ureq::Agent::with_parts(
+            config,
+            DefaultConnector::new(),
+            MediaResolver { inner: DefaultResolver::default(), allow_private: settings.allow_private_addresses },
+        );
         Ok(MediaFetcher { settings, local_root, agent })
     }
 
@@ -167,19 +182,19 @@ impl MediaFetcher {
         let mut redirects = 0;
         loop {
             let uri = Uri::try_from(current.as_str()).map_err(|e| bad(format!("not a valid URL ({e})")))?;
-            self.check_domain(&uri).map_err(bad)?;
+            self.check_host(&uri).map_err(bad)?;
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(timed_out());
             }
-            let mut resp = self
-                .agent
-                .get(uri.clone())
-                .config()
-                .timeout_global(Some(left))
-                .build()
-                .call()
-                .map_err(|e| if is_timeout(&e) { timed_out() } else { failed(transport_error(&e)) })?;
+            let mut resp =
+                self.agent.get(uri.clone()).config().timeout_global(Some(left)).build().call().map_err(|e| {
+                    match Refused::of(&e) {
+                        Some(why) => bad(why),
+                        None if is_timeout(&e) => timed_out(),
+                        None => failed(transport_error(&e)),
+                    }
+                })?;
             let status = resp.status();
             if status.is_redirection() {
                 if let Some(loc) = resp.headers().get("location") {
@@ -212,14 +227,18 @@ impl MediaFetcher {
         }
     }
 
-    /// Ok unless `allowed_domains` is set and does not hold the URI's host.
-    fn check_domain(&self, uri: &Uri) -> std::result::Result<(), String> {
-        let Some(allowed) = &self.settings.allowed_domains else { return Ok(()) };
+    /// Ok when the URI's host is among `allowed_domains` (if set) and is
+    /// not, as written, an address or name the address policy refuses.
+    fn check_host(&self, uri: &Uri) -> std::result::Result<(), String> {
         let host = uri.host().unwrap_or("");
-        if allowed.iter().any(|d| d.eq_ignore_ascii_case(host)) {
-            Ok(())
-        } else {
-            Err(format!("host {host:?} is not among the allowed media domains (--allowed-media-domains)"))
+        if let Some(allowed) = &self.settings.allowed_domains {
+            if !allowed.iter().any(|d| d.eq_ignore_ascii_case(host)) {
+                return Err(format!("host {host:?} is not among the allowed media domains (--allowed-media-domains)"));
+            }
+        }
+        match policy::check_host(host, self.settings.allow_private_addresses) {
+            Some(why) => Err(format!("refused: {why}")),
+            None => Ok(()),
         }
     }
 
@@ -229,6 +248,13 @@ impl MediaFetcher {
             url["data:".len()..].split_once(',').ok_or_else(|| bad("expected data:<mime>;base64,<data>".into()))?;
         if !header.to_ascii_lowercase().ends_with(";base64") {
             return Err(bad("only base64 data URLs are supported (data:<mime>;base64,<data>)".into()));
+        }
+        let media_type = &header[..header.len() - ";base64".len()];
+        if !valid_media_type(media_type) {
+            return Err(bad(format!(
+                "{:?} is not a media type; expected data:<type>/<subtype>;base64,<data>",
+                shown(media_type)
+            )));
         }
         let cap = self.settings.max_bytes;
         let max_len = cap.div_ceil(3).saturating_mul(4);
@@ -271,15 +297,22 @@ impl MediaFetcher {
         }
         let canon = path.canonicalize().map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => bad("no such file"),
-            _ => bad(&e.to_string()),
+            _ => bad(&io_reason(&e)),
         })?;
         if !canon.starts_with(root) {
             return Err(outside());
         }
-        let file = File::open(&canon).map_err(|e| bad(&e.to_string()))?;
-        let meta = file.metadata().map_err(|e| bad(&e.to_string()))?;
+        // Look before opening: opening a FIFO for reading blocks until a
+        // writer comes, and a device may never end. Checked again on the open
+        // file, in case the path changed in between.
+        let not_regular = || bad("is not a regular file");
+        if !std::fs::metadata(&canon).map_err(|e| bad(&io_reason(&e)))?.is_file() {
+            return Err(not_regular());
+        }
+        let file = File::open(&canon).map_err(|e| bad(&io_reason(&e)))?;
+        let meta = file.metadata().map_err(|e| bad(&io_reason(&e)))?;
         if !meta.is_file() {
-            return Err(bad("is not a regular file"));
+            return Err(not_regular());
         }
         let cap = self.settings.max_bytes;
         let too_big = || bad(&format!("is larger than the {} allowed", bytes(cap)));
@@ -287,7 +320,7 @@ impl MediaFetcher {
             return Err(too_big());
         }
         let mut data = Vec::with_capacity(meta.len() as usize);
-        file.take(cap as u64 + 1).read_to_end(&mut data).map_err(|e| bad(&e.to_string()))?;
+        file.take(cap as u64 + 1).read_to_end(&mut data).map_err(|e| bad(&io_reason(&e)))?;
         if data.len() > cap {
             return Err(too_big());
         }
@@ -296,11 +329,13 @@ impl MediaFetcher {
 }
 
 /// Name resolution for media fetches: every connection, redirect hops
-/// included, resolves here. Today it only delegates to ureq's resolver; the
-/// connect-time address check (no loopback, link-local or private targets)
-/// goes here, filtering the resolved addresses.
-#[derive(Debug, Default)]
-struct MediaResolver(DefaultResolver);
+/// included, resolves here, and only the addresses `policy::check_ip`
+/// allows are handed to the connector, which connects to nothing else.
+#[derive(Debug)]
+struct MediaResolver {
+    inner: DefaultResolver,
+    allow_private: bool,
+}
 
 impl Resolver for MediaResolver {
     fn resolve(
@@ -309,7 +344,61 @@ impl Resolver for MediaResolver {
         config: &ureq::config::Config,
         timeout: NextTimeout,
     ) -> std::result::Result<ResolvedSocketAddrs, ureq::Error> {
-        self.0.resolve(uri, config, timeout)
+        let resolved = self.inner.resolve(uri, config, timeout)?;
+        // The configured proxy itself is the operator's choice, not the user's.
+        let is_proxy = config.proxy().is_some_and(|p| {
+            let port = uri.port_u16().or_else(|| default_port(uri));
+            uri.host().is_some_and(|h| h.eq_ignore_ascii_case(p.host())) && port == Some(p.port())
+        });
+        if is_proxy {
+            return Ok(resolved);
+        }
+        let mut allowed = self.inner.empty();
+        let mut why = None;
+        for addr in resolved.iter() {
+            match policy::check_ip(addr.ip(), self.allow_private) {
+                None => allowed.push(*addr),
+                Some(w) => why = why.or(Some(w)),
+            }
+        }
+        match why {
+            Some(why) if allowed.is_empty() => {
+                let host = uri.host().unwrap_or("");
+                let why = format!("refused: host {host:?} resolves to no address media URLs may reach: {why}");
+                Err(ureq::Error::Io(std::io::Error::new(std::io::ErrorKind::PermissionDenied, Refused(why))))
+            }
+            _ => Ok(allowed),
+        }
+    }
+}
+
+fn default_port(uri: &Uri) -> Option<u16> {
+    match uri.scheme_str() {
+        Some("http") => Some(80),
+        Some("https") => Some(443),
+        _ => None,
+    }
+}
+
+/// The resolver's refusal, carried through ureq inside an io::Error so that
+/// `fetch_http` can tell it (the user's fault, 400) from a network failure.
+#[derive(Debug)]
+struct Refused(String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+impl Refused {
+    fn of(e: &ureq::Error) -> Option<String> {
+        match e {
+            ureq::Error::Io(io) => io.get_ref()?.downcast_ref::<Refused>().map(|r| r.0.clone()),
+            _ => None,
+        }
     }
 }
 
@@ -329,6 +418,21 @@ fn transport_error(e: &ureq::Error) -> String {
         ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => "connection refused".into(),
         e => e.to_string(),
     }
+}
+
+/// Whether a data URL's `<mime>` part is empty (RFC 2397's default) or
+/// `type/subtype` with `;name=value` parameters, all RFC 9110 tokens (no
+/// quoted values: nothing a data URL of media needs). Which
+/// types are accepted is left to the decoder: clients label the same bytes
+/// image/jpg, image/jpeg or application/octet-stream, and image embeddings
+/// come as the latter.
+fn valid_media_type(s: &str) -> bool {
+    let token =
+        |t: &str| !t.is_empty() && t.bytes().all(|c| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c));
+    let mut parts = s.split(';');
+    let mime = parts.next().unwrap_or("");
+    let mime_ok = mime.is_empty() || mime.split_once('/').is_some_and(|(t, sub)| token(t) && token(sub));
+    s.len() <= 200 && mime_ok && parts.all(|p| p.trim().split_once('=').is_some_and(|(k, v)| token(k) && token(v)))
 }
 
 /// The absolute URL a redirect's `Location` names, relative to `base` (RFC
@@ -391,6 +495,12 @@ fn normalize_lexically(path: &Path) -> PathBuf {
         }
     }
     out
+}
+
+/// Why a local file could not be read, as the error's kind ("permission
+/// denied"), without the OS error number.
+fn io_reason(e: &std::io::Error) -> String {
+    format!("cannot be read ({})", e.kind())
 }
 
 /// A URL as messages show it: data URLs and other long ones are cut short.

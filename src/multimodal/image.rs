@@ -38,53 +38,87 @@ use crate::error::{Error, Result};
 /// PIL's `Image.MAX_IMAGE_PIXELS` (its decompression-bomb threshold): a sane
 /// default for `decode_rgb8`'s `max_pixels` when the caller has no opinion.
 pub const DEFAULT_MAX_PIXELS: u64 = 89_478_485;
+/// Widest aspect ratio (long side / short side) an image may have: Qwen2-VL's
+/// `smart_resize` refuses more than 200, and checking it from the header
+/// spares decoding a 1×80-million-pixel strip only to refuse it then.
+pub const MAX_ASPECT_RATIO: u32 = 200;
+/// Shortest side an image may have: a picture one pixel high or wide (a
+/// tracking pixel, a spacer) carries nothing a vision model can use.
+pub const MIN_SIDE: u32 = 2;
 
 /// Decode an encoded image (JPEG, PNG, WebP, GIF: first frame, BMP) to RGB8.
 ///
-/// The dimensions are read from the header and checked against `max_pixels`
-/// before any pixel is decoded, so a small file that claims a huge image
-/// (a decompression bomb) costs nothing. EXIF orientation is applied and
-/// transparency is composited onto white, as HF's `load_image` +
-/// `convert_to_rgb` do.
+/// The dimensions are read from the header alone and checked (`check_size`)
+/// before a decoder is built, so a small file that claims a huge image (a
+/// decompression bomb) costs nothing. The decoder then runs under image's
+/// `Limits`: the size the header gave, and an allocation cap from it, so a
+/// decoder that allocates more than that size needs fails instead. EXIF
+/// orientation is applied and transparency is composited onto white, as HF's
+/// `load_image` + `convert_to_rgb` do.
+///
+/// Every failure is `InvalidInput` in words about the image, never the
+/// decoder's own message (chunk names, offsets, Debug output).
 pub fn decode_rgb8(bytes: &[u8], max_pixels: u64) -> Result<RgbImage> {
     if bytes.is_empty() {
         return Err(Error::InvalidInput("the image is empty (0 bytes)".into()));
     }
-    let mut reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| Error::InvalidInput(format!("could not read the image: {e}")))?;
-    let Some(format) = reader.format() else {
+    // Reading from memory cannot fail; only the format guess can come back empty.
+    let guessed = ImageReader::new(Cursor::new(bytes)).with_guessed_format().ok().and_then(|r| r.format());
+    let Some(format) = guessed else {
         return Err(Error::InvalidInput(
             "the data is not an image in a format we read (JPEG, PNG, WebP, GIF, BMP)".into(),
         ));
     };
-    // Decoder working memory: the output buffer at up to 16 bytes a pixel
-    // (RGBA f32) plus slack for the decoder's own state.
+    let (w, h) =
+        ImageReader::with_format(Cursor::new(bytes), format).into_dimensions().map_err(|e| decode_error(format, e))?;
+    check_size(w, h, max_pixels)?;
+
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     let mut limits = Limits::default();
-    limits.max_alloc = Some(max_pixels.saturating_mul(16).saturating_add(64 << 20));
+    limits.max_image_width = Some(w);
+    limits.max_image_height = Some(h);
+    // The output buffer at up to 16 bytes a pixel (RGBA f32) plus slack for
+    // the decoder's own state.
+    limits.max_alloc = Some((u64::from(w) * u64::from(h)).saturating_mul(16).saturating_add(64 << 20));
     reader.limits(limits);
     let mut decoder = reader.into_decoder().map_err(|e| decode_error(format, e))?;
-
-    let (w, h) = decoder.dimensions();
-    if w == 0 || h == 0 {
-        return Err(Error::InvalidInput(format!("the image has no pixels ({w}x{h})")));
-    }
-    let pixels = u64::from(w) * u64::from(h);
-    if pixels > max_pixels {
-        return Err(Error::InvalidInput(format!(
-            "the image is {w}x{h} = {pixels} pixels, more than the {max_pixels} allowed; \
-             send a smaller image"
-        )));
-    }
     let orientation = decoder.orientation().map_err(|e| decode_error(format, e))?;
     let mut img = DynamicImage::from_decoder(decoder).map_err(|e| decode_error(format, e))?;
     img.apply_orientation(orientation);
     Ok(to_rgb8(img))
 }
 
+/// Refuses, from the header's width and height, an image with no pixels, a
+/// side under `MIN_SIDE`, more than `max_pixels`, or an aspect ratio over
+/// `MAX_ASPECT_RATIO`.
+pub fn check_size(w: u32, h: u32, max_pixels: u64) -> Result<()> {
+    let bad = |why: String| Err(Error::InvalidInput(format!("the image is {w}x{h}: {why}")));
+    let pixels = u64::from(w) * u64::from(h);
+    let (long, short) = (w.max(h), w.min(h));
+    if pixels == 0 {
+        bad("it has no pixels".into())
+    } else if short < MIN_SIDE {
+        bad(format!("each side must be at least {MIN_SIDE} pixels"))
+    } else if pixels > max_pixels {
+        bad(format!("{pixels} pixels, more than the {max_pixels} allowed; send a smaller image"))
+    } else if u64::from(long) > u64::from(short) * u64::from(MAX_ASPECT_RATIO) {
+        let ratio = f64::from(long) / f64::from(short);
+        bad(format!("an aspect ratio of {ratio:.1}, more than the {MAX_ASPECT_RATIO} allowed; crop or pad it"))
+    } else {
+        Ok(())
+    }
+}
+
+/// A decoder's failure in words about the image. The decoder's own message
+/// is left out: it describes the decoder's internals, not what to send.
 fn decode_error(format: image::ImageFormat, e: image::ImageError) -> Error {
     let name = format.extensions_str().first().copied().unwrap_or("image").to_uppercase();
-    Error::InvalidInput(format!("could not decode the {name} image: {e}"))
+    let why = match e {
+        image::ImageError::Limits(_) => "decoding it needs more memory than an image of its size may use",
+        image::ImageError::Unsupported(_) => "it uses a feature of the format that is not supported",
+        _ => "the data is malformed or truncated",
+    };
+    Error::InvalidInput(format!("could not decode the {name} image: {why}"))
 }
 
 /// Any colour type to RGB8 the way HF's `convert_to_rgb` does it with PIL:
@@ -344,6 +378,121 @@ mod tests {
         assert_eq!(decode_rgb8(&png, 35).unwrap(), img);
         let err = decode_rgb8(&png, 34).unwrap_err().to_string();
         assert!(err.contains("7x5") && err.contains("34"), "{err}");
+    }
+
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut c = !0u32;
+        for &b in bytes {
+            c ^= u32::from(b);
+            for _ in 0..8 {
+                c = if c & 1 == 1 { 0xedb8_8320 ^ (c >> 1) } else { c >> 1 };
+            }
+        }
+        !c
+    }
+
+    /// A PNG whose header claims `w` x `h` RGB8 pixels, followed by `idat`
+    /// as its only image data: a decompression bomb's shape, without the bomb.
+    fn png_claiming(w: u32, h: u32, idat: &[u8]) -> Vec<u8> {
+        let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+        let mut chunk = |kind: &[u8; 4], data: &[u8]| {
+            out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            let body = [kind.as_slice(), data].concat();
+            out.extend_from_slice(&body);
+            out.extend_from_slice(&crc32(&body).to_be_bytes());
+        };
+        let ihdr = [w.to_be_bytes().as_slice(), &h.to_be_bytes(), &[8, 2, 0, 0, 0]].concat();
+        chunk(b"IHDR", &ihdr);
+        chunk(b"IDAT", idat);
+        chunk(b"IEND", &[]);
+        out
+    }
+
+    /// A GIF whose screen and one frame are `w` x `h`, the frame holding no
+    /// pixel data.
+    fn gif_claiming(w: u16, h: u16) -> Vec<u8> {
+        let size = [w.to_le_bytes(), h.to_le_bytes()].concat();
+        let screen = [b"GIF89a".as_slice(), &size, &[0, 0, 0]].concat();
+        // Image descriptor at (0, 0), then LZW minimum code size 2, no data blocks, trailer.
+        [screen.as_slice(), &[0x2c, 0, 0, 0, 0], &size, &[0, 2, 0, 0x3b]].concat()
+    }
+
+    fn invalid(r: Result<RgbImage>) -> String {
+        match r {
+            Err(e @ Error::InvalidInput(_)) => e.to_string(),
+            Err(e) => panic!("expected InvalidInput, got {e}"),
+            Ok(img) => panic!("expected an error, got a {}x{} image", img.width(), img.height()),
+        }
+    }
+
+    #[test]
+    fn the_crc_matches_a_real_png() {
+        // The fixtures are only believable if their CRCs are right: check
+        // the helper on the IHDR chunk of a PNG the image crate wrote.
+        let png = encode(&DynamicImage::ImageRgb8(RgbImage::new(3, 2)), ImageFormat::Png);
+        let ihdr = &png[12..12 + 4 + 13];
+        assert_eq!(crc32(ihdr).to_be_bytes(), png[29..33]);
+        assert_eq!(png_claiming(3, 2, &[])[..33], png[..33]);
+    }
+
+    #[test]
+    fn decompression_bombs_are_refused_from_the_header() {
+        // 10^10 pixels claimed in 60 bytes; refused before any decoding.
+        let start = std::time::Instant::now();
+        let bomb = png_claiming(100_000, 100_000, &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]);
+        let e = invalid(decode_rgb8(&bomb, DEFAULT_MAX_PIXELS));
+        assert!(e.contains("100000x100000: 10000000000 pixels, more than the 89478485 allowed"), "{e}");
+        let e = invalid(decode_rgb8(&gif_claiming(65_535, 65_535), DEFAULT_MAX_PIXELS));
+        assert!(e.contains("65535x65535: 4294836225 pixels"), "{e}");
+        assert!(start.elapsed() < std::time::Duration::from_millis(500), "{:?}", start.elapsed());
+    }
+
+    #[test]
+    fn degenerate_sizes_are_refused() {
+        let cases = [
+            (0, 5, "0x5: it has no pixels"),
+            (5, 0, "5x0: it has no pixels"),
+            (1, 1, "1x1: each side must be at least 2 pixels"),
+            (1, 50, "1x50: each side must be at least 2 pixels"),
+            (2, 401, "2x401: an aspect ratio of 200.5, more than the 200 allowed"),
+            (90_000, 300, "90000x300: an aspect ratio of 300.0"),
+        ];
+        for (w, h, want) in cases {
+            let e = check_size(w, h, DEFAULT_MAX_PIXELS).unwrap_err().to_string();
+            assert!(e.contains(want), "{w}x{h}: {e}");
+        }
+        for (w, h) in [(2, 2), (2, 400), (400, 2), (9459, 9459)] {
+            assert!(check_size(w, h, DEFAULT_MAX_PIXELS).is_ok(), "{w}x{h}");
+        }
+        // Through the decoder: real files, refused by their header.
+        let one = encode(&DynamicImage::ImageRgb8(RgbImage::new(1, 1)), ImageFormat::Png);
+        assert!(invalid(decode_rgb8(&one, 100)).contains("1x1: each side"));
+        let strip = encode(&DynamicImage::ImageRgb8(RgbImage::new(402, 2)), ImageFormat::Png);
+        assert!(invalid(decode_rgb8(&strip, 10_000)).contains("402x2: an aspect ratio of 201.0"));
+        let e = invalid(decode_rgb8(&gif_claiming(0, 7), 100));
+        assert!(e.contains("0x7"), "{e}");
+    }
+
+    #[test]
+    fn malformed_images_give_a_plain_message() {
+        let img = RgbImage::from_fn(16, 16, |x, y| image::Rgb([x as u8 * 9, y as u8 * 13, 77]));
+        let png = encode(&DynamicImage::ImageRgb8(img.clone()), ImageFormat::Png);
+        let mut bad_crc = png.clone();
+        bad_crc[40] ^= 0xff; // inside the IDAT chunk
+        let cases = [
+            (png[..png.len() / 2].to_vec(), "PNG"),
+            (bad_crc, "PNG"),
+            // Within the pixel limit, but the promised pixels never come.
+            (png_claiming(3000, 3000, &[0x78, 0x9c]), "PNG"),
+            (gif_claiming(10, 10), "GIF"),
+        ];
+        for (bytes, name) in cases {
+            let e = invalid(decode_rgb8(&bytes, DEFAULT_MAX_PIXELS));
+            assert!(e.starts_with(&format!("could not decode the {name} image: ")), "{e}");
+            for internal in ["Chunk", "crc", "CRC", "{", "Some(", "0x", "Format error"] {
+                assert!(!e.contains(internal), "{e}");
+            }
+        }
     }
 
     #[test]

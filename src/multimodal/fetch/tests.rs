@@ -8,6 +8,11 @@ fn fetcher(settings: FetchSettings) -> MediaFetcher {
     MediaFetcher::new(settings).unwrap()
 }
 
+/// Settings for the tests' servers on 127.0.0.1: loopback is refused unless allowed.
+fn loopback_ok() -> FetchSettings {
+    FetchSettings { allow_private_addresses: true, ..Default::default() }
+}
+
 fn err(r: Result<Vec<u8>>) -> String {
     match r {
         Err(e @ Error::InvalidInput(_)) => e.to_string(),
@@ -59,6 +64,29 @@ fn data_urls_are_capped_before_decoding() {
     let huge = "A".repeat(10_000);
     let e = err(f.fetch(&format!("data:x/y;base64,{huge}")));
     assert!(e.len() < 300, "{e}");
+}
+
+#[test]
+fn base64_length_is_checked_before_decoding() {
+    // 100 KB of characters that are not base64 at all: refused for their
+    // length, which is only possible if the length is checked first.
+    let f = fetcher(FetchSettings { max_bytes: 1 << 10, ..Default::default() });
+    let e = err(f.fetch(&format!("data:image/png;base64,{}", "!".repeat(100_000))));
+    assert!(e.contains("is more than the 1.34 KiB allowed") && !e.contains("invalid base64"), "{e}");
+}
+
+#[test]
+fn data_url_media_types_must_be_well_formed() {
+    let f = fetcher(FetchSettings::default());
+    for ok in ["image/png", "image/jpg", "application/octet-stream", "", "image/png;name=cat.png"] {
+        assert_eq!(f.fetch(&format!("data:{ok};base64,aGk=")).unwrap(), b"hi", "{ok:?}");
+    }
+    for bad in ["image", "image/", "/png", "image/png ", "<svg>/x", "image/png;charset", "text/html;x=\"a b\""] {
+        let e = err(f.fetch(&format!("data:{bad};base64,aGk=")));
+        assert!(e.contains("is not a media type"), "{bad:?}: {e}");
+    }
+    let e = err(f.fetch(&format!("data:image/{};base64,aGk=", "x".repeat(300))));
+    assert!(e.contains("is not a media type") && e.len() < 400, "{e}");
 }
 
 #[test]
@@ -173,6 +201,39 @@ fn local_files_need_the_flag() {
     assert!(e.contains("not a directory"), "{e}");
 }
 
+#[test]
+fn percent_encoded_dots_cannot_leave_the_root() {
+    let (tmp, root) = local_tree("pct");
+    let f = fetcher(FetchSettings { allowed_local_media_path: Some(root.clone()), ..Default::default() });
+    for dots in ["%2e%2e", "%2E%2E", ".%2e", "%2e."] {
+        let url = format!("file://{}/{dots}/outside/secret", root.display());
+        let e = err(f.fetch(&url));
+        assert!(e.contains("outside the allowed local media directory"), "{url}: {e}");
+    }
+    // The same file, reached without leaving the root, is fine.
+    std::fs::write(root.join("sub/x.png"), b"x").unwrap();
+    assert_eq!(f.fetch(&format!("file://{}/sub/%2e%2e/sub/x.png", root.display())).unwrap(), b"x");
+    drop(tmp);
+}
+
+#[test]
+fn fifos_and_devices_are_refused_without_blocking() {
+    let (_tmp, root) = local_tree("fifo");
+    let fifo = root.join("pipe.png");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let f = fetcher(FetchSettings { allowed_local_media_path: Some(root.clone()), ..Default::default() });
+    // Opening a FIFO for reading would block until a writer came.
+    let start = Instant::now();
+    let e = err(f.fetch(&fifo.display().to_string()));
+    assert!(e.contains("not a regular file"), "{e}");
+    assert!(start.elapsed() < Duration::from_secs(2));
+    // A device under the root: /dev/zero never ends.
+    let dev = fetcher(FetchSettings { allowed_local_media_path: Some("/dev".into()), ..Default::default() });
+    let e = err(dev.fetch("/dev/zero"));
+    assert!(e.contains("not a regular file"), "{e}");
+}
+
 // ---- http ----
 
 /// What the test server does with one connection, given the request path.
@@ -219,14 +280,14 @@ fn reply(stream: &mut TcpStream, status: &str, headers: &str, body: &[u8]) {
 #[test]
 fn http_200_returns_the_body() {
     let base = serve(1, Box::new(|path, s| reply(s, "200 OK", "", format!("got {path}").as_bytes())));
-    let f = fetcher(FetchSettings::default());
+    let f = fetcher(loopback_ok());
     assert_eq!(f.fetch(&format!("{base}/img/cat.png?x=1")).unwrap(), b"got /img/cat.png?x=1");
 }
 
 #[test]
 fn http_404_is_an_error() {
     let base = serve(1, Box::new(|_, s| reply(s, "404 Not Found", "", b"nope")));
-    let e = fetch_err(fetcher(FetchSettings::default()).fetch(&format!("{base}/cat.png")));
+    let e = fetch_err(fetcher(loopback_ok()).fetch(&format!("{base}/cat.png")));
     assert!(e.contains("HTTP 404 Not Found") && e.contains("/cat.png"), "{e}");
 }
 
@@ -246,7 +307,7 @@ fn http_bodies_over_the_cap_are_refused() {
             }
         }),
     );
-    let f = fetcher(FetchSettings { max_bytes: 1000, ..Default::default() });
+    let f = fetcher(FetchSettings { max_bytes: 1000, ..loopback_ok() });
     for path in ["/sized", "/streamed"] {
         let e = err(f.fetch(&format!("{base}{path}")));
         assert!(e.contains("larger than the 1000 bytes allowed"), "{path}: {e}");
@@ -273,7 +334,7 @@ fn slow_servers_time_out() {
             }
         }),
     );
-    let f = fetcher(FetchSettings { timeout: Duration::from_millis(300), ..Default::default() });
+    let f = fetcher(FetchSettings { timeout: Duration::from_millis(300), ..loopback_ok() });
     for path in ["/late", "/drip"] {
         let start = Instant::now();
         let e = fetch_err(f.fetch(&format!("{base}{path}")));
@@ -296,7 +357,7 @@ fn redirects_are_followed_up_to_three() {
         }
     };
     let base = serve(4, Box::new(handler));
-    let f = fetcher(FetchSettings::default());
+    let f = fetcher(loopback_ok());
     assert_eq!(f.fetch(&format!("{base}/n/3")).unwrap(), b"landed");
     let base = serve(4, Box::new(handler));
     let e = fetch_err(f.fetch(&format!("{base}/n/4")));
@@ -316,13 +377,12 @@ fn allowed_domains_apply_to_every_hop() {
             }
         }),
     );
-    let f = fetcher(FetchSettings { allowed_domains: Some(vec!["127.0.0.1".into()]), ..Default::default() });
+    let f = fetcher(FetchSettings { allowed_domains: Some(vec!["127.0.0.1".into()]), ..loopback_ok() });
     assert_eq!(f.fetch(&format!("{base}/here")).unwrap(), b"ok");
     let e = err(f.fetch(&format!("{base}/away")));
     assert!(e.contains("host \"localhost\" is not among the allowed media domains"), "{e}");
     let e =
-        err(fetcher(FetchSettings { allowed_domains: Some(vec![]), ..Default::default() })
-            .fetch(&format!("{base}/here")));
+        err(fetcher(FetchSettings { allowed_domains: Some(vec![]), ..loopback_ok() }).fetch(&format!("{base}/here")));
     assert!(e.contains("not among the allowed"), "{e}");
 }
 
@@ -330,7 +390,7 @@ fn allowed_domains_apply_to_every_hop() {
 fn refused_connections_say_so() {
     // Bind then drop a listener: its port is (almost surely) closed now.
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let e = fetch_err(fetcher(FetchSettings::default()).fetch(&format!("http://127.0.0.1:{port}/x")));
+    let e = fetch_err(fetcher(loopback_ok()).fetch(&format!("http://127.0.0.1:{port}/x")));
     assert!(e.contains(&format!("127.0.0.1:{port}")), "{e}");
 }
 
@@ -343,4 +403,128 @@ fn location_joining() {
     assert_eq!(join_location(&base, "d.png"), "http://h:1/a/b/d.png");
     assert_eq!(bytes(32 << 20), "32 MiB");
     assert_eq!(bytes(1536), "1.5 KiB");
+}
+
+// ---- addresses ----
+
+/// A listener on 127.0.0.1 that never accepts; `connected` says whether
+/// anything connected to it (the kernel completes handshakes into the backlog).
+struct Silent(TcpListener);
+
+impl Silent {
+    fn new() -> Self {
+        Silent(TcpListener::bind("127.0.0.1:0").unwrap())
+    }
+
+    fn port(&self) -> u16 {
+        self.0.local_addr().unwrap().port()
+    }
+
+    fn connected(&self) -> bool {
+        self.0.set_nonblocking(true).unwrap();
+        self.0.accept().is_ok()
+    }
+}
+
+#[test]
+fn loopback_is_refused_by_default_without_connecting() {
+    let l = Silent::new();
+    let port = l.port();
+    let f = fetcher(FetchSettings::default());
+    for host in ["127.0.0.1", "localhost", "[::1]", "[::ffff:127.0.0.1]", "0.0.0.0"] {
+        let e = err(f.fetch(&format!("http://{host}:{port}/cat.png")));
+        assert!(e.contains("refused:") && e.contains(policy::ALLOW_FLAG), "{host}: {e}");
+    }
+    // Spellings only name resolution turns into 127.0.0.1: judged on the
+    // resolved address, the one a connection would be made to.
+    for host in ["2130706433", "127.1", "0x7f000001"] {
+        let e = err(f.fetch(&format!("http://{host}:{port}/cat.png")));
+        assert!(e.contains(&format!("host \"{host}\" resolves to no address")), "{host}: {e}");
+        assert!(e.contains("127.0.0.1 is a loopback address") && e.contains(policy::ALLOW_FLAG), "{host}: {e}");
+    }
+    assert!(!l.connected(), "a refused fetch connected");
+}
+
+#[test]
+fn private_and_metadata_literals_are_refused_before_connecting() {
+    let f = fetcher(FetchSettings { timeout: Duration::from_millis(200), ..Default::default() });
+    for (url, why) in [
+        ("http://10.1.2.3/x.png", "private-network"),
+        ("http://192.168.0.1:8080/x.png", "private-network"),
+        ("https://172.20.0.1/x.png", "private-network"),
+        ("http://169.254.1.1/", "link-local"),
+        ("http://[fe80::1]/", "link-local"),
+        ("http://[fd12::1]/", "private-network"),
+        ("http://100.64.0.1/", "carrier-grade NAT"),
+        ("http://224.0.0.1/", "multicast"),
+        ("http://255.255.255.255/", "broadcast"),
+        ("http://169.254.169.254/latest/meta-data/", "instance-metadata"),
+        ("http://[fd00:ec2::254]/latest/meta-data/", "instance-metadata"),
+        ("http://metadata.google.internal/computeMetadata/v1/", "instance-metadata"),
+    ] {
+        // Refused at once, not after a connection attempt timed out (422).
+        let e = err(f.fetch(url));
+        assert!(e.contains("refused:") && e.contains(why), "{url}: {e}");
+    }
+    // Metadata stays refused with private addresses allowed, also when only
+    // resolution reveals it (2852039166 is 169.254.169.254).
+    let f = fetcher(FetchSettings { timeout: Duration::from_millis(200), ..loopback_ok() });
+    for url in ["http://169.254.169.254/", "http://2852039166/", "http://metadata/"] {
+        let e = err(f.fetch(url));
+        assert!(e.contains("instance-metadata") && !e.contains(policy::ALLOW_FLAG), "{url}: {e}");
+    }
+}
+
+#[test]
+fn the_allow_setting_reaches_loopback() {
+    let base = serve(1, Box::new(|_, s| reply(s, "200 OK", "", b"local")));
+    let port = base.rsplit(':').next().unwrap();
+    let e = err(fetcher(FetchSettings::default()).fetch(&format!("http://localhost:{port}/x")));
+    assert!(e.contains("loopback"), "{e}");
+    assert_eq!(fetcher(loopback_ok()).fetch(&format!("{base}/x")).unwrap(), b"local");
+}
+
+#[test]
+fn every_redirect_hop_is_checked() {
+    let base = serve(
+        4,
+        Box::new(|path, s| {
+            let loc = match path {
+                "/aws" => "http://169.254.169.254/latest/meta-data/iam/".to_string(),
+                "/gce" => "http://metadata.google.internal/computeMetadata/v1/".to_string(),
+                "/decimal" => "http://2852039166/latest/".to_string(),
+                _ => "file:///etc/passwd".to_string(),
+            };
+            reply(s, "302 Found", &format!("Location: {loc}\r\n"), b"");
+        }),
+    );
+    let f = fetcher(FetchSettings { timeout: Duration::from_secs(2), ..loopback_ok() });
+    for path in ["/aws", "/gce", "/decimal"] {
+        let e = err(f.fetch(&format!("{base}{path}")));
+        assert!(e.contains("refused:") && e.contains("instance-metadata"), "{path}: {e}");
+    }
+    let e = err(f.fetch(&format!("{base}/file")));
+    assert!(e.contains("redirects to file:///etc/passwd, which is not http(s)"), "{e}");
+}
+
+#[test]
+fn the_deadline_covers_the_whole_fetch() {
+    // Each hop answers within the timeout; the redirects together do not.
+    let base = serve(
+        4,
+        Box::new(|path, s| {
+            thread::sleep(Duration::from_millis(200));
+            let k: usize = path.trim_start_matches('/').parse().unwrap();
+            if k == 0 {
+                reply(s, "200 OK", "", b"late");
+            } else {
+                reply(s, "302 Found", &format!("Location: /{}\r\n", k - 1), b"");
+            }
+        }),
+    );
+    let f = fetcher(FetchSettings { timeout: Duration::from_millis(500), ..loopback_ok() });
+    let start = Instant::now();
+    let e = fetch_err(f.fetch(&format!("{base}/3")));
+    assert!(e.contains("timed out after 0.5 s"), "{e}");
+    assert!(start.elapsed() < Duration::from_millis(750), "took {:?}", start.elapsed());
 }
