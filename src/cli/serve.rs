@@ -11,11 +11,13 @@
 //! it, the built-in tiny model is served.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use crate::cli::engine_args::EngineArgs;
 use crate::engine::{Engine, EngineConfig, Pooling, Task};
 use crate::error::{Error, Result};
 use crate::multimodal::fetch::MediaFetcher;
+use crate::server::shutdown::Signals;
 use crate::server::{bind, MediaLimits, Server, ServerConfig, DEFAULT_MAX_BODY_BYTES};
 
 /// Environment variables holding the API key when --api-key is not given
@@ -66,6 +68,27 @@ pub struct ServeArgs {
     /// 429 with Retry-After (default: no bound beyond --workers).
     #[arg(long)]
     pub max_queue: Option<usize>,
+    /// Client connections open at once; past it a new one is answered 503
+    /// and closed (each holds a thread and three file descriptors).
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Seconds a client has to send a whole request head (from connecting,
+    /// or from its previous answer); an idle connection is closed then.
+    #[arg(long, default_value = "10", value_parser = parse_secs)]
+    pub http_header_timeout: Duration,
+    /// Seconds a client has to send a request body (from its first read),
+    /// and that one write of an answer may block on a client not reading.
+    #[arg(long, default_value = "60", value_parser = parse_secs)]
+    pub http_body_timeout: Duration,
+    /// Seconds the engine may spend in one iteration before /health answers
+    /// 503 (vLLM's VLLM_ENGINE_ITERATION_TIMEOUT_S); above the longest step.
+    #[arg(long, default_value = "60", value_parser = parse_secs)]
+    pub engine_iteration_timeout: Duration,
+    /// Seconds requests in flight have to finish after SIGTERM or SIGINT
+    /// before they are stopped (25: done before Kubernetes' default 30 s
+    /// grace period ends in SIGKILL).
+    #[arg(long, default_value = "25", value_parser = parse_secs)]
+    pub shutdown_timeout: Duration,
     #[command(flatten)]
     pub engine: Box<EngineArgs>,
 }
@@ -119,6 +142,14 @@ pub fn parse_limits(s: &str) -> std::result::Result<MediaLimits, String> {
     Ok(limits)
 }
 
+/// A positive number of seconds.
+fn parse_secs(s: &str) -> std::result::Result<Duration, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() && v < 1e9 => Ok(Duration::from_secs_f64(v)),
+        _ => Err(format!("{s:?}: expected a positive number of seconds")),
+    }
+}
+
 /// The model folder for MODEL: a folder as given, else a Hugging Face id
 /// resolved in the local cache (`$HF_HUB_CACHE`, `$HF_HOME/hub`, or
 /// `~/.cache/huggingface/hub`), at the snapshot `refs/main` names.
@@ -154,7 +185,8 @@ fn default_workers(max_num_seqs: usize) -> usize {
     (max_num_seqs + 2 * cores).min(1024)
 }
 
-/// Loads the model, listens, prints the ready line and serves until killed.
+/// Loads the model, listens, prints the ready line and serves until SIGTERM
+/// or SIGINT, then stops gracefully (`Server::shutdown`).
 pub fn run(args: &ServeArgs) -> Result<()> {
     let model = args.model_tag.clone().or_else(|| args.model.clone());
     let (dir, root) = match &model {
@@ -190,16 +222,37 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         max_queue: args.max_queue,
         max_body_bytes: DEFAULT_MAX_BODY_BYTES,
         model_root: root,
+        connection: tiny_http::Limits {
+            head_timeout: args.http_header_timeout,
+            body_timeout: args.http_body_timeout,
+            write_timeout: args.http_body_timeout,
+            max_connections: args.max_connections.max(1),
+            ..Default::default()
+        },
+        engine_iteration_timeout: args.engine_iteration_timeout,
     };
+    let mut signals = Signals::install()?;
     let fetcher = MediaFetcher::new(args.engine.fetch_settings()?)?;
     // Listen first, so a taken port fails before the model loads.
-    let http = bind(&args.host, args.port)?;
+    let http = bind(&args.host, args.port, cfg.connection.clone())?;
     let engine = Engine::start(engine_cfg)?;
     let (name, device) = (engine.frontend().model_name.clone(), engine.frontend().device.clone());
     let server = Server::new(http, engine, fetcher, cfg);
     let port = server.local_addr().map_or(args.port, |a| a.port());
     println!("kestrel: serving {name} on http://{}:{port} (device {device})", args.host);
-    server.run();
+    std::thread::scope(|s| {
+        s.spawn(|| server.run());
+        signals.wait();
+        let grace = args.shutdown_timeout;
+        eprintln!("kestrel: stopping: no new requests; those in flight have {} s to finish", grace.as_secs_f64());
+        std::thread::spawn(move || {
+            signals.wait();
+            eprintln!("kestrel: a second signal: exiting now");
+            std::process::exit(1);
+        });
+        server.shutdown(grace);
+    });
+    eprintln!("kestrel: stopped");
     Ok(())
 }
 

@@ -5,11 +5,13 @@
 //! device: they prepare inputs with the `Frontend` (tokenizer, chat template,
 //! image processor) and exchange plain data with the thread.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use super::core::{check_embed_fits, check_fits, CoreConfig, EngineCore};
 use super::pooling::{Pooling, PoolingConfig, Task};
@@ -130,13 +132,46 @@ enum Msg {
     Add(RequestId, Box<Request>, Sender<Event>),
     Embed(RequestId, Box<PreparedInput>, Sender<Event>),
     Abort(RequestId),
+    /// Fail every request (the server's shutdown, past its grace period).
+    AbortAll,
 }
+
+/// When the engine thread began its current iteration, so that /health can
+/// tell a thread that stopped answering from one waiting for work.
+struct Heartbeat {
+    epoch: Instant,
+    /// Milliseconds from `epoch` to the iteration's start, plus 1; 0 while
+    /// the thread waits for work.
+    busy_since: AtomicU64,
+}
+
+impl Heartbeat {
+    fn busy(&self) {
+        self.busy_since.store(self.epoch.elapsed().as_millis() as u64 + 1, Ordering::Relaxed);
+    }
+
+    fn idle(&self) {
+        self.busy_since.store(0, Ordering::Relaxed);
+    }
+
+    fn stalled_for(&self) -> Duration {
+        match self.busy_since.load(Ordering::Relaxed) {
+            0 => Duration::ZERO,
+            b => self.epoch.elapsed().saturating_sub(Duration::from_millis(b - 1)),
+        }
+    }
+}
+
+/// What a caller of a request that failed inside the engine thread is told;
+/// the server answers messages that start with "internal error" with a 500.
+const PANICKED: &str = "internal error: the engine failed on this request (see the server log)";
 
 pub struct Engine {
     tx: Option<Sender<Msg>>,
     frontend: Arc<Frontend>,
     next_id: AtomicU64,
     stats: Arc<Mutex<EngineStats>>,
+    heartbeat: Arc<Heartbeat>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -266,12 +301,14 @@ impl Engine {
         let (ready_tx, ready_rx) = mpsc::channel::<Result<Frontend>>();
         let stats = Arc::new(Mutex::new(EngineStats::default()));
         let thread_stats = stats.clone();
+        let heartbeat = Arc::new(Heartbeat { epoch: Instant::now(), busy_since: AtomicU64::new(0) });
+        let thread_heartbeat = heartbeat.clone();
         let thread = std::thread::Builder::new()
             .name("kestrel-engine".into())
             .spawn(move || match load(&cfg) {
                 Ok((frontend, core)) => {
                     let _ = ready_tx.send(Ok(frontend));
-                    run(core, rx, &thread_stats);
+                    run(core, rx, &thread_stats, &thread_heartbeat);
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
@@ -287,6 +324,7 @@ impl Engine {
             frontend: Arc::new(frontend),
             next_id: AtomicU64::new(1),
             stats,
+            heartbeat,
             thread: Some(thread),
         })
     }
@@ -361,6 +399,13 @@ impl Engine {
         }
     }
 
+    /// Fails every request in the engine now (their blocks are freed).
+    pub fn abort_all(&self) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Msg::AbortAll);
+        }
+    }
+
     /// Runs a batch of requests to completion (the offline API): all are
     /// queued at once and batched continuously; results come back in order.
     pub fn generate(&self, reqs: Vec<Request>) -> Vec<Result<RequestOutput>> {
@@ -400,13 +445,21 @@ impl Engine {
     pub fn is_alive(&self) -> bool {
         self.thread.as_ref().is_some_and(|t| !t.is_finished())
     }
+
+    /// How long the engine thread has been in its current iteration (taking
+    /// messages, one step); zero while it waits for work. A healthy engine
+    /// stays under one step's time.
+    pub fn stalled_for(&self) -> Duration {
+        self.heartbeat.stalled_for()
+    }
 }
 
 /// The engine thread's loop: block for messages while idle, else take what
 /// has arrived and step.
-fn run(mut core: EngineCore, rx: Receiver<Msg>, stats: &Mutex<EngineStats>) {
+fn run(mut core: EngineCore, rx: Receiver<Msg>, stats: &Mutex<EngineStats>, heartbeat: &Heartbeat) {
     let mut open = true;
     while open {
+        heartbeat.busy();
         let first = if core.has_work() {
             match rx.try_recv() {
                 Ok(m) => Some(m),
@@ -414,25 +467,45 @@ fn run(mut core: EngineCore, rx: Receiver<Msg>, stats: &Mutex<EngineStats>) {
                 Err(TryRecvError::Disconnected) => break,
             }
         } else {
-            match rx.recv() {
+            heartbeat.idle();
+            let m = rx.recv();
+            heartbeat.busy();
+            match m {
                 Ok(m) => Some(m),
                 Err(_) => break,
             }
         };
         let mut next = first;
         while let Some(m) = next {
+            // A panic while admitting one request fails that request only.
             match m {
                 Msg::Add(id, req, sink) => {
-                    if let Err(e) = core.add(id, *req, sink.clone()) {
-                        let _ = sink.send(Event::Error { message: e.to_string() });
+                    let added = catch_unwind(AssertUnwindSafe(|| {
+                        inject_faults(&req.input.prompt);
+                        core.add(id, *req, sink.clone())
+                    }));
+                    match added {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => drop(sink.send(Event::Error { message: e.to_string() })),
+                        Err(_) => {
+                            core.fail(id, PANICKED.into());
+                            let _ = sink.send(Event::Error { message: PANICKED.into() });
+                        }
                     }
                 }
                 Msg::Embed(id, input, sink) => {
-                    if let Err(e) = core.add_embed(id, *input, sink.clone()) {
-                        let _ = sink.send(Event::Error { message: e.to_string() });
+                    let added = catch_unwind(AssertUnwindSafe(|| core.add_embed(id, *input, sink.clone())));
+                    match added {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => drop(sink.send(Event::Error { message: e.to_string() })),
+                        Err(_) => {
+                            core.fail(id, PANICKED.into());
+                            let _ = sink.send(Event::Error { message: PANICKED.into() });
+                        }
                     }
                 }
                 Msg::Abort(id) => core.abort(id),
+                Msg::AbortAll => core.fail_all("the server is shutting down; the request was stopped"),
             }
             next = match rx.try_recv() {
                 Ok(m) => Some(m),
@@ -445,9 +518,17 @@ fn run(mut core: EngineCore, rx: Receiver<Msg>, stats: &Mutex<EngineStats>) {
         }
         let mut failed = false;
         if core.has_work() {
-            if let Err(e) = core.step() {
-                eprintln!("kestrel: engine step failed: {e}");
-                failed = true;
+            match catch_unwind(AssertUnwindSafe(|| core.step())) {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    eprintln!("kestrel: engine step failed: {e}");
+                    failed = true;
+                }
+                // Which request caused it is unknown: the batch fails, the engine goes on.
+                Err(_) => {
+                    core.fail_all("internal error: the engine failed while running the batch (see the server log)");
+                    failed = true;
+                }
             }
         }
         let mut s = stats.lock().unwrap_or_else(|e| e.into_inner());
@@ -467,5 +548,15 @@ fn run(mut core: EngineCore, rx: Receiver<Msg>, stats: &Mutex<EngineStats>) {
             Ok(None) => {}
             Err(e) => eprintln!("kestrel: no kernel profile: {e}"),
         }
+    }
+}
+
+/// The test faults of `fault` that strike the engine thread (debug builds only).
+fn inject_faults(prompt: &str) {
+    if super::fault::hit("engine-panic", prompt) {
+        panic!("fault injected by KESTREL_FAULT (engine-panic)");
+    }
+    if super::fault::hit("engine-hang", prompt) {
+        std::thread::sleep(Duration::from_secs(3600));
     }
 }

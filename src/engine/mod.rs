@@ -8,13 +8,16 @@
 //! - `scheduler` which sequences run each step (vLLM v1's policy)
 //! - `blocks`    the KV block pool
 //! - `runner`    packs a step into one forward pass; sizes the KV cache
+//! - `graphs`    decode steps replayed from CUDA graphs
 //! - `sampling`  the CPU sampler (OpenAI/vLLM semantics)
 //! - `pooling`   the embedding task: pooling and normalization
+//! - `fault`     fault injection for the server's tests (debug builds only)
 
 pub mod blocks;
 pub mod core;
 #[allow(clippy::module_inception)] // engine::engine holds the Engine type, as vLLM's engine/ package does
 pub mod engine;
+pub mod fault;
 pub mod graphs;
 pub mod pooling;
 pub mod request;

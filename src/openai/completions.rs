@@ -72,7 +72,7 @@ pub struct CompletionInput {
 impl CompletionRequest {
     /// Parses a body; errors carry serde's position (line and column).
     pub fn from_json(body: &str) -> Result<Self> {
-        serde_json::from_str(body).map_err(|e| Error::InvalidInput(format!("invalid request body: {e}")))
+        super::parse_body(body)
     }
 
     /// Validates the request: its prompt and its engine parameters. The

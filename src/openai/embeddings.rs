@@ -82,7 +82,7 @@ impl EmbeddingInputs {
 impl EmbeddingRequest {
     /// Parses a body; errors carry serde's position (line and column).
     pub fn from_json(body: &str) -> Result<Self> {
-        serde_json::from_str(body).map_err(|e| Error::InvalidInput(format!("invalid request body: {e}")))
+        super::parse_body(body)
     }
 
     pub fn to_input(&self) -> Result<EmbeddingInput> {

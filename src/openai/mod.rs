@@ -20,6 +20,49 @@ use crate::multimodal::fetch::MediaFetcher;
 use crate::multimodal::image::decode_rgb8;
 pub use protocol::MediaRef;
 
+/// Parses a request body. A body that is not JSON, or does not fit the
+/// schema, is `InvalidInput` with serde's description and position; a value
+/// of the wrong type or range also names its field (serde's message leaves
+/// it out: "invalid value: integer `-1`, expected usize").
+pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(body: &str) -> Result<T> {
+    serde_json::from_str(body).map_err(|e| {
+        let field = match e.classify() {
+            serde_json::error::Category::Data => field_before(body, e.line(), e.column()),
+            _ => None,
+        };
+        let at = field.map(|f| format!(" (field `{f}`)")).unwrap_or_default();
+        Error::InvalidInput(format!("invalid request body: {e}{at}"))
+    })
+}
+
+/// The last object key before `line`:`column` (1-based) of `body`: the
+/// field whose value a serde data error is about.
+fn field_before(body: &str, line: usize, column: usize) -> Option<String> {
+    let start: usize = body.split_inclusive('\n').take(line.saturating_sub(1)).map(str::len).sum();
+    let end = body.len().min(start + column);
+    let (mut in_string, mut escaped) = (false, false);
+    let (mut string_start, mut last_string, mut key) = (0, None, None);
+    for (i, c) in body.get(..end)?.char_indices() {
+        if in_string {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '"' => {
+                    in_string = false;
+                    last_string = Some(&body[string_start..i]);
+                }
+                _ => {}
+            }
+        } else if c == '"' {
+            in_string = true;
+            string_start = i + 1;
+        } else if c == ':' {
+            key = last_string;
+        }
+    }
+    key.map(str::to_owned)
+}
+
 /// Time one request spent on its media, per stage, summed over items (items
 /// run in parallel, so a stage's sum can exceed the wall time). The server's
 /// /metrics histograms are fed from these.
@@ -149,6 +192,33 @@ mod tests {
         let mut out = Cursor::new(Vec::new());
         DynamicImage::ImageRgb8(img).write_to(&mut out, ImageFormat::Png).unwrap();
         format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(out.into_inner()))
+    }
+
+    #[test]
+    fn body_errors_name_the_field_and_position() {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)] // only parsed
+        struct Body {
+            url: String,
+            max_tokens: Option<usize>,
+            inner: Option<Inner>,
+        }
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Inner {
+            n: u32,
+        }
+        let e = |b: &str| parse_body::<Body>(b).unwrap_err().to_string();
+        let msg = e("{\"url\": \"http://a:b/\\\"q:\", \"max_tokens\": -1}");
+        assert!(
+            msg.contains("integer `-1`") && msg.contains("at line 1 column") && msg.ends_with("(field `max_tokens`)"),
+            "{msg}"
+        );
+        let msg = e("{\"url\": \"u\",\n \"inner\": {\"n\": \"x:y\"}}");
+        assert!(msg.contains("line 2") && msg.ends_with("(field `n`)"), "{msg}");
+        // Syntax errors have a position and no field.
+        let msg = e("{\"url\": }");
+        assert!(msg.contains("line 1 column 9") && !msg.contains("field"), "{msg}");
     }
 
     fn embeds_url(images: usize) -> String {

@@ -121,7 +121,7 @@ impl ChatCompletionRequest {
     /// the schema is `InvalidInput` with serde's description (field and
     /// position).
     pub fn from_json(body: &str) -> Result<Self> {
-        serde_json::from_str(body).map_err(|e| Error::InvalidInput(format!("invalid request body: {e}")))
+        crate::openai::parse_body(body)
     }
 
     pub fn from_value(body: Value) -> Result<Self> {

@@ -41,7 +41,7 @@ pub enum TokenizeInput {
 
 impl TokenizeRequest {
     pub fn from_json(body: &str) -> Result<Self> {
-        serde_json::from_str(body).map_err(|e| Error::InvalidInput(format!("invalid request body: {e}")))
+        super::parse_body(body)
     }
 
     /// The input and whether special tokens are added.
@@ -80,7 +80,7 @@ pub struct DetokenizeRequest {
 
 impl DetokenizeRequest {
     pub fn from_json(body: &str) -> Result<Self> {
-        serde_json::from_str(body).map_err(|e| Error::InvalidInput(format!("invalid request body: {e}")))
+        super::parse_body(body)
     }
 
     pub fn ids(&self) -> Result<Vec<u32>> {

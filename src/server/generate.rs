@@ -4,10 +4,12 @@
 //! validate, prepare the prompt and its media on this worker thread, submit
 //! to the engine, then answer with the whole result or stream chunks as the
 //! engine's events arrive. A request dropped before its end (client gone,
-//! panic) is aborted in the engine, which frees its KV blocks at once.
+//! panic) is aborted in the engine, which frees its KV blocks at once; a
+//! non-streaming one watches its connection while it waits, so a client
+//! that leaves stops its work within `PEER_POLL`.
 
-use std::sync::mpsc::Receiver;
-use std::time::Instant;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -15,6 +17,7 @@ use super::http::{ApiError, EventStream, Reply};
 use super::metrics::RequestTimes;
 use super::{unix_now, State};
 use crate::cli::batch::prepare_timed;
+use crate::engine::fault;
 use crate::engine::request::{Collector, Event, RequestId, RequestOutput, RequestParams};
 use crate::engine::{Request, Task};
 use crate::openai::completions::{CompletionLogprobs, CompletionRequest, CompletionResponse, Prompt};
@@ -24,13 +27,25 @@ use crate::openai::protocol::{
 use crate::openai::stream::{chat_choice, completion_choice, ChunkHeader};
 use crate::openai::MediaTimings;
 
+/// How often a non-streaming request looks at whether its client is still there.
+const PEER_POLL: Duration = Duration::from_millis(50);
+
+/// Whether the request's client has closed its connection.
+pub(crate) type ClientGone<'g> = &'g dyn Fn() -> bool;
+
 /// POST /v1/chat/completions.
-pub(crate) fn chat<'a>(state: &'a State, body: &str, arrival: Instant) -> Result<Reply<'a>, ApiError> {
+pub(crate) fn chat<'a>(
+    state: &'a State,
+    body: &str,
+    arrival: Instant,
+    gone: ClientGone<'_>,
+) -> Result<Reply<'a>, ApiError> {
     let req = ChatCompletionRequest::from_json(body)?;
     state.check_model(req.model.as_deref())?;
     state.check_task(Task::Generate, "Chat Completions API")?;
     let input = req.to_chat_input()?;
     state.check_media_limits(&input.media)?;
+    state.check_no_media_tokens(&input.messages)?;
     let timings = MediaTimings::default();
     let prepared = prepare_timed(state.frontend(), &state.fetcher, &input, &timings);
     if !input.media.is_empty() {
@@ -40,11 +55,16 @@ pub(crate) fn chat<'a>(state: &'a State, body: &str, arrival: Instant) -> Result
     let request = prepared?;
     let include_usage = req.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
     let kind = Kind::Chat;
-    run(state, request, kind, req.stream.unwrap_or(false), include_usage, arrival)
+    run(state, request, kind, req.stream.unwrap_or(false), include_usage, arrival, gone)
 }
 
 /// POST /v1/completions.
-pub(crate) fn completions<'a>(state: &'a State, body: &str, arrival: Instant) -> Result<Reply<'a>, ApiError> {
+pub(crate) fn completions<'a>(
+    state: &'a State,
+    body: &str,
+    arrival: Instant,
+    gone: ClientGone<'_>,
+) -> Result<Reply<'a>, ApiError> {
     let req = CompletionRequest::from_json(body)?;
     state.check_model(req.model.as_deref())?;
     state.check_task(Task::Generate, "Completions API")?;
@@ -59,7 +79,7 @@ pub(crate) fn completions<'a>(state: &'a State, body: &str, arrival: Instant) ->
     params.validate()?;
     let include_usage = req.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
     let request = Request { input: prepared, params };
-    run(state, request, Kind::Completion, req.stream.unwrap_or(false), include_usage, arrival)
+    run(state, request, Kind::Completion, req.stream.unwrap_or(false), include_usage, arrival, gone)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -76,7 +96,11 @@ fn run<'a>(
     stream: bool,
     include_usage: bool,
     arrival: Instant,
+    gone: ClientGone<'_>,
 ) -> Result<Reply<'a>, ApiError> {
+    if fault::hit("worker-panic", &request.input.prompt) {
+        panic!("fault injected by KESTREL_FAULT (worker-panic)");
+    }
     let params = request.params.clone();
     let (id, rx) = state.engine.submit(request)?;
     let mut job = Job { state, id, rx, ended: false, times: Times::new(arrival) };
@@ -95,7 +119,7 @@ fn run<'a>(
         let offsets = vec![0; params.n];
         return Ok(Reply::Stream(Box::new(Stream { job, header, kind, params, started: false, offsets })));
     }
-    let out = job.collect(&params)?;
+    let out = job.collect(&params, gone)?;
     let token_text = |t: u32| state.frontend().token_text(t);
     Ok(match kind {
         Kind::Chat => {
@@ -154,6 +178,10 @@ impl Job<'_> {
     /// when the request ends.
     fn recv(&mut self) -> Event {
         let ev = self.rx.recv().unwrap_or_else(|_| Event::Error { message: "the engine stopped".into() });
+        self.observe(ev)
+    }
+
+    fn observe(&mut self, ev: Event) -> Event {
         self.times.observe(&ev);
         match &ev {
             Event::Finished { reason, .. } => self.state.metrics.choice_finished(reason.as_str()),
@@ -167,11 +195,52 @@ impl Job<'_> {
         ev
     }
 
-    fn collect(&mut self, params: &RequestParams) -> Result<RequestOutput, ApiError> {
+    /// Waits for the whole output, looking at the connection every
+    /// `PEER_POLL`: a client that left aborts the request (answered 499,
+    /// nginx's "client closed request", which no one reads).
+    fn collect(&mut self, params: &RequestParams, gone: ClientGone<'_>) -> Result<RequestOutput, ApiError> {
         let mut c = Collector::new(params);
-        while !c.push(self.recv()) {}
-        Ok(c.finish()?)
+        let mut look_at = Instant::now() + PEER_POLL;
+        loop {
+            let ev = match self.rx.recv_timeout(look_at.saturating_duration_since(Instant::now())) {
+                Ok(ev) => Some(ev),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => Some(Event::Error { message: "the engine stopped".into() }),
+            };
+            if let Some(ev) = ev {
+                if c.push(self.observe(ev)) {
+                    break;
+                }
+            }
+            if Instant::now() >= look_at {
+                if gone() {
+                    self.client_gone();
+                    return Err(ApiError::new(499, "the client closed the connection", None));
+                }
+                look_at = Instant::now() + PEER_POLL;
+            }
+        }
+        c.finish().map_err(engine_error)
     }
+
+    /// The client went away: the engine stops the request and frees its blocks now.
+    fn client_gone(&mut self) {
+        if !self.ended {
+            self.ended = true;
+            self.state.engine.abort(self.id);
+            self.state.metrics.client_disconnected();
+        }
+    }
+}
+
+/// A request the engine failed: 500 for its own faults (messages that start
+/// with "internal error"), else what the error says (400 for bad input).
+fn engine_error(e: crate::error::Error) -> ApiError {
+    if e.to_string().starts_with("internal error") {
+        eprintln!("kestrel: request failed: {e}");
+        return ApiError::new(500, e.to_string(), None);
+    }
+    e.into()
 }
 
 impl Drop for Job<'_> {
@@ -264,7 +333,8 @@ impl EventStream for Stream<'_> {
             }
             Event::Error { message } => {
                 // vLLM's in-stream error: an error object as one event, then [DONE].
-                let body = ErrorResponse::new(400, message, None);
+                let status = if message.starts_with("internal error") { 500 } else { 400 };
+                let body = ErrorResponse::new(status, message, None);
                 vec![serde_json::to_string(&body).unwrap_or_default(), "[DONE]".to_owned()]
             }
             // Generation requests never carry embeddings.
@@ -276,10 +346,6 @@ impl EventStream for Stream<'_> {
     fn client_gone(&mut self) {
         // Dropping the job aborts it; aborting now frees the blocks before the
         // worker finishes its bookkeeping.
-        if !self.job.ended {
-            self.job.ended = true;
-            self.job.state.engine.abort(self.job.id);
-            self.job.state.metrics.client_disconnected();
-        }
+        self.job.client_gone();
     }
 }

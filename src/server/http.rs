@@ -83,8 +83,13 @@ impl<'a> Reply<'a> {
 }
 
 /// The request body, at most `cap` bytes: 413 when Content-Length says more
-/// (before reading) or when more arrives.
-pub(crate) fn read_body(rq: &mut tiny_http::Request, cap: usize) -> Result<Vec<u8>, ApiError> {
+/// (before reading) or when more arrives; 408 when it does not arrive within
+/// `timeout` (the connection's deadline, armed by tiny_http).
+pub(crate) fn read_body(
+    rq: &mut tiny_http::Request,
+    cap: usize,
+    timeout: std::time::Duration,
+) -> Result<Vec<u8>, ApiError> {
     // The rest of the body stays unread: the connection cannot be reused.
     let too_large = || {
         ApiError::new(
@@ -99,7 +104,16 @@ pub(crate) fn read_body(rq: &mut tiny_http::Request, cap: usize) -> Result<Vec<u
     }
     let mut body = Vec::with_capacity(rq.body_length().unwrap_or(0));
     rq.as_reader().take(cap as u64 + 1).read_to_end(&mut body).map_err(|e| {
-        ApiError::bad_request(format!("could not read the request body: {e}")).with_header("Connection", "close")
+        let e = if e.kind() == std::io::ErrorKind::TimedOut {
+            ApiError::new(
+                408,
+                format!("the request body did not arrive within {} s", timeout.as_secs_f64()),
+                Some("request_timeout"),
+            )
+        } else {
+            ApiError::bad_request(format!("could not read the request body: {e}"))
+        };
+        e.with_header("Connection", "close")
     })?;
     if body.len() > cap {
         return Err(too_large());

@@ -32,12 +32,27 @@ pub(crate) fn models<'a>(state: &State) -> Reply<'a> {
     )
 }
 
-/// GET /health: 200 with an empty body while the engine thread runs, else 503.
+/// GET /health: 200 with an empty body while the engine thread answers;
+/// 503 once it has stopped, or has spent longer than
+/// --engine-iteration-timeout in one iteration (hung: a long legitimate step
+/// stays under it).
 pub(crate) fn health<'a>(state: &State) -> Reply<'a> {
-    if state.engine.is_alive() {
-        Reply::empty(200)
-    } else {
+    let limit = state.cfg.engine_iteration_timeout;
+    let stalled = state.engine.stalled_for();
+    if !state.engine.is_alive() {
         Reply::error(ApiError::new(503, "the engine thread has stopped", Some("engine_dead")))
+    } else if stalled > limit {
+        Reply::error(ApiError::new(
+            503,
+            format!(
+                "the engine has not finished an iteration for {:.1} s (--engine-iteration-timeout {} s)",
+                stalled.as_secs_f64(),
+                limit.as_secs_f64()
+            ),
+            Some("engine_unresponsive"),
+        ))
+    } else {
+        Reply::empty(200)
     }
 }
 
@@ -49,7 +64,7 @@ pub(crate) fn version<'a>() -> Reply<'a> {
 /// GET /metrics.
 pub(crate) fn metrics<'a>(state: &State) -> Reply<'a> {
     let in_flight = state.in_flight.load(std::sync::atomic::Ordering::SeqCst);
-    let text = state.metrics.render(&state.engine.stats(), in_flight);
+    let text = state.metrics.render(&state.engine.stats(), state.frontend().num_blocks, in_flight);
     Reply::text("text/plain; version=0.0.4; charset=utf-8", text)
 }
 

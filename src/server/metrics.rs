@@ -157,9 +157,9 @@ impl Metrics {
         *m.entry(reason).or_insert(0) += 1;
     }
 
-    /// The exposition text, with the engine's current figures and the
-    /// number of requests being handled now.
-    pub fn render(&self, stats: &EngineStats, in_flight: usize) -> String {
+    /// The exposition text, with the engine's current figures (of a KV cache
+    /// of `kv_blocks` blocks) and the number of requests being handled now.
+    pub fn render(&self, stats: &EngineStats, kv_blocks: usize, in_flight: usize) -> String {
         let mut out = String::with_capacity(8192);
         let model = format!("model_name=\"{}\"", self.model_name);
         let mut gauge = |name: &str, kind: &str, help: &str, v: f64| {
@@ -174,6 +174,12 @@ impl Metrics {
         );
         gauge("kestrel:kv_cache_usage_perc", "gauge", "KV cache usage (1 = full).", stats.kv_usage);
         gauge(
+            "kestrel:kv_cache_used_blocks",
+            "gauge",
+            "KV cache blocks held by requests.",
+            kv_blocks.saturating_sub(stats.free_blocks) as f64,
+        );
+        gauge(
             "kestrel:num_preemptions_total",
             "counter",
             "Sequences preempted (recomputed) because the KV cache ran out.",
@@ -187,7 +193,7 @@ impl Metrics {
         gauge(
             "kestrel:client_disconnects_total",
             "counter",
-            "Streaming requests aborted because the client went away.",
+            "Requests aborted because the client went away.",
             load(&self.client_disconnects),
         );
 
@@ -250,11 +256,12 @@ mod tests {
         let ms = Duration::from_millis;
         m.request_done(10, 4, RequestTimes { ttft: Some(ms(30)), tpot: Some(ms(20)), e2e: ms(400) });
         m.media(ms(2), ms(1), ms(3));
-        let stats = EngineStats { running: 2, waiting: 1, kv_usage: 0.25, ..Default::default() };
-        let text = m.render(&stats, 3);
+        let stats = EngineStats { running: 2, waiting: 1, kv_usage: 0.25, free_blocks: 90, ..Default::default() };
+        let text = m.render(&stats, 120, 3);
         for line in [
             "kestrel:num_requests_running{model_name=\"tiny\"} 2",
             "kestrel:kv_cache_usage_perc{model_name=\"tiny\"} 0.25",
+            "kestrel:kv_cache_used_blocks{model_name=\"tiny\"} 30",
             "kestrel:http_requests_in_flight{model_name=\"tiny\"} 3",
             "kestrel:prompt_tokens_total{model_name=\"tiny\"} 10",
             "kestrel:generation_tokens_total{model_name=\"tiny\"} 4",

@@ -3,8 +3,11 @@
 //! the same routes, request fields, response shapes and error statuses.
 //!
 //! ```text
-//! tiny_http listener ─► N worker threads, each looping on recv():
-//!   route ─► API key ─► in-flight bound (429) ─► body (cap, 413) ─► JSON
+//! tiny_http listener: a thread per connection reads request heads (size
+//!   cap 431, deadline 408, at most --max-connections open, 503 past it)
+//! ─► N worker threads, each looping on recv():
+//!   route ─► draining (503) ─► API key ─► in-flight bound (429)
+//!   ─► body (cap 413, deadline 408) ─► JSON
 //!   ─► model/task/limits ─► media: fetch, decode, preprocess ─► engine.submit
 //!   ─► wait on the request's event channel ─► JSON, or SSE chunks as they come
 //! engine thread (owns the device): steps the batch, sends each request's events
@@ -16,10 +19,15 @@
 //! - `embed`    /v1/embeddings
 //! - `info`     /v1/models, /health, /version, /tokenize, /detokenize
 //! - `metrics`  /metrics (Prometheus text)
+//! - `shutdown` SIGTERM/SIGINT: stop accepting, drain, abort past the grace
 //!
 //! A worker holds its request from accept to the last byte written, so at
 //! most `workers` requests are handled at once: that is also how many the
-//! engine can batch from HTTP clients.
+//! engine can batch from HTTP clients. A slow client holds a worker only
+//! while its body arrives (at most the body timeout); one slow to send its
+//! head holds only its connection's thread. A non-streaming request whose
+//! client closes the connection is aborted in the engine within a poll
+//! interval; a stream's, at its next write.
 
 mod embed;
 mod generate;
@@ -27,10 +35,11 @@ mod http;
 mod info;
 pub mod metrics;
 mod routes;
+pub mod shutdown;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::engine::{Engine, Frontend, Task};
 use crate::error::{Error, Result};
@@ -73,6 +82,12 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// The model as given on the command line (/v1/models `root`).
     pub model_root: String,
+    /// What one client connection may hold (head size and time, body time,
+    /// connections open).
+    pub connection: tiny_http::Limits,
+    /// /health answers 503 once the engine thread has spent this long in one
+    /// iteration (vLLM's VLLM_ENGINE_ITERATION_TIMEOUT_S, 60 s).
+    pub engine_iteration_timeout: Duration,
 }
 
 /// What every worker shares.
@@ -83,6 +98,8 @@ pub(crate) struct State {
     pub metrics: Metrics,
     /// Generation and embedding requests being handled now.
     pub in_flight: AtomicUsize,
+    /// Set on SIGTERM/SIGINT: new requests are answered 503.
+    pub draining: AtomicBool,
     /// Unix seconds at start (/v1/models `created`).
     pub started: u64,
     id_prefix: String,
@@ -154,10 +171,12 @@ impl State {
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
             return Err(ApiError::bad_request(format!("token id {bad} is out of vocabulary (size {vocab})")));
         }
-        if ids.iter().any(|&id| id == f.config.image_token_id || id == f.config.video_token_id) {
-            return Err(ApiError::bad_request(
-                "a text prompt may not hold image or video placeholder tokens; send media as content parts".into(),
-            ));
+        if let Some(&id) = ids.iter().find(|id| self.media_tokens().contains(id)) {
+            let token = f.tokenizer.id_token(id).unwrap_or_else(|| format!("token {id}"));
+            return Err(ApiError::bad_request(format!(
+                "a text prompt may not hold the media token {token}, which only the server places; \
+                 send images and videos as content parts"
+            )));
         }
         let c = &f.config;
         let (positions, rope_delta) =
@@ -174,6 +193,36 @@ impl State {
         })
     }
 
+    /// The tokens that mark media in a prompt (placeholders, start and end).
+    fn media_tokens(&self) -> [u32; 4] {
+        let c = &self.frontend().config;
+        [c.image_token_id, c.video_token_id, c.vision_start_token_id, c.vision_end_token_id]
+    }
+
+    /// 400 when a chat message's text holds a media token's text
+    /// (`<|image_pad|>` typed by hand): the template would pass it through
+    /// as the special token and the prompt's media would not line up.
+    pub fn check_no_media_tokens(&self, messages: &serde_json::Value) -> Result<(), ApiError> {
+        let f = self.frontend();
+        let tokens: Vec<String> =
+            self.media_tokens().iter().filter_map(|&id| f.tokenizer.id_token(id)).filter(|t| !t.is_empty()).collect();
+        let messages = messages.as_array().map_or(&[][..], Vec::as_slice);
+        for (i, m) in messages.iter().enumerate() {
+            let texts: Vec<&str> = match &m["content"] {
+                serde_json::Value::String(s) => vec![s.as_str()],
+                serde_json::Value::Array(parts) => parts.iter().filter_map(|p| p["text"].as_str()).collect(),
+                _ => Vec::new(),
+            };
+            if let Some(t) = tokens.iter().find(|t| texts.iter().any(|x| x.contains(t.as_str()))) {
+                return Err(ApiError::bad_request(format!(
+                    "messages[{i}].content holds {t}, a media token only the server places; \
+                     send images as image_url parts and videos as video parts"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Engine input for a text-only prompt.
     pub fn text_input(&self, text: &str, add_special_tokens: bool) -> Result<PreparedInput, ApiError> {
         let ids = self.frontend().tokenizer.encode_with(text, add_special_tokens)?;
@@ -181,11 +230,15 @@ impl State {
     }
 }
 
-/// The bound listener.
-pub fn bind(host: &str, port: u16) -> Result<tiny_http::Server> {
+/// The bound listener, its connections held to `limits`.
+pub fn bind(host: &str, port: u16, limits: tiny_http::Limits) -> Result<tiny_http::Server> {
     let addr = format!("{host}:{port}");
-    tiny_http::Server::http(&addr)
-        .map_err(|e| Error::Io { path: format!("listening on {addr}"), source: std::io::Error::other(e.to_string()) })
+    let err = |e: &dyn std::fmt::Display| Error::Io {
+        path: format!("listening on {addr}"),
+        source: std::io::Error::other(e.to_string()),
+    };
+    let listen = tiny_http::ConfigListenAddr::from_socket_addrs(addr.as_str()).map_err(|e| err(&e))?;
+    tiny_http::Server::new(tiny_http::ServerConfig { addr: listen, ssl: None, limits }).map_err(|e| err(&e))
 }
 
 /// A listener, the engine, and the workers that join them.
@@ -193,6 +246,8 @@ pub struct Server {
     http: tiny_http::Server,
     state: Arc<State>,
     stopping: AtomicBool,
+    /// Requests of any route a worker holds now (what a shutdown waits for).
+    active: AtomicUsize,
 }
 
 impl Server {
@@ -205,11 +260,12 @@ impl Server {
             cfg,
             metrics,
             in_flight: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
             started: unix_now(),
             id_prefix: format!("{nanos:x}"),
             next_id: AtomicU64::new(0),
         };
-        Server { http, state: Arc::new(state), stopping: AtomicBool::new(false) }
+        Server { http, state: Arc::new(state), stopping: AtomicBool::new(false), active: AtomicUsize::new(0) }
     }
 
     /// The address the listener is bound to (the real port when 0 was asked).
@@ -231,6 +287,33 @@ impl Server {
         });
     }
 
+    /// Stops gracefully: new connections are refused and new requests on
+    /// open ones answered 503; the requests in hand get `grace` to finish,
+    /// then the engine fails what is left; then `run` returns.
+    pub fn shutdown(&self, grace: Duration) {
+        self.state.draining.store(true, Ordering::SeqCst);
+        self.http.stop_accepting();
+        let idle = |within: Duration| {
+            let end = Instant::now() + within;
+            while self.active.load(Ordering::SeqCst) > 0 && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            self.active.load(Ordering::SeqCst) == 0
+        };
+        if !idle(grace) {
+            let n = self.active.load(Ordering::SeqCst);
+            eprintln!(
+                "kestrel: {n} request(s) still running after the {}s grace period; stopping them",
+                grace.as_secs_f64()
+            );
+            self.state.engine.abort_all();
+            // Aborted requests end at once; a worker stuck elsewhere (a
+            // media fetch) ends at its own timeout.
+            idle(Duration::from_secs(30));
+        }
+        self.stop();
+    }
+
     /// Makes `run` return once the requests in hand are answered.
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
@@ -246,11 +329,15 @@ impl Server {
                     // routes::handle catches panics of the request's own
                     // handling; this one keeps the worker alive whatever happens.
                     let state = &self.state;
+                    self.active.fetch_add(1, Ordering::SeqCst);
                     if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| routes::handle(state, rq))).is_err() {
                         eprintln!("kestrel: a request's handling panicked; the worker goes on");
                     }
+                    self.active.fetch_sub(1, Ordering::SeqCst);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                // `stop` unblocked this worker.
+                Err(_) if self.stopping.load(Ordering::SeqCst) => break,
                 Err(e) => {
                     // Accept errors (out of file descriptors, ...): wait a little and go on.
                     eprintln!("kestrel: accepting a connection failed: {e}");

@@ -1,5 +1,5 @@
-//! One request from accept to answer: which route, the API key, the bound
-//! on requests in flight, then the route's handler under catch_unwind (a
+//! One request from accept to answer: which route, 503 while shutting down,
+//! the API key, the bound on requests in flight, then the route's handler under catch_unwind (a
 //! panic is a 500, never a dead worker), then the reply and its count in
 //! /metrics. vLLM's routes (vllm/entrypoints/openai/api_server.py) and its
 //! API-key middleware: the key guards /v1 paths only.
@@ -95,6 +95,14 @@ pub(crate) fn handle(state: &State, mut rq: tiny_http::Request) {
             ApiError::new(405, format!("Method Not Allowed: {path} takes {}", r.method()), Some("method_not_allowed"))
                 .with_header("Allow", r.method()),
         ),
+        Some(_) if state.draining.load(Ordering::SeqCst) => Some(
+            ApiError::new(
+                503,
+                "The server is shutting down; send the request to another replica",
+                Some("shutting_down"),
+            )
+            .with_header("Retry-After", "1"),
+        ),
         Some(r) => check_api_key(state, &rq, r).err().or_else(|| {
             if !r.is_work() {
                 return None;
@@ -172,11 +180,13 @@ fn dispatch<'a>(
         Route::Metrics => return Ok(info::metrics(state)),
         _ => {}
     }
-    let body = read_body(rq, state.cfg.max_body_bytes)?;
+    let body = read_body(rq, state.cfg.max_body_bytes, state.cfg.connection.body_timeout)?;
     let text = body_text(&body)?;
+    let rq = &*rq;
+    let gone = || rq.peer_closed();
     match route {
-        Route::ChatCompletions => generate::chat(state, text, arrival),
-        Route::Completions => generate::completions(state, text, arrival),
+        Route::ChatCompletions => generate::chat(state, text, arrival, &gone),
+        Route::Completions => generate::completions(state, text, arrival, &gone),
         Route::Embeddings => embed::embeddings(state, text),
         Route::Tokenize => info::tokenize(state, text),
         Route::Detokenize => info::detokenize(state, text),

@@ -2,15 +2,15 @@ use ascii::AsciiString;
 
 use std::io::Error as IoError;
 use std::io::Result as IoResult;
-use std::io::{BufReader, BufWriter, ErrorKind, Read};
+use std::io::{BufReader, BufWriter, ErrorKind, Read, Write};
 
 use std::net::SocketAddr;
 use std::str::FromStr;
 
 use crate::common::{HTTPVersion, Method};
-use crate::util::RefinedTcpStream;
+use crate::util::{ReadControl, RefinedTcpStream};
 use crate::util::{SequentialReader, SequentialReaderBuilder, SequentialWriterBuilder};
-use crate::Request;
+use crate::{Limits, Request};
 
 /// A ClientConnection is an object that will store a socket to a client
 /// and return Request objects.
@@ -34,6 +34,12 @@ pub struct ClientConnection {
 
     // true if the connection goes through SSL
     secure: bool,
+
+    // Kestrel (PATCHED.md): the read deadlines, the limits they come from,
+    // and the bytes of the request head read so far.
+    control: ReadControl,
+    limits: Limits,
+    head_bytes: usize,
 }
 
 /// Error that can happen when reading a request.
@@ -41,6 +47,8 @@ pub struct ClientConnection {
 enum ReadError {
     WrongRequestLine,
     WrongHeader(HTTPVersion),
+    /// Kestrel: the request head is over `Limits::max_head_bytes`
+    HeadTooLarge,
     /// the client sent an unrecognized `Expect` header
     ExpectationFailed(HTTPVersion),
     ReadIoError(IoError),
@@ -51,6 +59,8 @@ impl ClientConnection {
     pub fn new(
         write_socket: RefinedTcpStream,
         mut read_socket: RefinedTcpStream,
+        control: ReadControl,
+        limits: Limits,
     ) -> ClientConnection {
         let remote_addr = read_socket.peer_addr();
         let secure = read_socket.secure();
@@ -65,6 +75,9 @@ impl ClientConnection {
             next_header_source: first_header,
             no_more_requests: false,
             secure,
+            control,
+            limits,
+            head_bytes: 0,
         }
     }
 
@@ -77,7 +90,7 @@ impl ClientConnection {
     ///
     /// Reads until `CRLF` is reached. The next read will start
     ///  at the first byte of the new line.
-    fn read_next_line(&mut self) -> IoResult<AsciiString> {
+    fn read_next_line(&mut self) -> Result<AsciiString, ReadError> {
         let mut buf = Vec::new();
         let mut prev_byte_was_cr = false;
 
@@ -85,14 +98,23 @@ impl ClientConnection {
             let byte = self.next_header_source.by_ref().bytes().next();
 
             let byte = match byte {
-                Some(b) => b?,
-                None => return Err(IoError::new(ErrorKind::ConnectionAborted, "Unexpected EOF")),
+                Some(b) => b.map_err(ReadError::ReadIoError)?,
+                None => {
+                    let e = IoError::new(ErrorKind::ConnectionAborted, "Unexpected EOF");
+                    return Err(ReadError::ReadIoError(e));
+                }
             };
+            self.head_bytes += 1;
+            if self.head_bytes > self.limits.max_head_bytes {
+                return Err(ReadError::HeadTooLarge);
+            }
 
             if byte == b'\n' && prev_byte_was_cr {
                 buf.pop(); // removing the '\r'
-                return AsciiString::from_ascii(buf)
-                    .map_err(|_| IoError::new(ErrorKind::InvalidInput, "Header is not in ASCII"));
+                return AsciiString::from_ascii(buf).map_err(|_| {
+                    let e = IoError::new(ErrorKind::InvalidInput, "Header is not in ASCII");
+                    ReadError::ReadIoError(e)
+                });
             }
 
             prev_byte_was_cr = byte == b'\r';
@@ -104,10 +126,14 @@ impl ClientConnection {
     /// Reads a request from the stream.
     /// Blocks until the header has been read.
     fn read(&mut self) -> Result<Request, ReadError> {
+        // Kestrel: the whole head within head_timeout of now (the connection
+        // is idle: just accepted, or its previous request answered).
+        self.head_bytes = 0;
+        self.control.within(self.limits.head_timeout);
         let (method, path, version, headers) = {
             // reading the request line
             let (method, path, version) = {
-                let line = self.read_next_line().map_err(ReadError::ReadIoError)?;
+                let line = self.read_next_line()?;
 
                 parse_request_line(
                     line.as_str().trim(), // TODO: remove this conversion
@@ -118,7 +144,7 @@ impl ClientConnection {
             let headers = {
                 let mut headers = Vec::new();
                 loop {
-                    let line = self.read_next_line().map_err(ReadError::ReadIoError)?;
+                    let line = self.read_next_line()?;
 
                     if line.is_empty() {
                         break;
@@ -135,6 +161,9 @@ impl ClientConnection {
 
             (method, path, version, headers)
         };
+
+        // Kestrel: the body within body_timeout of its first read.
+        self.control.within_from_next_read(self.limits.body_timeout);
 
         // building the writer for the request
         let writer = self.sink.next().unwrap();
@@ -165,7 +194,7 @@ impl ClientConnection {
         })?;
 
         // return the request
-        Ok(request)
+        Ok(request.with_control(self.control.clone()))
     }
 }
 
@@ -201,6 +230,34 @@ impl Iterator for ClientConnection {
                     response.raw_print(writer, ver, &[], false, None).ok();
                     return None; // we don't know where the next request would start,
                                  // se we have to close
+                }
+
+                Err(ReadError::HeadTooLarge) => {
+                    let mut writer = self.sink.next().unwrap();
+                    let response = Response::new_empty(StatusCode(431));
+                    response.raw_print(&mut writer, HTTPVersion(1, 1), &[], false, None).ok();
+                    writer.flush().ok();
+                    // Closing with the rest of the head unread would reset
+                    // the connection, and the client could lose the answer:
+                    // read and drop what it still sends, for a short while.
+                    self.control.within(std::time::Duration::from_secs(1));
+                    let mut scratch = [0u8; 8192];
+                    for _ in 0..128 {
+                        if !matches!(self.next_header_source.read(&mut scratch), Ok(n) if n > 0) {
+                            break;
+                        }
+                    }
+                    return None;
+                }
+
+                // Kestrel: a connection that sent nothing before the deadline
+                // is closed quietly (an idle keep-alive connection, or one
+                // that never spoke); a 408 there could be read as the answer
+                // to a request the client sends at the same moment.
+                Err(ReadError::ReadIoError(ref err))
+                    if err.kind() == ErrorKind::TimedOut && self.head_bytes == 0 =>
+                {
+                    return None;
                 }
 
                 Err(ReadError::ReadIoError(ref err)) if err.kind() == ErrorKind::TimedOut => {

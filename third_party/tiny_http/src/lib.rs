@@ -101,11 +101,12 @@ use std::io::Error as IoError;
 use std::io::ErrorKind as IoErrorKind;
 use std::io::Result as IoResult;
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread;
+use std::io::Write as _;
 use std::time::Duration;
 
 use client::ClientConnection;
@@ -179,6 +180,41 @@ pub struct ServerConfig {
 
     /// If `Some`, then the server will use SSL to encode the communications.
     pub ssl: Option<SslConfig>,
+
+    /// Kestrel: what a connection may take (PATCHED.md).
+    pub limits: Limits,
+}
+
+/// Kestrel (PATCHED.md): bounds on what one client connection may hold, so
+/// slow or endless clients cannot hold threads or the handlers' time.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest request head (request line and headers); past it the client
+    /// gets 431 and the connection closes.
+    pub max_head_bytes: usize,
+    /// Time for a whole request head, from when the connection is ready for
+    /// it (accepted, or its previous answer sent). A connection that sent
+    /// nothing by then is closed; one that sent part of a head gets 408.
+    pub head_timeout: Duration,
+    /// Time for a request body, from the first read of it; past it, reads
+    /// of the body fail with `ErrorKind::TimedOut`.
+    pub body_timeout: Duration,
+    /// How long one write of an answer may block (a client that stops reading).
+    pub write_timeout: Duration,
+    /// Connections open at once; past it a new one is answered 503 and closed.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_head_bytes: 64 << 10,
+            head_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(60),
+            max_connections: 1024,
+        }
+    }
 }
 
 /// Configuration of the server for SSL.
@@ -200,6 +236,7 @@ impl Server {
         Server::new(ServerConfig {
             addr: ConfigListenAddr::from_socket_addrs(addr)?,
             ssl: None,
+            limits: Limits::default(),
         })
     }
 
@@ -216,6 +253,7 @@ impl Server {
         Server::new(ServerConfig {
             addr: ConfigListenAddr::from_socket_addrs(addr)?,
             ssl: Some(config),
+            limits: Limits::default(),
         })
     }
 
@@ -228,13 +266,14 @@ impl Server {
         Server::new(ServerConfig {
             addr: ConfigListenAddr::unix_from_path(path),
             ssl: None,
+            limits: Limits::default(),
         })
     }
 
     /// Builds a new server that listens on the specified address.
     pub fn new(config: ServerConfig) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
         let listener = config.addr.bind()?;
-        Self::from_listener(listener, config.ssl)
+        Self::from_listener_with_limits(listener, config.ssl, config.limits)
     }
 
     /// Builds a new server using the specified TCP listener.
@@ -244,6 +283,15 @@ impl Server {
     pub fn from_listener<L: Into<Listener>>(
         listener: L,
         ssl_config: Option<SslConfig>,
+    ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
+        Self::from_listener_with_limits(listener, ssl_config, Limits::default())
+    }
+
+    /// Kestrel: `from_listener` with connection limits (PATCHED.md).
+    pub fn from_listener_with_limits<L: Into<Listener>>(
+        listener: L,
+        ssl_config: Option<SslConfig>,
+        limits: Limits,
     ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
         let listener = listener.into();
         // building the "close" variable
@@ -290,14 +338,31 @@ impl Server {
         thread::spawn(move || {
             // a tasks pool is used to dispatch the connections into threads
             let tasks_pool = util::TaskPool::new();
+            // Kestrel: connections open now (PATCHED.md).
+            let live = Arc::new(AtomicUsize::new(0));
 
             log::debug!("Running accept thread");
             while !inside_close_trigger.load(Relaxed) {
                 let new_client = match server.accept() {
                     Ok((sock, _)) => {
                         use util::RefinedTcpStream;
+                        // Kestrel: over the cap, a short answer and close;
+                        // every connection's writes are bounded in time.
+                        let _ = sock.set_write_timeout(Some(limits.write_timeout));
+                        if live.load(Relaxed) >= limits.max_connections {
+                            let mut sock = sock;
+                            let _ = sock.write_all(
+                                b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n\
+                                  Connection: close\r\nContent-Length: 0\r\n\r\n",
+                            );
+                            continue;
+                        }
+                        let control = util::ReadControl::new(sock.tcp_clone());
                         let (read_closable, write_closable) = match ssl {
-                            None => RefinedTcpStream::new(sock),
+                            None => {
+                                let (r, w) = RefinedTcpStream::new(sock);
+                                (r.with_control(control.clone()), w)
+                            }
                             #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
                             Some(ref ssl) => {
                                 // trying to apply SSL over the connection
@@ -313,7 +378,12 @@ impl Server {
                             Some(ref _ssl) => unreachable!(),
                         };
 
-                        Ok(ClientConnection::new(write_closable, read_closable))
+                        Ok(ClientConnection::new(
+                            write_closable,
+                            read_closable,
+                            control,
+                            limits.clone(),
+                        ))
                     }
                     Err(e) => Err(e),
                 };
@@ -322,28 +392,35 @@ impl Server {
                     Ok(client) => {
                         let messages = inside_messages.clone();
                         let mut client = Some(client);
+                        live.fetch_add(1, Relaxed);
+                        let mut slot = Some(ConnectionSlot(live.clone()));
                         tasks_pool.spawn(Box::new(move || {
+                            let _slot = slot.take();
                             if let Some(client) = client.take() {
-                                // Synchronization is needed for HTTPS requests to avoid a deadlock
-                                if client.secure() {
-                                    let (sender, receiver) = mpsc::channel();
-                                    for rq in client {
-                                        messages.push(rq.with_notify_sender(sender.clone()).into());
-                                        receiver.recv().unwrap();
-                                    }
-                                } else {
-                                    for rq in client {
-                                        messages.push(rq.into());
+                                // Kestrel: one request at a time on every
+                                // connection (upstream does this for HTTPS
+                                // only): the next head is read once the answer
+                                // is sent, so its deadline starts then, and no
+                                // one reads the socket while a handler peeks
+                                // at it (`Request::peer_closed`).
+                                let (sender, receiver) = mpsc::channel();
+                                for rq in client {
+                                    messages.push(rq.with_notify_sender(sender.clone()).into());
+                                    if receiver.recv().is_err() {
+                                        break;
                                     }
                                 }
                             }
                         }));
                     }
 
+                    // Kestrel: an accept error (out of file descriptors, a
+                    // connection reset before it was accepted) is reported
+                    // and the listener goes on; upstream stops accepting for good.
                     Err(e) => {
                         log::error!("Error accepting new client: {}", e);
                         inside_messages.push(e.into());
-                        break;
+                        thread::sleep(Duration::from_millis(50));
                     }
                 }
             }
@@ -361,6 +438,18 @@ impl Server {
     /// Returns an iterator for all the incoming requests.
     ///
     /// The iterator will return `None` if the server socket is shutdown.
+    /// Kestrel: closes the listener (new connections are refused) and
+    /// leaves the connections already open to finish (PATCHED.md).
+    pub fn stop_accepting(&self) {
+        self.close.store(true, Relaxed);
+        // Connect briefly to ourselves to unblock the accept thread
+        if let ListenAddr::IP(addr) = &self.listening_addr {
+            if let Ok(stream) = TcpStream::connect(addr) {
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+        }
+    }
+
     #[inline]
     pub fn incoming_requests(&self) -> IncomingRequests<'_> {
         IncomingRequests { server: self }
@@ -410,6 +499,15 @@ impl Server {
     /// This method allows graceful shutdown of server.
     pub fn unblock(&self) {
         self.messages.unblock();
+    }
+}
+
+/// Kestrel: counts a connection open while alive.
+struct ConnectionSlot(Arc<AtomicUsize>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
     }
 }
 

@@ -7,7 +7,7 @@ use std::str::FromStr;
 
 use std::sync::mpsc::Sender;
 
-use crate::util::{EqualReader, FusedReader};
+use crate::util::{EqualReader, FusedReader, ReadControl};
 use crate::{HTTPVersion, Header, Method, Response, StatusCode};
 use chunked_transfer::Decoder;
 
@@ -74,6 +74,9 @@ pub struct Request {
 
     // If Some, a message must be sent after responding
     notify_when_responded: Option<Sender<()>>,
+
+    // Kestrel (PATCHED.md): the connection's read deadlines and peer check
+    control: Option<ReadControl>,
 }
 
 struct NotifyOnDrop<R> {
@@ -96,7 +99,7 @@ impl<R: Write> Write for NotifyOnDrop<R> {
 }
 impl<R> Drop for NotifyOnDrop<R> {
     fn drop(&mut self) {
-        self.sender.send(()).unwrap();
+        self.sender.send(()).ok();
     }
 }
 
@@ -238,6 +241,7 @@ where
         body_length: content_length,
         must_send_continue: expects_continue,
         notify_when_responded: None,
+        control: None,
     })
 }
 
@@ -435,7 +439,7 @@ impl Request {
     {
         let res = self.respond_impl(response);
         if let Some(sender) = self.notify_when_responded.take() {
-            sender.send(()).unwrap();
+            sender.send(()).ok();
         }
         res
     }
@@ -469,6 +473,19 @@ impl Request {
         })
     }
 
+    pub(crate) fn with_control(mut self, control: ReadControl) -> Self {
+        self.control = Some(control);
+        self
+    }
+
+    /// Kestrel (PATCHED.md): whether the client has closed its side of the
+    /// connection (or reset it) while its request is being handled, so the
+    /// work behind a long answer can stop. A non-blocking peek; false where
+    /// it cannot tell (Unix sockets, HTTPS).
+    pub fn peer_closed(&self) -> bool {
+        self.control.as_ref().is_some_and(|c| c.peer_closed())
+    }
+
     pub(crate) fn with_notify_sender(mut self, sender: Sender<()>) -> Self {
         self.notify_when_responded = Some(sender);
         self
@@ -491,7 +508,7 @@ impl Drop for Request {
             let response = Response::empty(500);
             let _ = self.respond_impl(response); // ignoring any potential error
             if let Some(sender) = self.notify_when_responded.take() {
-                sender.send(()).unwrap();
+                sender.send(()).ok();
             }
         }
     }

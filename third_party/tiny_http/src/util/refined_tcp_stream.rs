@@ -3,6 +3,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr};
 
 use crate::connection::Connection;
+use crate::util::read_control::{read_with_deadline, ReadControl};
 #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
 use crate::ssl::SslStream;
 
@@ -42,6 +43,14 @@ impl Stream {
             Stream::Http(tcp_stream) => tcp_stream.peer_addr(),
             #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
             Stream::Https(ssl_stream) => ssl_stream.peer_addr(),
+        }
+    }
+
+    fn set_read_timeout(&mut self, t: Option<std::time::Duration>) -> IoResult<()> {
+        match self {
+            Stream::Http(tcp_stream) => tcp_stream.set_read_timeout(t),
+            #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
+            Stream::Https(_) => Ok(()),
         }
     }
 
@@ -86,6 +95,8 @@ pub struct RefinedTcpStream {
     stream: Stream,
     close_read: bool,
     close_write: bool,
+    /// Kestrel: the read half's deadlines (PATCHED.md).
+    control: Option<ReadControl>,
 }
 
 impl RefinedTcpStream {
@@ -101,12 +112,14 @@ impl RefinedTcpStream {
             stream: read,
             close_read: true,
             close_write: false,
+            control: None,
         };
 
         let write = RefinedTcpStream {
             stream: write,
             close_read: false,
             close_write: true,
+            control: None,
         };
 
         (read, write)
@@ -116,6 +129,12 @@ impl RefinedTcpStream {
     #[inline]
     pub(crate) fn secure(&self) -> bool {
         self.stream.secure()
+    }
+
+    /// Kestrel: reads go under `control`'s deadlines.
+    pub(crate) fn with_control(mut self, control: ReadControl) -> Self {
+        self.control = Some(control);
+        self
     }
 
     pub(crate) fn peer_addr(&mut self) -> IoResult<Option<SocketAddr>> {
@@ -137,7 +156,10 @@ impl Drop for RefinedTcpStream {
 
 impl Read for RefinedTcpStream {
     fn read(&mut self, buf: &mut [u8]) -> IoResult<usize> {
-        self.stream.read(buf)
+        match &self.control {
+            Some(c) => read_with_deadline(c, &mut self.stream, |s, t| s.set_read_timeout(t), buf),
+            None => self.stream.read(buf),
+        }
     }
 }
 

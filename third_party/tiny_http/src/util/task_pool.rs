@@ -69,7 +69,11 @@ impl TaskPool {
     pub fn spawn(&self, code: Box<dyn FnMut() + Send>) {
         let mut queue = self.sharing.todo.lock().unwrap();
 
-        if self.sharing.waiting_tasks.load(Ordering::Acquire) == 0 {
+        // Kestrel (PATCHED.md): a new thread unless an idle one is left over
+        // for this task. Upstream checked for any idle thread, so when two
+        // tasks came before the one idle thread woke, the second waited in
+        // the queue until some connection ended (seconds, with keep-alive).
+        if self.sharing.waiting_tasks.load(Ordering::Acquire) <= queue.len() {
             self.add_thread(Some(code));
         } else {
             queue.push_back(code);
