@@ -116,6 +116,8 @@ pub struct EngineStats {
     pub waiting: usize,
     pub kv_usage: f64,
     pub free_blocks: usize,
+    /// KV blocks held by requests (0 when idle: nothing leaked).
+    pub used_blocks: usize,
     pub preemptions: u64,
     pub steps: u64,
     pub step_errors: u64,
@@ -428,6 +430,7 @@ fn run(mut core: EngineCore, rx: Receiver<Msg>, stats: &Mutex<EngineStats>) {
         s.waiting = core.num_waiting();
         s.kv_usage = core.pool().usage();
         s.free_blocks = core.pool().num_free();
+        s.used_blocks = core.pool().num_blocks() - core.pool().num_free();
         s.preemptions = core.preemptions();
         s.steps += 1;
         s.step_errors += failed as u64;

@@ -174,6 +174,12 @@ impl Metrics {
         );
         gauge("kestrel:kv_cache_usage_perc", "gauge", "KV cache usage (1 = full).", stats.kv_usage);
         gauge(
+            "kestrel:kv_cache_used_blocks",
+            "gauge",
+            "KV cache blocks held by requests (0 when idle; more is a leak).",
+            stats.used_blocks as f64,
+        );
+        gauge(
             "kestrel:num_preemptions_total",
             "counter",
             "Sequences preempted (recomputed) because the KV cache ran out.",
@@ -250,11 +256,12 @@ mod tests {
         let ms = Duration::from_millis;
         m.request_done(10, 4, RequestTimes { ttft: Some(ms(30)), tpot: Some(ms(20)), e2e: ms(400) });
         m.media(ms(2), ms(1), ms(3));
-        let stats = EngineStats { running: 2, waiting: 1, kv_usage: 0.25, ..Default::default() };
+        let stats = EngineStats { running: 2, waiting: 1, kv_usage: 0.25, used_blocks: 7, ..Default::default() };
         let text = m.render(&stats, 3);
         for line in [
             "kestrel:num_requests_running{model_name=\"tiny\"} 2",
             "kestrel:kv_cache_usage_perc{model_name=\"tiny\"} 0.25",
+            "kestrel:kv_cache_used_blocks{model_name=\"tiny\"} 7",
             "kestrel:http_requests_in_flight{model_name=\"tiny\"} 3",
             "kestrel:prompt_tokens_total{model_name=\"tiny\"} 10",
             "kestrel:generation_tokens_total{model_name=\"tiny\"} 4",
