@@ -35,6 +35,8 @@ enum Command {
 enum BenchCommand {
     /// Offline serving throughput at fixed concurrency (synthetic image + text requests).
     Throughput(kestrel::cli::bench::ThroughputArgs),
+    /// Image decode, resize and patchify times, stage by stage (synthetic photo).
+    Preprocess(kestrel::cli::bench_preprocess::PreprocessArgs),
 }
 
 fn main() {
@@ -51,6 +53,13 @@ fn main() {
             Ok(report) => print!("{report}"),
             Err(e) => {
                 eprintln!("kestrel bench throughput: {e}");
+                std::process::exit(1);
+            }
+        },
+        Command::Bench(BenchCommand::Preprocess(args)) => match kestrel::cli::bench_preprocess::run(&args) {
+            Ok(report) => print!("{report}"),
+            Err(e) => {
+                eprintln!("kestrel bench preprocess: {e}");
                 std::process::exit(1);
             }
         },

@@ -2,6 +2,7 @@
 
 pub mod batch;
 pub mod bench;
+pub mod bench_preprocess;
 pub mod compare;
 pub mod engine_args;
 pub mod generate;
