@@ -45,6 +45,8 @@ enum BenchCommand {
     Kernels(kestrel::cli::bench_kernels::KernelsArgs),
     /// Process start of `kestrel serve` to /health ready and to the first token.
     Startup(kestrel::cli::bench_startup::StartupArgs),
+    /// Image decode, resize and patchify times, stage by stage (synthetic photo).
+    Preprocess(kestrel::cli::bench_preprocess::PreprocessArgs),
 }
 
 fn main() {
@@ -76,11 +78,12 @@ fn main() {
 
 /// Runs one bench subcommand, prints its report; the exit status.
 fn bench(cmd: BenchCommand) -> i32 {
-    use kestrel::cli::{bench, bench_decode, bench_kernels, bench_serve, bench_startup};
+    use kestrel::cli::{bench, bench_decode, bench_kernels, bench_preprocess, bench_serve, bench_startup};
     let (name, result) = match cmd {
         BenchCommand::Throughput(args) => ("throughput", bench::throughput(&args)),
         BenchCommand::Decode(args) => ("decode", bench_decode::decode(&args)),
         BenchCommand::Kernels(args) => ("kernels", bench_kernels::kernels(&args)),
+        BenchCommand::Preprocess(args) => ("preprocess", bench_preprocess::run(&args)),
         BenchCommand::Startup(args) => ("startup", bench_startup::startup(&args).map(|(report, _)| report)),
         BenchCommand::Serve(args) => match bench_serve::serve(&args) {
             // Failed requests are in the report and the JSON; the status says so too.

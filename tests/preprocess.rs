@@ -178,3 +178,25 @@ fn rope_index_matches_hf() {
         println!("rope {name}: {} tokens, delta {delta}: same as HF", ids.len());
     }
 }
+
+/// The resize and the fused normalize + patchify pass split rows over
+/// rayon's pool, so the result must not depend on how many threads it has:
+/// the fixtures (upscaled, downscaled, odd sizes) give the same bits on 1, 2,
+/// 3 and 8 threads.
+#[test]
+fn pixel_values_do_not_depend_on_thread_count() {
+    let golden = read_json("golden.json").expect("tests/fixtures/preprocess/golden.json");
+    let cfg = config("image", &serde_json::json!({}), &golden["preprocessor_config"]);
+    for name in ["square_1024.png", "noise_100x37.png", "wide_1000x50.png", "gradient_640x480.png"] {
+        let img = load_png(name);
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let (pv, grid) = pool.install(|| preprocess_image(&img, &cfg).unwrap());
+            (pv.iter().map(|v| v.to_bits()).collect::<Vec<u32>>(), grid)
+        };
+        let one = run(1);
+        for threads in [2, 3, 8] {
+            assert!(run(threads) == one, "{name}: {threads} threads differ from 1");
+        }
+    }
+}

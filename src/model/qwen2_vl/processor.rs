@@ -15,6 +15,7 @@
 //! 4. patchify: an image is repeated to fill the temporal patch (2), a video
 //!    with an odd frame count repeats its last frame; rows come out in
 //!    merge-window order (t, h/2, w/2, 2, 2) and each row is (C, T, 14, 14).
+//!    Steps 3 and 4 are one pass from the uint8 pixels to the final rows.
 //!
 //! Measured against transformers 5.17 / torch 2.11 / torchvision 0.26 on
 //! CPU: bit-identical pixel_values (tests/preprocess.rs). The PIL backend
@@ -23,6 +24,7 @@
 //! height shrinks while the width grows) and in float rounding of the
 //! normalisation (≤ 2.4e-7).
 
+use std::borrow::Cow;
 use std::path::Path;
 
 use rayon::prelude::*;
@@ -282,18 +284,23 @@ pub fn num_placeholder_tokens(grid_thw: [usize; 3], merge_size: usize) -> usize 
     grid_thw.iter().product::<usize>() / (merge_size * merge_size)
 }
 
-/// Resize (if on) and normalize one frame into planes (3, h, w).
-fn frame_planes(img: &RgbImage, h: usize, w: usize, cfg: &ImageProcessorConfig) -> Result<Vec<f32>> {
-    let resized;
-    let img = if (img.height() as usize, img.width() as usize) == (h, w) {
-        img
-    } else {
-        resized = resize_rgb8(img, w as u32, h as u32, cfg.resample)?;
-        &resized
-    };
-    // torchvision `rescale_and_normalize`: with both on, mean and std are
-    // scaled by 1/rescale_factor (f32 tensor times a Python float, i.e. in
-    // f32) and the image is normalized in f32: (x - m) / s.
+/// One frame at the processor's size (h, w): resized unless it already is.
+fn at_size<'a>(img: &'a RgbImage, h: usize, w: usize, cfg: &ImageProcessorConfig) -> Result<Cow<'a, RgbImage>> {
+    if (img.height() as usize, img.width() as usize) == (h, w) {
+        return Ok(Cow::Borrowed(img));
+    }
+    Ok(Cow::Owned(resize_rgb8(img, w as u32, h as u32, cfg.resample)?))
+}
+
+/// The pixel_values value of every uint8 level in each channel.
+///
+/// torchvision `rescale_and_normalize`: with both on, mean and std are
+/// scaled by 1/rescale_factor (f32 tensor times a Python float, i.e. in
+/// f32) and the image is normalized in f32: (x - m) / s. A sample is one of
+/// 256 levels, so the formula runs 768 times here and the pass over the
+/// pixels is a look-up: the same f32 operations, so the same bits, without
+/// a division per sample.
+fn level_table(cfg: &ImageProcessorConfig) -> [[f32; 256]; 3] {
     let inv = (1.0 / cfg.rescale_factor) as f32;
     let (mean, std, scale) = match (cfg.do_rescale, cfg.do_normalize) {
         (true, true) => (cfg.image_mean.map(|m| m * inv), cfg.image_std.map(|s| s * inv), 1.0),
@@ -301,42 +308,62 @@ fn frame_planes(img: &RgbImage, h: usize, w: usize, cfg: &ImageProcessorConfig) 
         (true, false) => ([0.0; 3], [1.0; 3], cfg.rescale_factor as f32),
         (false, false) => ([0.0; 3], [1.0; 3], 1.0),
     };
-    let plane = h * w;
-    let mut out = vec![0f32; 3 * plane];
-    let raw = img.as_raw();
-    out.par_chunks_mut(w).enumerate().for_each(|(row, dst)| {
-        let (c, y) = (row / h, row % h);
-        let src = &raw[y * w * 3..(y + 1) * w * 3];
-        for (x, d) in dst.iter_mut().enumerate() {
-            let v = f32::from(src[x * 3 + c]);
-            *d = if cfg.do_normalize { (v - mean[c]) / std[c] } else { v * scale };
-        }
-    });
-    Ok(out)
+    std::array::from_fn(|c| {
+        std::array::from_fn(|level| {
+            let v = level as f32;
+            if cfg.do_normalize {
+                (v - mean[c]) / std[c]
+            } else {
+                v * scale
+            }
+        })
+    })
 }
 
-/// Flatten frames (each planes (3, h, w)) into rows (grid_t·gh·gw, 3·T·P·P)
-/// in HF's order: rows (t, gh/m, gw/m, m, m), row content (C, T, P, P).
-/// `frames.len()` is grid_t · T.
-fn patchify(frames: &[&[f32]], h: usize, w: usize, cfg: &ImageProcessorConfig) -> Vec<f32> {
+/// Rescale, normalize and flatten `frames` (each h x w, at the processor's
+/// size; `frames.len()` is grid_t · T) into rows (grid_t·gh·gw, 3·T·P·P) in
+/// HF's order: rows (t, gh/m, gw/m, m, m), row content (C, T, P, P).
+///
+/// One pass reads the uint8 pixels and writes the final layout, with no f32
+/// planes in between; rows are independent and spread over rayon's pool. A
+/// frame that repeats the one before it in its temporal patch (an image
+/// fills the patch with itself; a video pads with its last frame) is copied
+/// within the row instead of looked up again.
+fn patchify(frames: &[&RgbImage], h: usize, w: usize, cfg: &ImageProcessorConfig) -> Vec<f32> {
+    let table = level_table(cfg);
     let (p, m, tp) = (cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size);
     let (gh, gw) = (h / p, w / p);
     let grid_t = frames.len() / tp;
-    let row_len = 3 * tp * p * p;
-    let mut out = vec![0f32; grid_t * gh * gw * row_len];
-    out.par_chunks_mut(row_len).enumerate().for_each(|(r, row)| {
+    let plane = tp * p * p; // one channel of a row: (T, P, P)
+    let mut out = vec![0f32; grid_t * gh * gw * 3 * plane];
+    out.par_chunks_mut(3 * plane).enumerate().for_each(|(r, row)| {
         let (mw, r) = (r % m, r / m);
         let (mh, r) = (r % m, r / m);
         let (bw, r) = (r % (gw / m), r / (gw / m));
         let (bh, t) = (r % (gh / m), r / (gh / m));
         let (y0, x0) = ((bh * m + mh) * p, (bw * m + mw) * p);
-        let mut o = 0;
-        for c in 0..3 {
-            for frame in &frames[t * tp..(t + 1) * tp] {
-                for y in 0..p {
-                    let base = c * h * w + (y0 + y) * w + x0;
-                    row[o..o + p].copy_from_slice(&frame[base..base + p]);
-                    o += p;
+        let group = &frames[t * tp..(t + 1) * tp];
+        let (red, rest) = row.split_at_mut(plane);
+        let (green, blue) = rest.split_at_mut(plane);
+        for (ti, frame) in group.iter().enumerate() {
+            let at = ti * p * p..(ti + 1) * p * p;
+            if ti > 0 && std::ptr::eq(*frame, group[ti - 1]) {
+                for channel in [&mut *red, &mut *green, &mut *blue] {
+                    channel.copy_within(at.start - p * p..at.start, at.start);
+                }
+                continue;
+            }
+            let raw = frame.as_raw();
+            let rows = red[at.clone()]
+                .chunks_exact_mut(p)
+                .zip(green[at.clone()].chunks_exact_mut(p))
+                .zip(blue[at].chunks_exact_mut(p));
+            for (y, ((r, g), b)) in rows.enumerate() {
+                let src = &raw[((y0 + y) * w + x0) * 3..][..p * 3];
+                for (((px, r), g), b) in src.chunks_exact(3).zip(r).zip(g).zip(b) {
+                    *r = table[0][usize::from(px[0])];
+                    *g = table[1][usize::from(px[1])];
+                    *b = table[2][usize::from(px[2])];
                 }
             }
         }
@@ -348,8 +375,8 @@ fn patchify(frames: &[&[f32]], h: usize, w: usize, cfg: &ImageProcessorConfig) -
 /// `Qwen2VLImageProcessor._preprocess` for a single image.
 pub fn preprocess_image(img: &RgbImage, cfg: &ImageProcessorConfig) -> Result<(Vec<f32>, [usize; 3])> {
     let (h, w) = cfg.resized_size(img.height() as usize, img.width() as usize)?;
-    let planes = frame_planes(img, h, w, cfg)?;
-    let frames = vec![planes.as_slice(); cfg.temporal_patch_size];
+    let img = at_size(img, h, w, cfg)?;
+    let frames = vec![&*img; cfg.temporal_patch_size];
     let pixel_values = patchify(&frames, h, w, cfg);
     Ok((pixel_values, [1, h / cfg.patch_size, w / cfg.patch_size]))
 }
@@ -374,8 +401,8 @@ pub fn preprocess_video(frames: &[RgbImage], cfg: &ImageProcessorConfig) -> Resu
         )));
     }
     let (h, w) = cfg.resized_size(dims.1 as usize, dims.0 as usize)?;
-    let planes = frames.iter().map(|f| frame_planes(f, h, w, cfg)).collect::<Result<Vec<_>>>()?;
-    let mut refs: Vec<&[f32]> = planes.iter().map(Vec::as_slice).collect();
+    let sized = frames.iter().map(|f| at_size(f, h, w, cfg)).collect::<Result<Vec<_>>>()?;
+    let mut refs: Vec<&RgbImage> = sized.iter().map(|f| &**f).collect();
     let last = *refs.last().expect("at least one frame");
     while !refs.len().is_multiple_of(cfg.temporal_patch_size) {
         refs.push(last);
@@ -388,6 +415,108 @@ pub fn preprocess_video(frames: &[RgbImage], cfg: &ImageProcessorConfig) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::sampling::Rng;
+
+    /// The straightforward pipeline the fused pass replaced: f32 planes
+    /// (3, h, w) per frame, normalized sample by sample with torchvision's
+    /// formula, then gathered into rows. Shares only `resize_rgb8` (which
+    /// has its own reference test).
+    fn reference(frames: &[RgbImage], cfg: &ImageProcessorConfig) -> Vec<f32> {
+        let (h, w) = cfg.resized_size(frames[0].height() as usize, frames[0].width() as usize).unwrap();
+        let inv = (1.0 / cfg.rescale_factor) as f32;
+        let (mean, std, scale) = match (cfg.do_rescale, cfg.do_normalize) {
+            (true, true) => (cfg.image_mean.map(|m| m * inv), cfg.image_std.map(|s| s * inv), 1.0),
+            (false, true) => (cfg.image_mean, cfg.image_std, 1.0),
+            (true, false) => ([0.0; 3], [1.0; 3], cfg.rescale_factor as f32),
+            (false, false) => ([0.0; 3], [1.0; 3], 1.0),
+        };
+        let mut planes: Vec<Vec<f32>> = frames
+            .iter()
+            .map(|f| {
+                let img = resize_rgb8(f, w as u32, h as u32, cfg.resample).unwrap();
+                let mut out = vec![0f32; 3 * h * w];
+                for c in 0..3 {
+                    for y in 0..h {
+                        for x in 0..w {
+                            let v = f32::from(img.get_pixel(x as u32, y as u32).0[c]);
+                            out[(c * h + y) * w + x] =
+                                if cfg.do_normalize { (v - mean[c]) / std[c] } else { v * scale };
+                        }
+                    }
+                }
+                out
+            })
+            .collect();
+        let (p, m, tp) = (cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size);
+        while !planes.len().is_multiple_of(tp) {
+            planes.push(planes.last().unwrap().clone());
+        }
+        let (gh, gw) = (h / p, w / p);
+        let mut out = Vec::new();
+        for t in 0..planes.len() / tp {
+            for bh in 0..gh / m {
+                for bw in 0..gw / m {
+                    for mh in 0..m {
+                        for mw in 0..m {
+                            for c in 0..3 {
+                                for frame in &planes[t * tp..(t + 1) * tp] {
+                                    for y in 0..p {
+                                        for x in 0..p {
+                                            let (py, px) = ((bh * m + mh) * p + y, (bw * m + mw) * p + x);
+                                            out.push(frame[(c * h + py) * w + px]);
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn noise(w: u32, h: u32, rng: &mut Rng) -> RgbImage {
+        RgbImage::from_fn(w, h, |_, _| {
+            let v = rng.next_u64();
+            image::Rgb([v as u8, (v >> 8) as u8, (v >> 16) as u8])
+        })
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn fused_pass_matches_the_reference_bit_for_bit() {
+        let mut rng = Rng::from_seed(5);
+        let published = ImageProcessorConfig { min_pixels: 3136, max_pixels: 12_845_056, ..Default::default() };
+        // Odd patch geometry catches index arithmetic that only works for 14/2/2.
+        let odd = ImageProcessorConfig { patch_size: 5, merge_size: 3, temporal_patch_size: 3, ..published.clone() };
+        let configs = [
+            published.clone(),
+            ImageProcessorConfig { do_normalize: false, ..published.clone() },
+            ImageProcessorConfig { do_rescale: false, ..published.clone() },
+            ImageProcessorConfig { do_rescale: false, do_normalize: false, image_mean: [0.3, 0.6, 0.1], ..odd.clone() },
+            ImageProcessorConfig { rescale_factor: 0.7, image_std: [0.2, 1.5, 0.9], ..odd },
+            ImageProcessorConfig { max_pixels: 28 * 28 * 9, ..published },
+        ];
+        for cfg in &configs {
+            for (w, h) in [(97, 61), (13, 200), (301, 29), (56, 84)] {
+                let img = noise(w, h, &mut rng);
+                let (pv, grid) = preprocess_image(&img, cfg).unwrap();
+                assert_eq!(grid, cfg.grid_thw(1, h as usize, w as usize).unwrap());
+                assert_eq!(bits(&pv), bits(&reference(std::slice::from_ref(&img), cfg)), "{w}x{h} {cfg:?}");
+            }
+            // Videos: an odd frame count (padded with the last frame) and one
+            // that fills its temporal patches.
+            for n in [1, 4, 5] {
+                let frames: Vec<RgbImage> = (0..n).map(|_| noise(45, 71, &mut rng)).collect();
+                let (pv, _) = preprocess_video(&frames, cfg).unwrap();
+                assert_eq!(bits(&pv), bits(&reference(&frames, cfg)), "{n} frames {cfg:?}");
+            }
+        }
+    }
 
     #[test]
     fn smart_resize_matches_hf_cases() {
