@@ -10,6 +10,7 @@ pub mod graph;
 pub mod pool;
 pub mod profile;
 pub mod registry;
+mod staging;
 
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,6 +45,8 @@ pub struct Gpu {
     /// Set while a graph capture records work (no profiling events then).
     capturing: AtomicBool,
     profiler: Option<profile::Profiler>,
+    /// Pinned buffers for large uploads, while weights load.
+    staging: std::sync::Mutex<Option<staging::Staging>>,
     name: String,
     capability: (i32, i32),
     sm_count: i32,
@@ -88,6 +91,7 @@ impl Gpu {
             graph_allocs: AtomicBool::new(false),
             capturing: AtomicBool::new(false),
             profiler: profile::Profiler::from_env(),
+            staging: std::sync::Mutex::new(None),
             name,
             capability,
             sm_count,
@@ -206,6 +210,37 @@ impl Gpu {
         self.bind()?;
         // Pageable source: the call returns once the data is staged, so `src` may go.
         unsafe { drv::memcpy_htod_async(dst.ptr, src, self.stream.cu_stream())? };
+        Ok(())
+    }
+
+    /// Uploads a large read-only host buffer (weights) through pinned
+    /// staging memory; `src` may be reused as soon as this returns. Call
+    /// `end_staging` when the loading is over to give the pinned memory back.
+    /// `offset` is in bytes into `dst`.
+    pub fn upload_staged(&self, dst: &DeviceBuffer, offset: usize, src: &[u8]) -> Result<()> {
+        if offset + src.len() > dst.bytes {
+            return Err(Error::Shape {
+                op: "upload",
+                msg: format!("{} bytes at offset {offset} into a {}-byte buffer", src.len(), dst.bytes),
+            });
+        }
+        self.bind()?;
+        if src.len() < (1 << 20) {
+            unsafe { drv::memcpy_htod_async(dst.ptr + offset as u64, src, self.stream.cu_stream())? };
+            return Ok(());
+        }
+        let mut g = self.staging.lock().unwrap_or_else(|e| e.into_inner());
+        if g.is_none() {
+            *g = Some(staging::Staging::new()?);
+        }
+        g.as_mut().expect("just made").upload(&self.stream, dst.ptr + offset as u64, src)
+    }
+
+    /// Waits for staged uploads and frees the staging memory.
+    pub fn end_staging(&self) -> Result<()> {
+        self.bind()?;
+        self.stream.synchronize()?;
+        self.staging.lock().unwrap_or_else(|e| e.into_inner()).take();
         Ok(())
     }
 

@@ -193,23 +193,33 @@ pub fn load(cfg: &EngineConfig) -> Result<(Frontend, EngineCore)> {
     let t0 = std::time::Instant::now();
     let dir = &cfg.model_dir;
     let config = Qwen2VlConfig::from_dir(dir)?;
-    let tokenizer = Arc::new(Tokenizer::from_dir(dir)?);
-    let template = ChatTemplate::load(dir, cfg.chat_template.as_deref())?;
-    let processors = Processors::from_dir(dir)?;
+    // The tokenizer and processors load on a second thread while the device
+    // opens and the weights go up.
+    let (files, model) = std::thread::scope(|s| {
+        let files = s.spawn(|| -> Result<_> {
+            let tokenizer = Arc::new(Tokenizer::from_dir(dir)?);
+            let template = ChatTemplate::load(dir, cfg.chat_template.as_deref())?;
+            Ok((tokenizer, template, Processors::from_dir(dir)?, t0.elapsed()))
+        });
+        let model = (|| -> Result<_> {
+            let dev = Device::choose(&cfg.device)?;
+            let t_device = t0.elapsed();
+            Ok((Qwen2Vl::load(dir, &dev)?, dev, t_device))
+        })();
+        let files = files.join().unwrap_or_else(|_| Err(Error::Engine("loading the tokenizer panicked".into())));
+        (files, model)
+    });
+    let (tokenizer, template, processors, t_files) = files?;
+    let (model, dev, t_device) = model?;
+    let t_weights = t0.elapsed();
     let mut eos = config.eos_token_id.clone();
     eos.extend_from_slice(tokenizer.eos_token_ids());
     eos.sort_unstable();
     eos.dedup();
-
-    let t_files = t0.elapsed();
-    let dev = Device::choose(&cfg.device)?;
-    let t_device = t0.elapsed();
     let device = match &dev {
         Device::Cpu => "cpu".to_owned(),
         Device::Cuda(g) => g.name().to_owned(),
     };
-    let model = Qwen2Vl::load(dir, &dev)?;
-    let t_weights = t0.elapsed();
     let mut runner = Runner::new(
         model,
         &CacheConfig {
@@ -241,12 +251,12 @@ pub fn load(cfg: &EngineConfig) -> Result<(Frontend, EngineCore)> {
     let t_graphs = t0.elapsed();
     let secs = |a: std::time::Duration, b: std::time::Duration| (b - a).as_secs_f64();
     eprintln!(
-        "kestrel: loaded in {:.2} s: tokenizer and configs {:.2} s, device {:.2} s, weights {:.2} s, \
-         KV cache sizing {:.2} s, CUDA graphs ({graphs} batch sizes) {:.2} s",
+        "kestrel: loaded in {:.2} s: device {:.2} s, weights {:.2} s (tokenizer and processors beside them, \
+         {:.2} s), KV cache sizing {:.2} s, CUDA graphs ({graphs} batch sizes) {:.2} s",
         t_graphs.as_secs_f64(),
-        t_files.as_secs_f64(),
-        secs(t_files, t_device),
+        t_device.as_secs_f64(),
         secs(t_device, t_weights),
+        t_files.as_secs_f64(),
         secs(t_weights, t_cache),
         secs(t_cache, t_graphs),
     );

@@ -129,7 +129,7 @@ pub(crate) fn tensor_from_bytes(dev: &Device, shape: &[usize], dtype: DType, byt
         Device::Cuda(gpu) => {
             let t = Tensor::empty(dev, shape, dtype)?;
             if let Storage::Cuda(buf) = t.storage() {
-                gpu.upload(buf, bytes)?;
+                gpu.upload_staged(buf, 0, bytes)?;
             }
             Ok(t)
         }
@@ -353,9 +353,16 @@ impl Weights {
         let mut shape = first.1.to_vec();
         shape[0] = parts.iter().map(|p| p.1[0]).sum();
         let target = dev.activation_dtype();
-        if dev.is_cuda() && views.iter().all(|v| v.dtype() == target) {
-            let bytes: Vec<u8> = views.iter().flat_map(|v| v.data().iter().copied()).collect();
-            return tensor_from_bytes(dev, &shape, target, &bytes);
+        if let (Device::Cuda(gpu), true) = (dev, views.iter().all(|v| v.dtype() == target)) {
+            let t = Tensor::empty(dev, &shape, target)?;
+            if let Storage::Cuda(buf) = t.storage() {
+                let mut offset = 0;
+                for v in &views {
+                    gpu.upload_staged(buf, offset, v.data())?;
+                    offset += v.data().len();
+                }
+            }
+            return Ok(t);
         }
         let data: Vec<f32> = views.iter().flat_map(|v| v.to_f32_vec()).collect();
         Tensor::from_f32(dev, &shape, &data, target)

@@ -82,6 +82,9 @@ impl Qwen2Vl {
             },
             t.tie_word_embeddings,
         )?;
+        if let Device::Cuda(gpu) = dev {
+            gpu.end_staging()?;
+        }
         Ok(Self { config, device: dev.clone(), vision, text })
     }
 
