@@ -18,8 +18,8 @@ use serde::Serialize;
 
 use crate::cli::roofline::Ceilings;
 use crate::cuda::Gpu;
-use crate::error::{Error, Result};
 use crate::engine::sampling::SamplingParams;
+use crate::error::{Error, Result};
 use crate::ops::{activation, attention, gemm, norm, sampling, softmax};
 use crate::{DType, Device, Tensor};
 
@@ -227,6 +227,7 @@ pub fn run(gpu: &Arc<Gpu>) -> Result<KernelReport> {
         )?;
     }
     rows.extend(split_decode_rows(gpu, ceil.copy_gbps, &mut seed)?);
+    rows.extend(decode_gemm_rows(gpu, ceil.copy_gbps, &mut seed)?);
 
     // Attention: flops over the GEMM ceiling. These prefill shapes run on the
     // tensor-core kernel (bf16, sequences of FLASH_MIN_SEQLEN_Q queries or
@@ -436,4 +437,47 @@ fn rand_f32(dev: &Device, shape: &[usize], scale: f32, seed: &mut u64) -> Result
         })
         .collect();
     Tensor::from_f32(dev, shape, &data, DType::F32)
+}
+
+// ----------------------------------------------------------------------------
+// Decode GEMMs: cuBLAS on the Qwen2-VL-2B projections at decode batch sizes.
+
+/// A decode step's GEMMs are weight reads: at m = 1 or 8 rows the rate that
+/// matters is weight bytes over time, against the copy ceiling. Shapes: the
+/// 2B model's q|k|v, gate|up, down, o and LM head; calls cycle through
+/// enough weight copies to exceed L2.
+fn decode_gemm_rows(gpu: &Arc<Gpu>, copy_gbs: f64, seed: &mut u64) -> Result<Vec<Row>> {
+    let dev = Device::Cuda(gpu.clone());
+    let mut rows = Vec::new();
+    let shapes = [
+        ("qkv", 2048usize, 1536usize),
+        ("gate_up", 17920, 1536),
+        ("down", 1536, 8960),
+        ("o", 1536, 1536),
+        ("lm_head", 151936, 1536),
+    ];
+    for (name, n, k) in shapes {
+        let bytes = n * k * 2;
+        let copies = (256usize << 20).div_ceil(bytes).max(1);
+        let ws = (0..copies).map(|_| rand_tensor(&dev, &[n, k], 0.05, seed)).collect::<Result<Vec<_>>>()?;
+        for m in [1usize, 8, 64] {
+            let x = rand_tensor(&dev, &[m, k], 1.0, seed)?;
+            let mut y = Tensor::empty(&dev, &[m, n], DType::BF16)?;
+            let mut call = 0;
+            let ms = median(gpu.time_ms(WARMUP, ITERS, || {
+                call += 1;
+                gemm::gemm(&mut y, &x, &ws[call % copies])
+            })?);
+            let name = format!("gemm decode {name}");
+            rows.push(Row {
+                name,
+                shape: format!("m{m} n{n} k{k}"),
+                ms,
+                rate: gb(bytes, ms),
+                unit: "GB/s",
+                ceiling: copy_gbs,
+            });
+        }
+    }
+    Ok(rows)
 }

@@ -23,7 +23,23 @@ fn gemm64(x: &[f64], w: &[f64], m: usize, n: usize, k: usize) -> Vec<f64> {
 pub fn cases() -> Vec<Case> {
     let mut v = Vec::new();
     // (m, n, k): a decode row, odd sizes, a ViT-like block, an MLP-like product.
-    for (m, n, k) in [(1, 1536, 1536), (3, 769, 1001), (37, 257, 1280), (17, 2304, 1536), (5, 8960, 256)] {
+    // bf16 products of at most 8 rows with k a multiple of 8 run on the skinny
+    // kernel (csrc/gemv.cu): one row, full decode batches, short and long k,
+    // columns that do not fill a block.
+    for (m, n, k) in [
+        (1, 1536, 1536),
+        (3, 769, 1001),
+        (37, 257, 1280),
+        (17, 2304, 1536),
+        (5, 8960, 256),
+        (1, 7, 8),
+        (2, 1000, 24),
+        (8, 33, 8968),
+        (4, 2048, 1536),
+        (8, 1536, 8960),
+        (6, 131, 4096),
+        (1, 17920, 1536),
+    ] {
         v.push(Case::new(format!("gemm {m}x{n}x{k}"), move |gpu, rng| {
             let mut rows = Vec::new();
             for dt in FLOAT_DTYPES {
