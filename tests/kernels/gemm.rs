@@ -23,9 +23,7 @@ fn gemm64(x: &[f64], w: &[f64], m: usize, n: usize, k: usize) -> Vec<f64> {
 pub fn cases() -> Vec<Case> {
     let mut v = Vec::new();
     // (m, n, k): a decode row, odd sizes, a ViT-like block, an MLP-like product.
-    // bf16 products of at most 8 rows with k a multiple of 8 run on the skinny
-    // kernel (csrc/gemv.cu): one row, full decode batches, short and long k,
-    // columns that do not fill a block.
+    // Decode-sized products too: one row, full small batches, short and long k.
     for (m, n, k) in [
         (1, 1536, 1536),
         (3, 769, 1001),
