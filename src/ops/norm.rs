@@ -8,7 +8,7 @@ use super::{blocks, f32s, f32s_mut, float_dtype, kernel, placement, ptr, row_thr
 use crate::cuda::Arg;
 use crate::ensure_shape;
 use crate::error::Result;
-use crate::tensor::{DType, Tensor};
+use crate::tensor::Tensor;
 
 fn check(op: &'static str, out: &Tensor, x: &Tensor, w: &Tensor) -> Result<(usize, usize)> {
     let (rows, cols) = rows_cols(x);
@@ -37,20 +37,8 @@ pub fn rms_norm(out: &mut Tensor, x: &Tensor, w: &Tensor, eps: f32) -> Result<()
         On::Cuda(gpu) => {
             let dt = float_dtype(OP, &[out, x, w])?;
             let args = [Arg::Ptr(ptr(out)), Arg::Ptr(ptr(x)), Arg::Ptr(ptr(w)), Arg::I32(cols as i32), Arg::F32(eps)];
-            let (name, threads) = launch_shape(OP, dt, cols, &[out, x, w]);
-            gpu.launch(&name, (blocks(rows, 1), 1, 1), (threads, 1, 1), 0, &args)
+            gpu.launch(&kernel(OP, dt), (blocks(rows, 1), 1, 1), (row_threads(cols), 1, 1), 0, &args)
         }
-    }
-}
-
-/// The kernel and block size for a row norm: bf16 rows that split into
-/// aligned 16-byte chunks take the vectorized kernel (one chunk per thread
-/// per pass), everything else the scalar one.
-fn launch_shape(op: &str, dt: DType, cols: usize, ts: &[&Tensor]) -> (String, u32) {
-    if dt == DType::BF16 && cols % 8 == 0 && ts.iter().all(|t| ptr(t) % 16 == 0) {
-        (format!("{op}_v8_bf16"), row_threads(cols / 8))
-    } else {
-        (kernel(op, dt), row_threads(cols))
     }
 }
 
@@ -87,8 +75,7 @@ pub fn add_rms_norm(out: &mut Tensor, residual: &mut Tensor, x: &Tensor, w: &Ten
                 Arg::I32(cols as i32),
                 Arg::F32(eps),
             ];
-            let (name, threads) = launch_shape(OP, dt, cols, &[out, residual, x, w]);
-            gpu.launch(&name, (blocks(rows, 1), 1, 1), (threads, 1, 1), 0, &args)
+            gpu.launch(&kernel(OP, dt), (blocks(rows, 1), 1, 1), (row_threads(cols), 1, 1), 0, &args)
         }
     }
 }

@@ -35,8 +35,7 @@ fn gpu_out(t: &Option<Tensor>) -> Option<Vec<f32>> {
 pub fn cases() -> Vec<Case> {
     let mut v = Vec::new();
     // 1 and 3 tokens, an odd hidden size, the 2B hidden size, the ViT width.
-    // bf16 rows of 8k columns take the vectorized kernels: 8, 1536, 1280, 3584, 8200.
-    for (rows, cols) in [(1, 769), (3, 769), (7, 1536), (37, 1280), (2, 3584), (1, 8), (4, 8200)] {
+    for (rows, cols) in [(1, 769), (3, 769), (7, 1536), (37, 1280), (2, 3584)] {
         v.push(Case::new(format!("rms_norm {rows}x{cols}"), move |gpu, rng| {
             let mut rows_out = Vec::new();
             for dt in FLOAT_DTYPES {
