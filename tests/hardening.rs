@@ -4,10 +4,11 @@
 //! test needs control of the connection (and ureq elsewhere). Engine faults
 //! come from `KESTREL_FAULT` (src/engine/fault.rs; debug builds only).
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -24,28 +25,8 @@ impl Server {
     }
 
     fn start_env(args: &[&str], env: &[(&str, &str)]) -> Server {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kestrel"));
-        cmd.args(["serve", "--device", "cpu", "--host", "127.0.0.1", "--port", "0"]);
-        if !args.contains(&"--workers") {
-            cmd.args(["--workers", "4"]);
-        }
-        cmd.args(args)
-            .env_remove("KESTREL_API_KEY")
-            .env_remove("VLLM_API_KEY")
-            .env_remove("KESTREL_FAULT")
-            .envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        let mut child = cmd.spawn().expect("start kestrel serve");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let line = rx.recv_timeout(Duration::from_secs(120)).expect("the server's ready line");
-        let port = line.split("127.0.0.1:").nth(1).and_then(|r| r.split(' ').next()).unwrap().parse().unwrap();
+        let workers: &[&str] = if args.contains(&"--workers") { &[] } else { &["--workers", "4"] };
+        let (child, port, _) = common::spawn_serve(&[workers, args].concat(), env);
         Server { child, port }
     }
 

@@ -3,10 +3,11 @@
 //! (ureq, or a raw socket where the test needs control of the connection).
 //! Each test starts its own server (about 0.1 s) and kills it when done.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -24,32 +25,11 @@ impl Server {
     }
 
     fn start_env(args: &[&str], env: &[(&str, &str)]) -> Server {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kestrel"));
-        cmd.args(["serve", "--device", "cpu", "--host", "127.0.0.1", "--port", "0"]);
-        if !args.contains(&"--workers") {
-            cmd.args(["--workers", "4"]);
-        }
-        cmd.args(args)
-            .env_remove("KESTREL_API_KEY")
-            .env_remove("VLLM_API_KEY")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("start kestrel serve");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let line = rx.recv_timeout(Duration::from_secs(120)).expect("the server's ready line");
+        let workers: &[&str] = if args.contains(&"--workers") { &[] } else { &["--workers", "4"] };
+        let (child, port, line) = common::spawn_serve(&[workers, args].concat(), env);
         // kestrel: serving NAME on http://127.0.0.1:PORT (device cpu)
         assert!(line.starts_with("kestrel: serving kestrel-tiny-qwen2-vl on http://127.0.0.1:"), "{line}");
         assert!(line.ends_with("(device cpu)"), "{line}");
-        let port = line.split("127.0.0.1:").nth(1).and_then(|r| r.split(' ').next()).unwrap().parse().unwrap();
         Server { child, port }
     }
 

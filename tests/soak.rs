@@ -16,11 +16,12 @@
 //! The HTTP client is a raw socket (`Connection: close`, one request per
 //! connection) so that a client can leave at any byte.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -50,25 +51,8 @@ struct Server {
 
 impl Server {
     fn start(args: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kestrel"))
-            .args(["serve", "--device", "cpu", "--host", "127.0.0.1", "--port", "0"])
-            .args(args)
-            .env_remove("KESTREL_API_KEY")
-            .env_remove("VLLM_API_KEY")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start kestrel serve");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let line = rx.recv_timeout(Duration::from_secs(120)).expect("the server's ready line");
-        let port = line.split("127.0.0.1:").nth(1).and_then(|r| r.split(' ').next()).and_then(|p| p.parse().ok());
-        Server { child, port: port.unwrap_or_else(|| panic!("no port in {line:?}")) }
+        let (child, port, _) = common::spawn_serve(args, &[]);
+        Server { child, port }
     }
 
     /// Resident memory in MiB (VmRSS).

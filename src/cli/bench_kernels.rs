@@ -102,7 +102,8 @@ fn median(mut v: Vec<f32>) -> f64 {
     v[v.len() / 2] as f64
 }
 
-fn rand_tensor(dev: &Device, shape: &[usize], scale: f32, seed: &mut u64) -> Result<Tensor> {
+/// Uniform values in [-scale, scale) from a 64-bit LCG, as `dtype`.
+fn rand_of(dev: &Device, shape: &[usize], scale: f32, seed: &mut u64, dtype: DType) -> Result<Tensor> {
     let n: usize = shape.iter().product();
     let data: Vec<f32> = (0..n)
         .map(|_| {
@@ -110,7 +111,11 @@ fn rand_tensor(dev: &Device, shape: &[usize], scale: f32, seed: &mut u64) -> Res
             ((*seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
         })
         .collect();
-    Tensor::from_f32(dev, shape, &data, DType::BF16)
+    Tensor::from_f32(dev, shape, &data, dtype)
+}
+
+fn rand_tensor(dev: &Device, shape: &[usize], scale: f32, seed: &mut u64) -> Result<Tensor> {
+    rand_of(dev, shape, scale, seed, DType::BF16)
 }
 
 fn gb(bytes: usize, ms: f64) -> f64 {
@@ -429,14 +434,7 @@ fn bench_sampling(gpu: &Arc<Gpu>, dev: &Device, copy_gbs: f64, seed: &mut u64) -
 
 /// f32 values uniform in [-scale, scale) on `dev` (logits are f32).
 fn rand_f32(dev: &Device, shape: &[usize], scale: f32, seed: &mut u64) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
-    let data: Vec<f32> = (0..n)
-        .map(|_| {
-            *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((*seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
-        })
-        .collect();
-    Tensor::from_f32(dev, shape, &data, DType::F32)
+    rand_of(dev, shape, scale, seed, DType::F32)
 }
 
 // ----------------------------------------------------------------------------

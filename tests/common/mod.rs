@@ -1,8 +1,11 @@
 //! Helpers shared by integration test files (`mod common;` in each).
 #![allow(dead_code)] // each test binary uses its own subset
 
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
 
 /// Printed past the test harness's capture, so a skip is always visible.
 pub fn notice(msg: &str) {
@@ -34,4 +37,33 @@ pub fn qwen_tokenizer_dir(what: &str) -> Option<PathBuf> {
             None
         }
     }
+}
+
+/// Starts the debug `kestrel serve` on the CPU on a free loopback port with
+/// `args`, and `env` over an environment without API keys or fault
+/// injection. Returns the child (its stdout drained by a thread), its port
+/// and its ready line ("kestrel: serving NAME on http://127.0.0.1:PORT ...").
+pub fn spawn_serve(args: &[&str], env: &[(&str, &str)]) -> (Child, u16, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kestrel"))
+        .args(["serve", "--device", "cpu", "--host", "127.0.0.1", "--port", "0"])
+        .args(args)
+        .env_remove("KESTREL_API_KEY")
+        .env_remove("VLLM_API_KEY")
+        .env_remove("KESTREL_FAULT")
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start kestrel serve");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let line = rx.recv_timeout(Duration::from_secs(120)).expect("the server's ready line");
+    let port = line.split("127.0.0.1:").nth(1).and_then(|r| r.split(' ').next()).and_then(|p| p.parse().ok());
+    let port = port.unwrap_or_else(|| panic!("no port in {line:?}"));
+    (child, port, line)
 }
