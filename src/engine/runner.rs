@@ -17,7 +17,7 @@ use crate::model::qwen2_vl::model::MediaFeatures;
 use crate::model::qwen2_vl::mrope;
 use crate::model::qwen2_vl::text::{AttnBatch, PagedKv, SeqChunk};
 use crate::model::qwen2_vl::Qwen2Vl;
-use crate::ops::{argmax, embedding};
+use crate::ops::embedding;
 use crate::tensor::{DType, Device, Tensor};
 
 /// One sequence's part of a step.
@@ -215,13 +215,6 @@ impl Runner {
         let logits = if last_rows.is_empty() { None } else { Some(self.model.text.logits(&gather(&last_rows)?)?) };
         Ok(StepOutput { logits, pooled })
     }
-}
-
-/// Argmax of every row (torch's rules: first index on ties, NaN ignored).
-pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
-    let mut best = Tensor::empty(&logits.device(), &[logits.shape()[0]], DType::I32)?;
-    argmax::argmax(&mut best, logits)?;
-    Ok(best.to_i32_vec()?.into_iter().map(|i| i as u32).collect())
 }
 
 /// The given rows of f32 `logits`, on the host (one download).
