@@ -248,17 +248,17 @@ fn bench_serve_launches_its_server_and_counts_failures() {
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     let s = json(&out_json);
     assert_eq!(s["total_output_tokens"].as_u64(), Some(6));
-    let cfg = kestrel::model::config::Qwen2VlConfig::from_dir(&dir).unwrap();
-    let grid = kestrel::model::qwen2_vl::inputs::Processors::from_dir(&dir).unwrap().image.grid_thw(1, 32, 32).unwrap();
+    let processor = kestrel::model::processor(&dir).unwrap();
+    let vision_flops = processor.vision_flops(processor.image_grid(32, 32).unwrap());
     let w = roofline::Workload {
         requests: 2,
         concurrency: 2,
         prompt_tokens: s["total_input_tokens"].as_u64().unwrap() as usize / 2,
-        image_grid: Some(grid),
+        vision_flops,
         output_len: 3,
     };
     let c = roofline::Ceilings { copy_gbps: 3000.0, gemm_tflops: 700.0 };
-    let want = roofline::random_mm(&cfg.text_config, &cfg.vision_config, &w, &c, 2);
+    let want = roofline::random_mm(&processor.spec().decoder, &w, &c, 2);
     let got = &s["roofline"];
     assert!((f(&got["output_throughput"]) / want.output_tps - 1.0).abs() < 1e-9, "{got}");
     assert!((f(&got["ratio"]) * want.output_tps / f(&s["output_throughput"]) - 1.0).abs() < 1e-9, "{got}");

@@ -108,7 +108,8 @@ fn greedy_output_is_bit_identical_alone_and_in_a_batch_of_16() {
     }
     // And the engine's greedy path is the model's own greedy decoding.
     let r = &mixed_batch(&fe)[3];
-    let direct = core.runner().model.generate_greedy(&r.input, r.params.max_tokens, &[]).unwrap();
+    let model = core.runner().model.as_ref();
+    let direct = kestrel::model::seq::generate_greedy(model, &r.input, r.params.max_tokens, &[]).unwrap();
     assert_eq!(direct, alone[3].choices[0].token_ids);
     assert_eq!(batched_core.pool().num_free(), batched_core.pool().num_blocks());
 }
@@ -345,7 +346,7 @@ fn stop_ids_min_tokens_n_and_logprobs() {
 fn precomputed_image_embeddings_give_the_same_answer_as_pixels() {
     let (fe, mut core) = load(&config()).unwrap();
     let px = prompt(&fe, 7, &["one_image_img0.png"]);
-    let feats = core.runner().model.encode_pixels(&px.images, &mut |_, _| {}).unwrap();
+    let feats = core.runner().model.encode_media(&px, &mut |_, _| {}).unwrap().image.unwrap();
     let values = feats.to_f32_vec().unwrap();
     let grid = px.images.grids[0];
     let messages = serde_json::json!([{"role": "user", "content": [
@@ -416,7 +417,7 @@ fn the_embedding_task_embeds_batches_and_refuses_generation() {
     let outs = engine.embed(inputs);
     for (i, o) in outs.iter().enumerate() {
         let v = o.as_ref().unwrap();
-        assert_eq!(v.len(), fe.hidden);
+        assert_eq!(v.len(), fe.spec().hidden_size());
         let norm: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
         assert!((norm - 1.0).abs() < 1e-5, "request {i}: norm {norm}");
     }

@@ -11,7 +11,7 @@ generation_config.json, preprocessor_config.json for CLIPImageProcessor,
 processor_config.json for LlavaProcessor, tokenizer files from
 tools/make_tiny_llava_tokenizer.py) and NO chat template (many LLaVA-1.5
 folders have none; Kestrel ships its own, CHAT_TEMPLATE below, also written to
-tools/llava_chat_template.jinja). Unless --no-dump, OUT_DIR/golden/ gets the
+src/model/llava/chat_template.jinja, the template Kestrel ships). Unless --no-dump, OUT_DIR/golden/ gets the
 synthetic input images (PNG), cases.json and per case NAME.safetensors (f32
 unless said):
   input_ids (n,) i32, position_ids (n,) i32 = arange (attention all ones),
@@ -83,7 +83,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 import make_tiny_llava_tokenizer  # noqa: E402
 
-TEMPLATE_FILE = os.path.join(HERE, "llava_chat_template.jinja")
+TEMPLATE_FILE = os.path.join(ROOT, "src", "model", "llava", "chat_template.jinja")
 
 # One line, no whitespace outside the {{ }} blocks, so trim_blocks /
 # lstrip_blocks (transformers sets both) change nothing.

@@ -25,13 +25,11 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::cli::engine_args::EngineArgs;
-use crate::engine::{Engine, Frontend, Request};
+use crate::engine::{Engine, Request};
 use crate::error::{Error, Result};
 use crate::multimodal::fetch::MediaFetcher;
-use crate::multimodal::image::DEFAULT_MAX_PIXELS;
 use crate::openai::protocol::ErrorResponse;
-use crate::openai::protocol::{resolve_max_tokens, ChatCompletionRequest, ChatCompletionResponse, ChatInput};
-use crate::openai::{load_media_timed, MediaTimings};
+use crate::openai::protocol::{ChatCompletionRequest, ChatCompletionResponse, ChatInput};
 
 /// The one endpoint a batch line may name.
 pub const CHAT_URL: &str = "/v1/chat/completions";
@@ -200,28 +198,7 @@ fn run_lines(
         .collect()
 }
 
-/// A request ready for the engine: media fetched and decoded, prompt
-/// rendered and tokenized, max_tokens resolved against the context.
-pub fn prepare(frontend: &Frontend, fetcher: &MediaFetcher, input: &ChatInput) -> Result<Request> {
-    prepare_timed(frontend, fetcher, input, &MediaTimings::default())
-}
-
-/// `prepare`, adding the time spent fetching, decoding and preprocessing to
-/// `timings` (the server's metrics).
-pub fn prepare_timed(
-    frontend: &Frontend,
-    fetcher: &MediaFetcher,
-    input: &ChatInput,
-    timings: &MediaTimings,
-) -> Result<Request> {
-    let (max_pixels, merge, hidden) = (DEFAULT_MAX_PIXELS as usize, frontend.merge, frontend.hidden);
-    let media = load_media_timed(&input.media, fetcher, max_pixels, merge, hidden, timings)?;
-    let prepared = timings.preprocess(|| frontend.prepare_chat(&input.messages, &media))?;
-    let mut params = input.params.clone();
-    params.max_tokens = resolve_max_tokens(input.max_tokens, prepared.input_ids.len(), frontend.max_model_len)?;
-    params.validate()?;
-    Ok(Request { input: prepared, params })
-}
+pub use crate::openai::{prepare, prepare_timed};
 
 #[cfg(test)]
 mod tests {

@@ -19,7 +19,8 @@ use crate::engine::request::Event;
 use crate::engine::sampling::{Rng, SamplingParams};
 use crate::engine::{Engine, Request, RequestParams};
 use crate::error::{Error, Result};
-use crate::model::qwen2_vl::inputs::{Media, PreparedInput};
+use crate::model::inputs::PreparedInput;
+use crate::multimodal::Media;
 
 #[derive(clap::Args, Debug)]
 pub struct ThroughputArgs {
@@ -128,12 +129,10 @@ pub fn throughput(args: &ThroughputArgs) -> Result<String> {
             requests: n,
             concurrency: c,
             prompt_tokens,
-            image_grid: inputs[0].image_grids().first().copied(),
+            vision_flops: inputs[0].image_grids().first().map_or(0.0, |&g| fe.processor.vision_flops(g)),
             output_len: args.output_len,
         };
-        let roof = ceilings.map(|ce| {
-            roofline::random_mm(&fe.config.text_config, &fe.config.vision_config, &workload, &ce, dtype_bytes)
-        });
+        let roof = ceilings.map(|ce| roofline::random_mm(&fe.spec().decoder, &workload, &ce, dtype_bytes));
         let params = RequestParams {
             sampling: SamplingParams::greedy(),
             max_tokens: args.output_len,

@@ -22,8 +22,7 @@ use crate::engine::request::Event;
 use crate::engine::sampling::SamplingParams;
 use crate::engine::{Engine, Request, RequestParams};
 use crate::error::{Error, Result};
-use crate::model::config::Qwen2VlConfig;
-use crate::model::weights::{Weights, TEXT_PREFIX};
+use crate::model::weights::{EMBED_TOKENS, LM_HEAD, TEXT_PREFIX};
 
 #[derive(clap::Args, Debug)]
 pub struct DecodeArgs {
@@ -47,16 +46,23 @@ pub struct DecodeArgs {
 }
 
 /// Parameters of the decoder a step reads, counted in the checkpoint in
-/// `dir`: the layers, the final norm and the LM head (the token embedding
-/// when the head is tied to it).
-pub fn decoder_params_in(dir: &Path, cfg: &Qwen2VlConfig) -> Result<usize> {
-    let w = Weights::open(dir)?;
-    let head = w.lm_head_name(cfg.text_config.tie_word_embeddings)?;
+/// `dir` (through its family's name map): the layers, the final norm and
+/// the LM head (the token embedding when the head is tied to it).
+pub fn decoder_params_in(dir: &Path) -> Result<usize> {
+    use crate::model::decoder::Head;
+    let family = crate::model::registry::detect(dir)?;
+    let spec = (family.spec)(dir)?;
+    let w = (family.weights)(dir)?;
+    let head = match spec.decoder.head {
+        Head::None => None,
+        Head::Own => Some(LM_HEAD),
+        Head::Tied => Some(if w.contains(LM_HEAD) { LM_HEAD } else { EMBED_TOKENS }),
+    };
     let layers = format!("{TEXT_PREFIX}layers.");
     let norm = format!("{TEXT_PREFIX}norm.weight");
     let mut n = 0;
     for name in w.names() {
-        if name.starts_with(&layers) || name == norm || name == head {
+        if name.starts_with(&layers) || name == norm || Some(name.as_str()) == head {
             n += w.get(&name)?.numel();
         }
     }
@@ -96,9 +102,9 @@ pub fn decode(args: &DecodeArgs) -> Result<String> {
     let fe = engine.frontend().clone();
     let on_gpu = fe.device != "cpu";
     let dtype_bytes = if on_gpu { 2 } else { 4 };
-    let params = decoder_params_in(&dir, &fe.config)?;
+    let params = decoder_params_in(&dir)?;
     let weight_bytes = (params * dtype_bytes) as f64;
-    let kv_tok = kv_bytes_per_token(&fe.config.text_config, dtype_bytes) as f64;
+    let kv_tok = kv_bytes_per_token(&fe.spec().decoder, dtype_bytes) as f64;
     let mut report = format!(
         "decode on {} ({}): {:.1} M decoder parameters = {:.1} MB read per step, KV {} bytes per token of context\n",
         fe.model_name,
@@ -225,9 +231,9 @@ mod tests {
     #[test]
     fn the_tiny_checkpoint_holds_what_the_roofline_counts() {
         let dir = crate::model::builtin::materialize().unwrap();
-        let cfg = Qwen2VlConfig::from_dir(&dir).unwrap();
-        let counted = decoder_params_in(&dir, &cfg).unwrap();
-        assert_eq!(counted, crate::cli::roofline::decoder_step_params(&cfg.text_config));
+        let spec = (crate::model::registry::detect(&dir).unwrap().spec)(&dir).unwrap();
+        let counted = decoder_params_in(&dir).unwrap();
+        assert_eq!(counted, crate::cli::roofline::decoder_step_params(&spec.decoder));
     }
 
     #[test]

@@ -467,8 +467,9 @@ fn summarize(
 /// What the roofline needs, read before the run so a bad folder fails early:
 /// the model's config, the image's grid, and the ceilings.
 struct RooflineInputs {
-    cfg: crate::model::config::Qwen2VlConfig,
-    image_grid: Option<[usize; 3]>,
+    decoder: crate::model::decoder::DecoderDims,
+    /// The vision tower's flops on the run's image (0 without one).
+    vision_flops: f64,
     ceilings: Ceilings,
 }
 
@@ -482,13 +483,13 @@ impl RooflineInputs {
                 "the roofline (--copy-gbps, --gemm-tflops) needs --model, the folder served".into(),
             ));
         };
-        let cfg = crate::model::config::Qwen2VlConfig::from_dir(dir)?;
-        let procs = crate::model::qwen2_vl::inputs::Processors::from_dir(dir)?;
-        let image_grid = match args.image_size.0 {
-            Some((w, h)) => Some(procs.image.grid_thw(1, h as usize, w as usize)?),
-            None => None,
+        let processor = crate::model::processor(dir)?;
+        let vision_flops = match args.image_size.0 {
+            Some((w, h)) => processor.vision_flops(processor.image_grid(w as usize, h as usize)?),
+            None => 0.0,
         };
-        Ok(Some(RooflineInputs { cfg, image_grid, ceilings: Ceilings { copy_gbps, gemm_tflops } }))
+        let decoder = processor.spec().decoder.clone();
+        Ok(Some(RooflineInputs { decoder, vision_flops, ceilings: Ceilings { copy_gbps, gemm_tflops } }))
     }
 
     /// The run's measured output tok/s against the random-mm roofline at its
@@ -498,10 +499,10 @@ impl RooflineInputs {
             requests: args.num_prompts,
             concurrency: args.max_concurrency.unwrap_or(args.num_prompts),
             prompt_tokens,
-            image_grid: self.image_grid,
+            vision_flops: self.vision_flops,
             output_len: args.output_len,
         };
-        let r = roofline::random_mm(&self.cfg.text_config, &self.cfg.vision_config, &w, &self.ceilings, 2);
+        let r = roofline::random_mm(&self.decoder, &w, &self.ceilings, 2);
         RooflineResult {
             ceilings: self.ceilings,
             prefill_s: r.prefill_s,

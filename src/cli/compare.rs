@@ -2,7 +2,7 @@
 //! transformers on random full-size checkpoints (tools/gpu_compare.sh).
 //!
 //! For each case of `GOLDEN/cases.json` (written by tools/make_tiny_qwen2vl.py
-//! with --config 2b|7b), prepares the same chat with the same image files,
+//! or tools/make_tiny_llava.py with a full-size --config), prepares the same chat with the same image files,
 //! then (1) runs HF's greedy continuation teacher-forced and keeps the f32
 //! logits at the positions that predict each of its tokens, and (2) decodes
 //! greedily on its own. Writes OUT/<case>.safetensors: `logits` (k, vocab)
@@ -14,13 +14,12 @@ use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Dtype, TensorView};
 
-use super::generate::device;
+use super::generate::{device, Offline};
 use crate::error::{Error, Result};
-use crate::model::qwen2_vl::inputs::{prepare_chat, Media, Processors};
-use crate::model::qwen2_vl::Qwen2Vl;
+use crate::model::seq;
 use crate::multimodal::image::{decode_rgb8, DEFAULT_MAX_PIXELS};
+use crate::multimodal::Media;
 use crate::tensor::Tensor;
-use crate::text::{chat_template::ChatTemplate, tokenizer::Tokenizer};
 
 #[derive(clap::Args, Debug)]
 pub struct CompareArgs {
@@ -55,11 +54,9 @@ fn view(dt: Dtype, shape: Vec<usize>, bytes: &[u8]) -> Result<TensorView<'_>> {
 pub fn run(args: &CompareArgs) -> Result<()> {
     let dev = device(&args.device)?;
     let t0 = std::time::Instant::now();
-    let model = Qwen2Vl::load(&args.model, &dev)?;
+    let off = Offline::load(&args.model, &dev, None)?;
+    let model = off.model.as_ref();
     eprintln!("loaded {} in {:.1} s", args.model.display(), t0.elapsed().as_secs_f64());
-    let tok = Tokenizer::from_dir(&args.model)?;
-    let template = ChatTemplate::from_dir(&args.model)?;
-    let procs = Processors::from_dir(&args.model)?;
     let cases_path = args.golden.join("cases.json");
     let cases: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&cases_path).map_err(io(&cases_path))?)
@@ -93,17 +90,16 @@ pub fn run(args: &CompareArgs) -> Result<()> {
                 }
             }
         }
-        let mut input = prepare_chat(&model.config, &tok, &template, &procs, &msgs, &media)?;
+        let mut input = off.prepare_chat(&msgs, &media)?;
         let forced = hf_greedy(&args.golden.join(format!("{name}.safetensors")))?;
         let n = input.input_ids.len();
         let prompt_ids = input.input_ids.clone();
 
         // Our own greedy continuation, as long as HF's, stopping where HF's
         // generate stops (the model's eos ids).
-        let mut stop = model.config.eos_token_id.clone();
-        stop.extend_from_slice(tok.eos_token_ids());
+        let stop = off.stop_ids();
         let t = std::time::Instant::now();
-        let ours = model.generate_greedy(&input, forced.len(), &stop)?;
+        let ours = seq::generate_greedy(model, &input, forced.len(), &stop)?;
         let gen_s = t.elapsed().as_secs_f64();
 
         // Teacher-forced on HF's tokens: the prompt plus all but the last of
@@ -115,16 +111,17 @@ pub fn run(args: &CompareArgs) -> Result<()> {
         input.input_ids.extend_from_slice(&forced[..k - 1]);
         let extra: Vec<i32> = (n..n + k - 1).map(|i| (i as i64 + input.rope_delta) as i32).collect();
         input.positions = input.positions.chunks(n).flat_map(|row| row.iter().chain(&extra).copied()).collect();
-        let mut cache = model.new_cache(n + k)?;
-        let h = model.prefill(&input, &mut cache, &mut |_, _| {})?;
-        let mut rows = Tensor::empty(&dev, &[k, model.text.dims.hidden], h.dtype())?;
+        let mut cache = seq::new_cache(model, n + k)?;
+        let h = seq::prefill(model, &input, &mut cache, &mut |_, _| {})?;
+        let decoder = model.decoder();
+        let mut rows = Tensor::empty(&dev, &[k, decoder.dims.hidden], h.dtype())?;
         rows.copy_rows_from(0, &h, n - 1, k)?;
-        let logits = model.text.logits(&rows)?.to_f32_vec()?;
+        let logits = decoder.logits(&rows)?.to_f32_vec()?;
 
         let logits_b: Vec<u8> = logits.iter().flat_map(|x| x.to_le_bytes()).collect();
         let greedy_b: Vec<u8> = ours.iter().flat_map(|&x| (x as i32).to_le_bytes()).collect();
         let ids_b: Vec<u8> = prompt_ids.iter().flat_map(|&x| (x as i32).to_le_bytes()).collect();
-        let vocab = model.text.dims.vocab;
+        let vocab = decoder.dims.vocab;
         let mut tensors: HashMap<String, TensorView> = HashMap::new();
         tensors.insert("logits".into(), view(Dtype::F32, vec![k, vocab], &logits_b)?);
         tensors.insert("greedy".into(), view(Dtype::I32, vec![ours.len()], &greedy_b)?);

@@ -6,9 +6,12 @@ use std::path::PathBuf;
 
 use crate::cli::{batch, engine_args::EngineArgs};
 use crate::error::{Error, Result};
-use crate::model::qwen2_vl::inputs::{prepare_chat, Media, Processors};
-use crate::model::qwen2_vl::Qwen2Vl;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::model::{registry, seq, Model, Processor};
 use crate::multimodal::image::{decode_rgb8, DEFAULT_MAX_PIXELS};
+use crate::multimodal::Media;
 use crate::tensor::Device;
 use crate::text::{chat_template::ChatTemplate, tokenizer::Tokenizer};
 
@@ -52,6 +55,46 @@ pub fn model_dir(arg: &Option<PathBuf>) -> Result<PathBuf> {
     }
 }
 
+/// A model folder loaded for one-off use (no engine): the model on `dev`,
+/// its tokenizer, chat template (`chat_template`, else the folder's, else
+/// the family's built-in one) and processor.
+pub struct Offline {
+    pub model: Box<dyn Model>,
+    pub tokenizer: Tokenizer,
+    pub template: ChatTemplate,
+    pub processor: Arc<dyn Processor>,
+}
+
+impl Offline {
+    pub fn load(dir: &Path, dev: &Device, chat_template: Option<&str>) -> Result<Self> {
+        let family = registry::detect(dir)?;
+        let builtin = family.chat_template.map(|t| (family.name, t));
+        Ok(Self {
+            model: (family.load)(dir, dev)?,
+            tokenizer: Tokenizer::from_dir(dir)?,
+            template: ChatTemplate::load_or(dir, chat_template, builtin)?,
+            processor: (family.processor)(dir)?,
+        })
+    }
+
+    /// Renders `messages` and prepares them with `media`.
+    pub fn prepare_chat(
+        &self,
+        messages: &serde_json::Value,
+        media: &[Media],
+    ) -> Result<crate::model::inputs::PreparedInput> {
+        let prompt = self.template.render(messages, true)?;
+        self.processor.prepare_prompt(&self.tokenizer, prompt, media)
+    }
+
+    /// The ids generation stops after: the config's and the tokenizer's eos.
+    pub fn stop_ids(&self) -> Vec<u32> {
+        let mut stop = self.model.spec().eos_token_id.clone();
+        stop.extend_from_slice(self.tokenizer.eos_token_ids());
+        stop
+    }
+}
+
 /// What `kestrel generate` prints: the answer, or a batch's summary.
 pub fn run(args: &GenerateArgs) -> Result<String> {
     if let (Some(input), Some(output)) = (&args.batch, &args.output) {
@@ -69,10 +112,7 @@ pub fn run(args: &GenerateArgs) -> Result<String> {
     };
     let dir = model_dir(&args.model)?;
     let dev = device(&args.engine.device)?;
-    let model = Qwen2Vl::load(&dir, &dev)?;
-    let tok = Tokenizer::from_dir(&dir)?;
-    let template = ChatTemplate::load(&dir, args.engine.chat_template.as_deref())?;
-    let procs = Processors::from_dir(&dir)?;
+    let off = Offline::load(&dir, &dev, args.engine.chat_template.as_deref())?;
     let mut media = Vec::new();
     let mut content = Vec::new();
     for path in &args.images {
@@ -82,9 +122,7 @@ pub fn run(args: &GenerateArgs) -> Result<String> {
     }
     content.push(serde_json::json!({"type": "text", "text": prompt}));
     let messages = serde_json::json!([{"role": "user", "content": content}]);
-    let input = prepare_chat(&model.config, &tok, &template, &procs, &messages, &media)?;
-    let mut stop = model.config.eos_token_id.clone();
-    stop.extend_from_slice(tok.eos_token_ids());
-    let out = model.generate_greedy(&input, args.max_tokens, &stop)?;
-    tok.decode(&out, true)
+    let input = off.prepare_chat(&messages, &media)?;
+    let out = seq::generate_greedy(off.model.as_ref(), &input, args.max_tokens, &off.stop_ids())?;
+    off.tokenizer.decode(&out, true)
 }

@@ -20,8 +20,7 @@ use super::runner::{host_rows, Runner, SeqWork};
 use super::sampling::{Sampled, Sampler};
 use super::scheduler::{Plan, Scheduler, SchedulerConfig, SeqId, Tokens};
 use crate::error::{Error, Result};
-use crate::model::qwen2_vl::inputs::PreparedInput;
-use crate::model::qwen2_vl::model::MediaFeatures;
+use crate::model::inputs::{MediaFeatures, PreparedInput};
 use crate::ops::{self, sampling::SampleRow};
 use crate::tensor::{DType, Tensor};
 use crate::text::detokenizer::{IncrementalDetokenizer, StopChecker};
@@ -352,7 +351,7 @@ impl EngineCore {
         }
         for (sid, rows) in pooled.into_iter().zip(out.pooled) {
             let s = &self.seqs.0[&sid];
-            let values = s.pool.expect("pooled sequences pool").pool(&rows, self.runner.model.text.dims.hidden);
+            let values = s.pool.expect("pooled sequences pool").pool(&rows, self.runner.model.decoder().dims.hidden);
             let req = s.req;
             self.send(req, Event::Embedding { values });
             self.drop_seq(sid);

@@ -19,9 +19,9 @@ use super::request::{Collector, Event, Request, RequestId, RequestOutput, Reques
 use super::runner::{CacheConfig, Runner};
 use super::scheduler::SchedulerConfig;
 use crate::error::{Error, Result};
-use crate::model::config::Qwen2VlConfig;
-use crate::model::qwen2_vl::inputs::{prepare_chat, Media, PreparedInput, Processors};
-use crate::model::qwen2_vl::Qwen2Vl;
+use crate::model::inputs::PreparedInput;
+use crate::model::{registry, ModelSpec, Processor};
+use crate::multimodal::Media;
 use crate::tensor::Device;
 use crate::text::{chat_template::ChatTemplate, tokenizer::Tokenizer};
 
@@ -75,15 +75,14 @@ impl Default for EngineConfig {
 /// shared by all threads (read-only).
 pub struct Frontend {
     pub model_name: String,
-    pub config: Qwen2VlConfig,
+    /// The model family's name (`qwen2_vl`, `llava`).
+    pub family: &'static str,
     pub tokenizer: Arc<Tokenizer>,
     pub template: ChatTemplate,
-    pub processors: Processors,
+    /// The family's prompt side: placeholders, preprocessing, positions,
+    /// precomputed embeddings.
+    pub processor: Arc<dyn Processor>,
     pub max_model_len: usize,
-    /// Spatial merge of the vision tower, and the LM's hidden size: what
-    /// precomputed image embeddings must match.
-    pub merge: usize,
-    pub hidden: usize,
     /// KV cache: blocks and tokens per block.
     pub num_blocks: usize,
     pub block_size: usize,
@@ -100,7 +99,18 @@ impl Frontend {
     /// Renders `messages` with the chat template and prepares it with `media`
     /// (one entry per image or video part, in order).
     pub fn prepare_chat(&self, messages: &serde_json::Value, media: &[Media]) -> Result<PreparedInput> {
-        prepare_chat(&self.config, &self.tokenizer, &self.template, &self.processors, messages, media)
+        let prompt = self.template.render(messages, true)?;
+        self.prepare_prompt(prompt, media)
+    }
+
+    /// Prepares an already rendered prompt with its media.
+    pub fn prepare_prompt(&self, prompt: String, media: &[Media]) -> Result<PreparedInput> {
+        self.processor.prepare_prompt(&self.tokenizer, prompt, media)
+    }
+
+    /// The model's family-neutral facts.
+    pub fn spec(&self) -> &ModelSpec {
+        self.processor.spec()
     }
 
     /// A token's text for logprobs (its vocabulary string when it has one).
@@ -192,27 +202,35 @@ pub fn load(cfg: &EngineConfig) -> Result<(Frontend, EngineCore)> {
     }
     let t0 = std::time::Instant::now();
     let dir = &cfg.model_dir;
-    let config = Qwen2VlConfig::from_dir(dir)?;
+    let family = registry::detect(dir)?;
+    let spec = (family.spec)(dir)?;
+    if cfg.task == Task::Generate && spec.decoder.head == crate::model::decoder::Head::None {
+        return Err(Error::Config(format!(
+            "{}: this checkpoint has no LM head (a base model); serve it with --task embedding",
+            dir.display()
+        )));
+    }
     // The tokenizer and processors load on a second thread while the device
     // opens and the weights go up.
     let (files, model) = std::thread::scope(|s| {
         let files = s.spawn(|| -> Result<_> {
             let tokenizer = Arc::new(Tokenizer::from_dir(dir)?);
-            let template = ChatTemplate::load(dir, cfg.chat_template.as_deref())?;
-            Ok((tokenizer, template, Processors::from_dir(dir)?, t0.elapsed()))
+            let builtin = family.chat_template.map(|t| (family.name, t));
+            let template = ChatTemplate::load_or(dir, cfg.chat_template.as_deref(), builtin)?;
+            Ok((tokenizer, template, (family.processor)(dir)?, t0.elapsed()))
         });
         let model = (|| -> Result<_> {
             let dev = Device::choose(&cfg.device)?;
             let t_device = t0.elapsed();
-            Ok((Qwen2Vl::load(dir, &dev)?, dev, t_device))
+            Ok(((family.load)(dir, &dev)?, dev, t_device))
         })();
         let files = files.join().unwrap_or_else(|_| Err(Error::Engine("loading the tokenizer panicked".into())));
         (files, model)
     });
-    let (tokenizer, template, processors, t_files) = files?;
+    let (tokenizer, template, processor, t_files) = files?;
     let (model, dev, t_device) = model?;
     let t_weights = t0.elapsed();
-    let mut eos = config.eos_token_id.clone();
+    let mut eos = spec.eos_token_id.clone();
     eos.extend_from_slice(tokenizer.eos_token_ids());
     eos.sort_unstable();
     eos.dedup();
@@ -227,7 +245,7 @@ pub fn load(cfg: &EngineConfig) -> Result<(Frontend, EngineCore)> {
             gpu_memory_utilization: cfg.gpu_memory_utilization,
             cpu_kv_cache_bytes: cfg.cpu_kv_cache_bytes,
             max_num_batched_tokens: cfg.max_num_batched_tokens,
-            max_image_pixels: processors.image.max_pixels,
+            max_image_pixels: processor.max_image_pixels(),
         },
     )?;
     let t_cache = t0.elapsed();
@@ -241,7 +259,7 @@ pub fn load(cfg: &EngineConfig) -> Result<(Frontend, EngineCore)> {
             )))
         }
         Some(m) => m,
-        None => config.text_config.max_position_embeddings.min(capacity),
+        None => spec.max_position_embeddings.min(capacity),
     };
     let graphs = if !cfg.enforce_eager && cfg.task == Task::Generate {
         runner.capture_graphs(cfg.max_num_seqs, max_model_len)?.len()
@@ -287,12 +305,10 @@ pub fn load(cfg: &EngineConfig) -> Result<(Frontend, EngineCore)> {
     };
     let frontend = Frontend {
         model_name,
-        merge: config.vision_config.spatial_merge_size,
-        hidden: config.text_config.hidden_size,
-        config,
+        family: family.name,
         tokenizer: tokenizer.clone(),
         template,
-        processors,
+        processor,
         max_model_len,
         num_blocks: runner.num_blocks(),
         block_size: runner.block_size(),
@@ -552,7 +568,7 @@ fn run(mut core: EngineCore, rx: Receiver<Msg>, stats: &Mutex<EngineStats>, hear
         s.graph_steps = core.runner().graph_replays();
     }
     core.fail_all("the engine is shutting down");
-    if let crate::tensor::Device::Cuda(gpu) = &core.runner().model.device {
+    if let crate::tensor::Device::Cuda(gpu) = core.runner().model.device() {
         match gpu.profile_report() {
             Ok(Some(table)) => eprintln!("kestrel: GPU time per kernel (KESTREL_PROFILE=1):\n{table}"),
             Ok(None) => {}

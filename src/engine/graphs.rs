@@ -1,7 +1,7 @@
 //! Decode steps replayed from CUDA graphs, as vLLM's CUDA graph runner does:
 //! at start the decoder is captured once per batch-size bucket over inputs
 //! that live at fixed addresses; a step whose sequences all add one token
-//! writes its token ids, M-RoPE positions, cache slots and block tables into
+//! writes its token ids, positions, cache slots and block tables into
 //! the smallest bucket that holds it, pads the rest, replays, and runs the
 //! LM head on the graph's output. What was ~450 launches from the host
 //! becomes one, so a small batch is bound by the GPU, not by the CPU.
@@ -13,8 +13,7 @@
 use super::runner::SeqWork;
 use crate::cuda::graph::Graph;
 use crate::error::Result;
-use crate::model::qwen2_vl::text::{AttnBatch, PagedKv, SeqChunk};
-use crate::model::qwen2_vl::Qwen2Vl;
+use crate::model::decoder::{AttnBatch, Decoder, PagedKv, SeqChunk};
 use crate::tensor::{Device, Tensor};
 
 /// Batch sizes captured, up to `max` (which is always one of them).
@@ -45,9 +44,14 @@ pub struct DecodeGraphs {
 impl DecodeGraphs {
     /// Captures the decoder for every bucket up to `max_batch` sequences of
     /// at most `width` blocks. None on the CPU.
-    pub fn capture(model: &Qwen2Vl, kv: &mut PagedKv, max_batch: usize, width: usize) -> Result<Option<Self>> {
-        let Device::Cuda(gpu) = &model.device else { return Ok(None) };
-        let dev = &model.device;
+    pub fn capture(
+        decoder: &Decoder,
+        dev: &Device,
+        kv: &mut PagedKv,
+        max_batch: usize,
+        width: usize,
+    ) -> Result<Option<Self>> {
+        let Device::Cuda(gpu) = dev else { return Ok(None) };
         let mut buckets = Vec::new();
         // Largest first, so smaller buckets reuse its temporaries' blocks.
         for &size in bucket_sizes(max_batch).iter().rev() {
@@ -55,8 +59,8 @@ impl DecodeGraphs {
             let positions = Tensor::from_i32(dev, &[3, size], &vec![0; 3 * size])?;
             let batch = AttnBatch::decode_static(dev, size, width)?;
             let run = |kv: &mut PagedKv| -> Result<Tensor> {
-                let x = model.text.embed(&ids)?;
-                model.text.forward(x, &positions, kv, &batch, &mut |_, _| {})
+                let x = decoder.embed(&ids)?;
+                decoder.forward(x, &positions, kv, &batch, &mut |_, _| {})
             };
             let (graph, hidden) = gpu.with_graph_allocs(|| {
                 // An uncaptured run first: the graph pool gets its blocks and
@@ -100,7 +104,7 @@ impl DecodeGraphs {
 
     /// Replays the smallest bucket that holds `work` (which `fits`) and
     /// returns f32 logits with one row per bucket row: row i is work[i].
-    pub fn run(&mut self, model: &Qwen2Vl, work: &[SeqWork]) -> Result<Tensor> {
+    pub fn run(&mut self, decoder: &Decoder, work: &[SeqWork]) -> Result<Tensor> {
         let b = self.buckets.iter_mut().find(|b| b.size >= work.len()).expect("fits() was checked");
         let mut ids = vec![0i32; b.size];
         let mut pos = vec![0i32; 3 * b.size];
@@ -115,7 +119,7 @@ impl DecodeGraphs {
         let chunks: Vec<SeqChunk> = work.iter().map(|w| SeqChunk { blocks: w.blocks, past: w.past, new: 1 }).collect();
         b.batch.write_decode(&chunks, self.block_size)?;
         b.graph.launch()?;
-        model.text.logits(&b.hidden)
+        decoder.logits(&b.hidden)
     }
 }
 

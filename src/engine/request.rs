@@ -4,7 +4,7 @@
 
 use crate::engine::sampling::SamplingParams;
 use crate::error::{Error, Result};
-use crate::model::qwen2_vl::inputs::PreparedInput;
+use crate::model::inputs::PreparedInput;
 
 /// Identifies a request inside one engine (the server maps its own ids to these).
 pub type RequestId = u64;

@@ -1,7 +1,7 @@
 //! The model side of a step: packs the scheduled sequences' new tokens into
 //! one forward pass over the paged KV cache and returns the logits of the
 //! sequences that sample. Mirrors vLLM v1's `GPUModelRunner` (input
-//! preparation, `execute_model`) for one model family.
+//! preparation, `execute_model`) for any model family (the `Model` contract).
 //!
 //! Also sizes the KV cache: as vLLM's `determine_available_memory`, a
 //! profiling pass over the largest batch measures the activation peak, and
@@ -12,11 +12,9 @@ use super::blocks::blocks_for;
 use super::graphs::DecodeGraphs;
 use super::pooling::Pooling;
 use crate::error::{Error, Result};
-use crate::model::qwen2_vl::inputs::PreparedInput;
-use crate::model::qwen2_vl::model::MediaFeatures;
-use crate::model::qwen2_vl::mrope;
-use crate::model::qwen2_vl::text::{AttnBatch, PagedKv, SeqChunk};
-use crate::model::qwen2_vl::Qwen2Vl;
+use crate::model::decoder::{AttnBatch, PagedKv, SeqChunk};
+use crate::model::inputs::{MediaFeatures, PreparedInput};
+use crate::model::Model;
 use crate::ops::embedding;
 use crate::tensor::{DType, Device, Tensor};
 
@@ -55,19 +53,14 @@ impl SeqWork<'_> {
         }
     }
 
-    /// M-RoPE position of token t on `axis` (0 temporal, 1 height, 2 width).
+    /// Position of token t on `axis` (0 temporal, 1 height, 2 width).
     pub(super) fn position(&self, axis: usize, t: usize) -> i32 {
-        let n = self.input.input_ids.len();
-        if t < n {
-            self.input.positions[axis * n + t]
-        } else {
-            mrope::decode_position(t, self.input.rope_delta) as i32
-        }
+        self.input.position(axis, t)
     }
 }
 
 pub struct Runner {
-    pub model: Qwen2Vl,
+    pub model: Box<dyn Model>,
     kv: PagedKv,
     /// Decode steps replayed from CUDA graphs (None: every step eager).
     graphs: Option<DecodeGraphs>,
@@ -90,13 +83,13 @@ pub struct CacheConfig {
 
 impl Runner {
     /// Sizes and allocates the KV cache for `model` on its device.
-    pub fn new(model: Qwen2Vl, cfg: &CacheConfig) -> Result<Self> {
-        let dims = &model.text.dims;
-        let per_block = PagedKv::bytes_per_block(dims, model.device.activation_dtype(), cfg.block_size);
-        let num_blocks = match &model.device {
+    pub fn new(model: Box<dyn Model>, cfg: &CacheConfig) -> Result<Self> {
+        let dims = &model.decoder().dims;
+        let per_block = PagedKv::bytes_per_block(dims, model.device().activation_dtype(), cfg.block_size);
+        let num_blocks = match model.device() {
             Device::Cpu => cfg.cpu_kv_cache_bytes / per_block,
             Device::Cuda(gpu) => {
-                let peak = profile(&model, cfg)?;
+                let peak = profile(model.as_ref(), cfg)?;
                 gpu.pool().trim();
                 let (free, total) = gpu.mem_info()?;
                 let allowed = (total as f64 * cfg.gpu_memory_utilization as f64) as usize;
@@ -122,7 +115,7 @@ impl Runner {
                 cfg.block_size
             )));
         }
-        let kv = PagedKv::new(&model.device, dims, num_blocks, cfg.block_size)?;
+        let kv = PagedKv::new(model.device(), dims, num_blocks, cfg.block_size)?;
         Ok(Runner { model, kv, graphs: None, graph_replays: 0 })
     }
 
@@ -130,7 +123,7 @@ impl Runner {
     /// up to `max_model_len` tokens (nothing on the CPU). Returns the sizes.
     pub fn capture_graphs(&mut self, max_batch: usize, max_model_len: usize) -> Result<Vec<usize>> {
         let width = blocks_for(max_model_len, self.kv.block_size);
-        self.graphs = DecodeGraphs::capture(&self.model, &mut self.kv, max_batch, width)?;
+        self.graphs = DecodeGraphs::capture(self.model.decoder(), self.model.device(), &mut self.kv, max_batch, width)?;
         Ok(self.graphs.as_ref().map(DecodeGraphs::sizes).unwrap_or_default())
     }
 
@@ -149,7 +142,7 @@ impl Runner {
 
     /// Bytes one KV block takes (all layers, keys and values).
     pub fn bytes_per_block(&self) -> usize {
-        PagedKv::bytes_per_block(&self.model.text.dims, self.model.device.activation_dtype(), self.kv.block_size)
+        PagedKv::bytes_per_block(&self.model.decoder().dims, self.model.device().activation_dtype(), self.kv.block_size)
     }
 
     /// The media features of a prompt (vision tower, or given embeddings).
@@ -162,9 +155,10 @@ impl Runner {
     pub fn forward(&mut self, work: &[SeqWork]) -> Result<StepOutput> {
         if let Some(g) = self.graphs.as_mut().filter(|g| g.fits(work)) {
             self.graph_replays += 1;
-            return Ok(StepOutput { logits: Some(g.run(&self.model, work)?), pooled: Vec::new() });
+            return Ok(StepOutput { logits: Some(g.run(self.model.decoder(), work)?), pooled: Vec::new() });
         }
-        let dev = self.model.device.clone();
+        let dev = self.model.device().clone();
+        let decoder = self.model.decoder();
         let n: usize = work.iter().map(|w| w.new).sum();
         let mut ids = Vec::with_capacity(n);
         let mut pos = vec![0i32; 3 * n];
@@ -191,7 +185,7 @@ impl Runner {
             }
         }
         let ids_t = Tensor::from_i32(&dev, &[n], &ids)?;
-        let mut x = self.model.text.embed(&ids_t)?;
+        let mut x = decoder.embed(&ids_t)?;
         let mut row0 = 0;
         for w in work {
             let prompt = w.input.input_ids.len();
@@ -204,15 +198,16 @@ impl Runner {
         let chunks: Vec<SeqChunk> =
             work.iter().map(|w| SeqChunk { blocks: w.blocks, past: w.past, new: w.new }).collect();
         let batch = AttnBatch::new(&dev, &chunks, self.kv.block_size)?;
-        let h = self.model.text.forward(x, &pos_t, &mut self.kv, &batch, &mut |_, _| {})?;
+        let decoder = self.model.decoder();
+        let h = decoder.forward(x, &pos_t, &mut self.kv, &batch, &mut |_, _| {})?;
         let gather = |rows: &[i32]| -> Result<Tensor> {
             let rows_t = Tensor::from_i32(&dev, &[rows.len()], rows)?;
-            let mut out = Tensor::empty(&dev, &[rows.len(), self.model.text.dims.hidden], h.dtype())?;
+            let mut out = Tensor::empty(&dev, &[rows.len(), decoder.dims.hidden], h.dtype())?;
             embedding::embedding(&mut out, &rows_t, &h)?;
             Ok(out)
         };
         let pooled = pool_rows.iter().map(|r| gather(r)?.to_f32_vec()).collect::<Result<Vec<_>>>()?;
-        let logits = if last_rows.is_empty() { None } else { Some(self.model.text.logits(&gather(&last_rows)?)?) };
+        let logits = if last_rows.is_empty() { None } else { Some(decoder.logits(&gather(&last_rows)?)?) };
         Ok(StepOutput { logits, pooled })
     }
 }
@@ -238,38 +233,33 @@ fn gib(bytes: usize) -> f64 {
 }
 
 /// Activation bytes to keep free: the peak of a forward pass over the largest
-/// step (one sequence of `max_num_batched_tokens` tokens, measured), plus the
-/// vision tower on the largest image the processor allows (estimated: its
-/// attention would make a measured pass take minutes).
-fn profile(model: &Qwen2Vl, cfg: &CacheConfig) -> Result<usize> {
-    let Device::Cuda(gpu) = &model.device else { return Ok(0) };
-    let dims = &model.text.dims;
+/// step (one sequence of `max_num_batched_tokens` tokens, measured), or the
+/// vision tower on the largest image the processor allows (the family's
+/// estimate: its attention would make a measured pass take minutes).
+fn profile(model: &dyn Model, cfg: &CacheConfig) -> Result<usize> {
+    let Device::Cuda(gpu) = model.device() else { return Ok(0) };
+    let (dev, decoder) = (model.device(), model.decoder());
+    let dims = &decoder.dims;
     let n = cfg.max_num_batched_tokens.max(1);
     let blocks = blocks_for(n, cfg.block_size);
-    let mut kv = PagedKv::new(&model.device, dims, blocks, cfg.block_size)?;
+    let mut kv = PagedKv::new(dev, dims, blocks, cfg.block_size)?;
     gpu.synchronize()?;
     gpu.pool().reset_peak();
     let base = gpu.pool().bytes_in_use();
     let table: Vec<u32> = (0..blocks as u32).collect();
-    let ids = Tensor::from_i32(&model.device, &[n], &vec![0; n])?;
-    let x = model.text.embed(&ids)?;
+    let ids = Tensor::from_i32(dev, &[n], &vec![0; n])?;
+    let x = decoder.embed(&ids)?;
     let pos: Vec<i32> = (0..3).flat_map(|_| 0..n as i32).collect();
-    let pos = Tensor::from_i32(&model.device, &[3, n], &pos)?;
-    let batch = AttnBatch::new(&model.device, &[SeqChunk { blocks: &table, past: 0, new: n }], cfg.block_size)?;
-    let h = model.text.forward(x, &pos, &mut kv, &batch, &mut |_, _| {})?;
-    let mut last = Tensor::empty(&model.device, &[1, dims.hidden], h.dtype())?;
-    last.copy_rows_from(0, &h, n - 1, 1)?;
-    let _logits = model.text.logits(&last)?;
+    let pos = Tensor::from_i32(dev, &[3, n], &pos)?;
+    let batch = AttnBatch::new(dev, &[SeqChunk { blocks: &table, past: 0, new: n }], cfg.block_size)?;
+    let h = decoder.forward(x, &pos, &mut kv, &batch, &mut |_, _| {})?;
+    if decoder.has_head() {
+        let mut last = Tensor::empty(dev, &[1, dims.hidden], h.dtype())?;
+        last.copy_rows_from(0, &h, n - 1, 1)?;
+        let _logits = decoder.logits(&last)?;
+    }
     gpu.synchronize()?;
     let text_peak = gpu.pool().peak_bytes().saturating_sub(base);
     drop(kv);
-    // Vision: live tensors of one block at the largest image, bf16: the
-    // residual stream, norm, qkv (3x), attention out, projection (5 x embed
-    // wide) and the MLP's hidden and activation (2 x mlp wide), plus the
-    // f32 pixel upload.
-    let v = &model.vision.dims;
-    let patches = cfg.max_image_pixels / (v.patch * v.patch);
-    let elt = model.device.activation_dtype().size();
-    let vision_peak = patches * ((8 * v.embed_dim + 2 * v.mlp_hidden) * elt + v.patch_dim() * 4);
-    Ok(text_peak.max(vision_peak))
+    Ok(text_peak.max(model.vision_peak_bytes(cfg.max_image_pixels)))
 }

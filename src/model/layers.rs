@@ -1,8 +1,9 @@
 //! Building blocks shared by model families.
 
 use crate::error::Result;
+use crate::model::weights::Weights;
 use crate::ops::{activation, gemm};
-use crate::tensor::Tensor;
+use crate::tensor::{Device, Tensor};
 
 /// `y = x · wᵀ (+ b)`: torch `nn.Linear` with its checkpoint weight (out, in).
 pub struct Linear {
@@ -30,4 +31,17 @@ impl Linear {
         }
         Ok(())
     }
+}
+
+/// `name.weight` (out, inp) and, with `bias`, `name.bias` (out,).
+pub fn linear(w: &Weights, dev: &Device, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+    Ok(Linear {
+        w: w.load(dev, &format!("{name}.weight"), &[out, inp])?,
+        b: if bias { Some(w.load(dev, &format!("{name}.bias"), &[out])?) } else { None },
+    })
+}
+
+/// A LayerNorm's weight and bias, (n,) each.
+pub fn layer_norm_weights(w: &Weights, dev: &Device, name: &str, n: usize) -> Result<(Tensor, Tensor)> {
+    Ok((w.load(dev, &format!("{name}.weight"), &[n])?, w.load(dev, &format!("{name}.bias"), &[n])?))
 }

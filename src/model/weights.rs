@@ -161,8 +161,16 @@ pub struct Weights {
     tensors: HashMap<String, Entry>, // by stored name
     layout: Layout,
     vision_prefix: &'static str,
+    /// A family's own name map (canonical prefix, stored prefix), longest
+    /// first; when set it replaces the Qwen2-VL layouts.
+    prefixes: Vec<(&'static str, &'static str)>,
     used: Mutex<BTreeSet<String>>, // stored names handed out by `get`
 }
+
+/// A family's name map: each canonical prefix with the stored prefixes
+/// checkpoints have used for it, newest first. [`Weights::open_with`]
+/// picks, per rule, the first stored prefix some tensor starts with.
+pub type PrefixRules = [(&'static str, &'static [&'static str])];
 
 impl std::fmt::Debug for Weights {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -183,7 +191,17 @@ impl Weights {
     /// single file too). Reads every header, checks the index against the
     /// shards, detects the name layout. No tensor data is read.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
-        let dir = dir.as_ref().to_path_buf();
+        Self::open_inner(dir.as_ref(), &[])
+    }
+
+    /// Opens a checkpoint whose names follow `rules` instead of the
+    /// Qwen2-VL layouts (see [`PrefixRules`]).
+    pub fn open_with(dir: impl AsRef<Path>, rules: &PrefixRules) -> Result<Self> {
+        Self::open_inner(dir.as_ref(), rules)
+    }
+
+    fn open_inner(dir: &Path, rules: &PrefixRules) -> Result<Self> {
+        let dir = dir.to_path_buf();
         let single = dir.join(SINGLE_FILE);
         let index = dir.join(INDEX_FILE);
         let mut shards = Vec::new();
@@ -219,8 +237,20 @@ impl Weights {
                 dir.display()
             )));
         }
-        let (layout, vision_prefix) = detect_layout(&dir, tensors.keys().map(String::as_str))?;
-        Ok(Self { dir, shards, tensors, layout, vision_prefix, used: Mutex::new(BTreeSet::new()) })
+        let (layout, vision_prefix) = if rules.is_empty() {
+            detect_layout(&dir, tensors.keys().map(String::as_str))?
+        } else {
+            (Layout::Current, VISION_PREFIX)
+        };
+        let mut prefixes: Vec<(&'static str, &'static str)> = rules
+            .iter()
+            .map(|&(canonical, stored)| {
+                let found = stored.iter().find(|p| tensors.keys().any(|n: &String| n.starts_with(*p)));
+                (canonical, found.copied().unwrap_or(canonical))
+            })
+            .collect();
+        prefixes.sort_by_key(|(c, _)| std::cmp::Reverse(c.len()));
+        Ok(Self { dir, shards, tensors, layout, vision_prefix, prefixes, used: Mutex::new(BTreeSet::new()) })
     }
 
     pub fn layout(&self) -> Layout {
@@ -235,6 +265,12 @@ impl Weights {
     /// → `model.norm.weight` in a legacy checkpoint). Names outside the
     /// language model and vision tower pass unchanged.
     pub fn stored_name(&self, canonical: &str) -> String {
+        if !self.prefixes.is_empty() {
+            return match self.prefixes.iter().find_map(|(c, s)| canonical.strip_prefix(c).map(|r| (s, r))) {
+                Some((stored, rest)) => format!("{stored}{rest}"),
+                None => canonical.to_string(),
+            };
+        }
         if let Some(rest) = canonical.strip_prefix(TEXT_PREFIX) {
             format!("{}{rest}", self.layout.text_prefix())
         } else if let Some(rest) = canonical.strip_prefix(VISION_PREFIX) {
@@ -246,6 +282,13 @@ impl Weights {
 
     /// The canonical name of a stored one (the inverse of `stored_name`).
     pub fn canonical_name(&self, stored: &str) -> String {
+        if !self.prefixes.is_empty() {
+            let best = self.prefixes.iter().filter(|(_, s)| stored.starts_with(s)).max_by_key(|(_, s)| s.len());
+            return match best {
+                Some((canonical, s)) => format!("{canonical}{}", &stored[s.len()..]),
+                None => stored.to_string(),
+            };
+        }
         if let Some(rest) = stored.strip_prefix(self.vision_prefix) {
             format!("{VISION_PREFIX}{rest}")
         } else if stored.starts_with("lm_head.") {

@@ -9,11 +9,16 @@
 //!
 //! where each image has tokens = t·h·w / merge² rows (the patch merger folds
 //! merge × merge patches into one token).
+//!
+//! Fixed-size encoders (LLaVA-1.5: the projector's output, 576 rows per
+//! image) need no grid: [`parse_fixed_image_embeds`] reads `image_embeds`
+//! as (images, tokens, hidden) or (tokens, hidden), as vLLM's
+//! `LlavaImageEmbeddingInputs` takes it.
 
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
-use crate::model::qwen2_vl::inputs::Media;
+use crate::multimodal::Media;
 
 /// Tensor names in the file, as vLLM's multimodal data dict calls them.
 pub const EMBEDS: &str = "image_embeds";
@@ -85,6 +90,36 @@ pub fn parse_image_embeds(bytes: &[u8], merge: usize, hidden: usize) -> Result<V
         start = end;
     }
     Ok(out)
+}
+
+/// Each image's (tokens, hidden) values of a file whose `image_embeds` is
+/// (images, tokens, hidden) or one image's (tokens, hidden), for a model
+/// whose encoder gives every image `tokens` rows of `hidden`.
+pub fn parse_fixed_image_embeds(bytes: &[u8], tokens: usize, hidden: usize) -> Result<Vec<Vec<f32>>> {
+    let bad = |msg: String| Error::InvalidInput(format!("image_embeds file: {msg}"));
+    let st = SafeTensors::deserialize(bytes).map_err(|e| bad(format!("not a valid safetensors file ({e})")))?;
+    let embeds = st.tensor(EMBEDS).map_err(|_| {
+        let mut have = st.names();
+        have.sort();
+        bad(format!("it has no tensor `{EMBEDS}` (it has: {})", have.join(", ")))
+    })?;
+    let (images, per, width) = match *embeds.shape() {
+        [per, width] => (1, per, width),
+        [n, per, width] if n > 0 => (n, per, width),
+        ref shape => {
+            return Err(bad(format!(
+                "{EMBEDS} must be ({tokens}, {hidden}) or (images, {tokens}, {hidden}), got shape {shape:?}"
+            )))
+        }
+    };
+    if (per, width) != (tokens, hidden) {
+        return Err(bad(format!(
+            "{EMBEDS} has {per} rows of {width} per image; this model needs {tokens} rows of {hidden} \
+             (its projector's output)"
+        )));
+    }
+    let values = to_f32(embeds.dtype(), embeds.data()).map_err(bad)?;
+    Ok(values.chunks_exact(tokens * hidden).take(images).map(<[f32]>::to_vec).collect())
 }
 
 /// `image_grid_thw` as [t, h, w] triples: shape (images, 3) or (3,).

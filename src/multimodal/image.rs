@@ -46,6 +46,37 @@ pub const MAX_ASPECT_RATIO: u32 = 200;
 /// tracking pixel, a spacer) carries nothing a vision model can use.
 pub const MIN_SIDE: u32 = 2;
 
+/// The pixel_values value of every uint8 level in each channel, after an
+/// optional rescale (`rescale_factor`) and normalize (mean, std).
+///
+/// torchvision `rescale_and_normalize`: with both on, mean and std are
+/// scaled by 1/rescale_factor (f32 tensor times a Python float, i.e. in
+/// f32) and the image is normalized in f32: (x - m) / s. A sample is one of
+/// 256 levels, so the formula runs 768 times here and the pass over the
+/// pixels is a look-up: the same f32 operations, so the same bits, without
+/// a division per sample.
+pub fn level_table(rescale: Option<f64>, normalize: Option<([f32; 3], [f32; 3])>) -> [[f32; 256]; 3] {
+    let (mean, std, scale) = match (rescale, normalize) {
+        (Some(r), Some((m, s))) => {
+            let inv = (1.0 / r) as f32;
+            (m.map(|m| m * inv), s.map(|s| s * inv), 1.0)
+        }
+        (None, Some((m, s))) => (m, s, 1.0),
+        (Some(r), None) => ([0.0; 3], [1.0; 3], r as f32),
+        (None, None) => ([0.0; 3], [1.0; 3], 1.0),
+    };
+    std::array::from_fn(|c| {
+        std::array::from_fn(|level| {
+            let v = level as f32;
+            if normalize.is_some() {
+                (v - mean[c]) / std[c]
+            } else {
+                v * scale
+            }
+        })
+    })
+}
+
 /// Decode an encoded image (JPEG, PNG, WebP, GIF: first frame, BMP) to RGB8.
 ///
 /// The dimensions are read from the header alone and checked (`check_size`)

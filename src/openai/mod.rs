@@ -13,11 +13,16 @@ use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 
+use crate::engine::{Frontend, Request};
 use crate::error::{Error, Result};
-use crate::model::qwen2_vl::inputs::Media;
-use crate::multimodal::embeds::parse_image_embeds;
 use crate::multimodal::fetch::MediaFetcher;
-use crate::multimodal::image::decode_rgb8;
+use crate::multimodal::image::{decode_rgb8, DEFAULT_MAX_PIXELS};
+use crate::multimodal::Media;
+use protocol::{resolve_max_tokens, ChatInput};
+
+/// Reads a precomputed image-embeddings file into media items, in the
+/// model family's layout (`Processor::parse_image_embeds`).
+pub type EmbedsParser<'a> = &'a (dyn Fn(&[u8]) -> Result<Vec<Media>> + Sync);
 pub use protocol::MediaRef;
 
 /// Parses a request body. A body that is not JSON, or does not fit the
@@ -106,16 +111,37 @@ impl MediaTimings {
 
 /// Fetches and decodes a request's media, in order, items in parallel:
 /// images and video frames are decoded to RGB8 (at most `max_pixels` each),
-/// embeddings files parsed for a model with spatial merge `merge` and LM
-/// hidden size `hidden` (one image per file). Errors name the item.
+/// embeddings files read by `embeds` (one image per file). Errors name the item.
 pub fn load_media(
     refs: &[MediaRef],
     fetcher: &MediaFetcher,
     max_pixels: usize,
-    merge: usize,
-    hidden: usize,
+    embeds: EmbedsParser,
 ) -> Result<Vec<Media>> {
-    load_media_timed(refs, fetcher, max_pixels, merge, hidden, &MediaTimings::default())
+    load_media_timed(refs, fetcher, max_pixels, embeds, &MediaTimings::default())
+}
+
+/// A chat request ready for the engine: media fetched and decoded, prompt
+/// rendered and tokenized, max_tokens resolved against the context.
+pub fn prepare(frontend: &Frontend, fetcher: &MediaFetcher, input: &ChatInput) -> Result<Request> {
+    prepare_timed(frontend, fetcher, input, &MediaTimings::default())
+}
+
+/// `prepare`, adding the time spent fetching, decoding and preprocessing to
+/// `timings` (the server's metrics).
+pub fn prepare_timed(
+    frontend: &Frontend,
+    fetcher: &MediaFetcher,
+    input: &ChatInput,
+    timings: &MediaTimings,
+) -> Result<Request> {
+    let embeds = |b: &[u8]| frontend.processor.parse_image_embeds(b);
+    let media = load_media_timed(&input.media, fetcher, DEFAULT_MAX_PIXELS as usize, &embeds, timings)?;
+    let prepared = timings.preprocess(|| frontend.prepare_chat(&input.messages, &media))?;
+    let mut params = input.params.clone();
+    params.max_tokens = resolve_max_tokens(input.max_tokens, prepared.input_ids.len(), frontend.max_model_len)?;
+    params.validate()?;
+    Ok(Request { input: prepared, params })
 }
 
 /// `load_media`, adding the time of each stage to `timings`.
@@ -123,8 +149,7 @@ pub fn load_media_timed(
     refs: &[MediaRef],
     fetcher: &MediaFetcher,
     max_pixels: usize,
-    merge: usize,
-    hidden: usize,
+    embeds: EmbedsParser,
     timings: &MediaTimings,
 ) -> Result<Vec<Media>> {
     let max_pixels = max_pixels as u64;
@@ -145,7 +170,7 @@ pub fn load_media_timed(
                     .map(Media::Video),
                 MediaRef::ImageEmbeds(url) => {
                     let bytes = timings.fetch(|| fetcher.fetch(url))?;
-                    let mut items = timings.decode(|| parse_image_embeds(&bytes, merge, hidden))?;
+                    let mut items = timings.decode(|| embeds(&bytes))?;
                     match items.len() {
                         1 => Ok(items.remove(0)),
                         n => Err(Error::InvalidInput(format!(
@@ -185,7 +210,13 @@ mod tests {
     use image::{DynamicImage, ImageFormat, RgbImage};
 
     use super::*;
+    use crate::multimodal::embeds::parse_image_embeds;
     use crate::multimodal::fetch::FetchSettings;
+
+    /// Embeddings in the grid layout (merge, hidden).
+    fn qwen_embeds(merge: usize, hidden: usize) -> impl Fn(&[u8]) -> Result<Vec<Media>> + Sync {
+        move |b: &[u8]| parse_image_embeds(b, merge, hidden)
+    }
 
     fn png_url(w: u32, h: u32, seed: u8) -> String {
         let img = RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8 ^ seed, y as u8, seed]));
@@ -244,7 +275,7 @@ mod tests {
             MediaRef::ImageEmbeds(embeds_url(1)),
             MediaRef::Video(vec![png_url(4, 4, 2), png_url(4, 4, 3)]),
         ];
-        let media = load_media(&refs, &f, 1000, 2, 3).unwrap();
+        let media = load_media(&refs, &f, 1000, &qwen_embeds(2, 3)).unwrap();
         assert!(matches!(&media[0], Media::Image(i) if i.dimensions() == (5, 3)));
         assert!(matches!(&media[1], Media::ImageEmbeds { grid: [1, 2, 4], values } if values.len() == 6));
         match &media[2] {
@@ -256,7 +287,7 @@ mod tests {
     /// load_media's error for `refs` (hidden size `hidden`), which must be InvalidInput.
     fn load_err(refs: &[MediaRef], hidden: usize) -> String {
         let f = MediaFetcher::new(FetchSettings::default()).unwrap();
-        match load_media(refs, &f, 100, 2, hidden) {
+        match load_media(refs, &f, 100, &qwen_embeds(2, hidden)) {
             Err(e @ Error::InvalidInput(_)) => e.to_string(),
             Err(e) => panic!("expected InvalidInput, got {e}"),
             Ok(m) => panic!("expected an error, got {} items", m.len()),

@@ -43,6 +43,17 @@ use crate::tensor::{DType, Tensor};
 /// Head dims with a compiled kernel (the ones the served models use).
 pub const HEAD_DIMS: [usize; 4] = [64, 80, 96, 128];
 
+/// Ok when attention can run at `head_dim` on `dev`: any head dim on the
+/// CPU, one of [`HEAD_DIMS`] on the GPU; else a config error naming `what`.
+pub fn check_head_dim(dev: &crate::tensor::Device, head_dim: usize, what: &str) -> Result<()> {
+    if head_dim == 0 || (dev.is_cuda() && !HEAD_DIMS.contains(&head_dim)) {
+        return Err(crate::error::Error::Config(format!(
+            "{what}: the GPU attention kernels serve head dims {HEAD_DIMS:?}"
+        )));
+    }
+    Ok(())
+}
+
 /// Warps per block in csrc/attention.cu (`ATTN_WARPS`): rows per block.
 const WARPS: usize = 8;
 

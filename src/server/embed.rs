@@ -5,7 +5,7 @@
 
 use crate::engine::request::Event;
 use crate::engine::{RequestId, Task};
-use crate::model::qwen2_vl::inputs::{prepare_prompt, PreparedInput};
+use crate::model::inputs::PreparedInput;
 use crate::multimodal::image::DEFAULT_MAX_PIXELS;
 use crate::openai::embeddings::{encode, truncate_normalize, EmbeddingInputs, EmbeddingRequest, EmbeddingResponse};
 use crate::openai::{load_media_timed, MediaTimings};
@@ -19,10 +19,10 @@ pub(crate) fn embeddings<'a>(state: &'a State, body: &str) -> Result<Reply<'a>, 
     state.check_task(Task::Embed, "Embeddings API")?;
     let input = req.to_input()?;
     let f = state.frontend();
-    if let Some(d) = input.dimensions.filter(|&d| d > f.hidden) {
+    let hidden = f.spec().hidden_size();
+    if let Some(d) = input.dimensions.filter(|&d| d > hidden) {
         return Err(ApiError::bad_request(format!(
-            "dimensions ({d}) is larger than the model's embedding size ({})",
-            f.hidden
+            "dimensions ({d}) is larger than the model's embedding size ({hidden})"
         )));
     }
     let prepared: Vec<PreparedInput> = match input.inputs {
@@ -35,12 +35,12 @@ pub(crate) fn embeddings<'a>(state: &'a State, body: &str) -> Result<Reply<'a>, 
         EmbeddingInputs::Chat { input: chat, add_generation_prompt } => {
             state.check_media_limits(&chat.media)?;
             let timings = MediaTimings::default();
-            let media =
-                load_media_timed(&chat.media, &state.fetcher, DEFAULT_MAX_PIXELS as usize, f.merge, f.hidden, &timings);
+            let embeds = |b: &[u8]| f.processor.parse_image_embeds(b);
+            let media = load_media_timed(&chat.media, &state.fetcher, DEFAULT_MAX_PIXELS as usize, &embeds, &timings);
             let prepared = media.and_then(|media| {
                 timings.preprocess(|| {
                     let prompt = f.template.render(&chat.messages, add_generation_prompt)?;
-                    prepare_prompt(&f.config, &f.tokenizer, &f.processors, prompt, &media)
+                    f.prepare_prompt(prompt, &media)
                 })
             });
             if !chat.media.is_empty() {

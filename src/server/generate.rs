@@ -16,11 +16,11 @@ use serde_json::{json, Value};
 use super::http::{ApiError, EventStream, Reply};
 use super::metrics::RequestTimes;
 use super::{unix_now, State};
-use crate::cli::batch::prepare_timed;
 use crate::engine::fault;
 use crate::engine::request::{Collector, Event, RequestId, RequestOutput, RequestParams};
 use crate::engine::{Request, Task};
 use crate::openai::completions::{CompletionLogprobs, CompletionRequest, CompletionResponse, Prompt};
+use crate::openai::prepare_timed;
 use crate::openai::protocol::{
     chat_logprobs, resolve_max_tokens, stop_reason_json, ChatCompletionRequest, ChatCompletionResponse, ErrorResponse,
 };

@@ -94,7 +94,7 @@ pub(crate) fn detokenize<'a>(state: &State, body: &str) -> Result<Reply<'a>, Api
     state.check_model(req.model.as_deref())?;
     let ids = req.ids()?;
     let f = state.frontend();
-    let vocab = f.config.text_config.vocab_size;
+    let vocab = f.spec().vocab_size();
     if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
         return Err(ApiError::bad_request(format!("token id {bad} is out of vocabulary (size {vocab})")));
     }

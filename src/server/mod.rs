@@ -43,8 +43,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::engine::{Engine, Frontend, Task};
 use crate::error::{Error, Result};
-use crate::model::qwen2_vl::inputs::{Pixels, PreparedInput};
-use crate::model::qwen2_vl::mrope::rope_index;
+use crate::model::inputs::PreparedInput;
 use crate::multimodal::fetch::MediaFetcher;
 use crate::openai::MediaRef;
 use http::ApiError;
@@ -167,7 +166,7 @@ impl State {
     /// in the model's vocabulary and hold no image or video placeholders.
     pub fn token_input(&self, ids: Vec<u32>) -> Result<PreparedInput, ApiError> {
         let f = self.frontend();
-        let vocab = f.config.text_config.vocab_size;
+        let vocab = f.spec().vocab_size();
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
             return Err(ApiError::bad_request(format!("token id {bad} is out of vocabulary (size {vocab})")));
         }
@@ -178,25 +177,13 @@ impl State {
                  send images and videos as content parts"
             )));
         }
-        let c = &f.config;
-        let (positions, rope_delta) =
-            rope_index(&ids, &[], &[], f.merge, c.image_token_id, c.video_token_id, c.vision_start_token_id)?;
         let prompt = f.tokenizer.decode(&ids, false).unwrap_or_default();
-        Ok(PreparedInput {
-            prompt,
-            input_ids: ids,
-            positions,
-            rope_delta,
-            images: Pixels::default(),
-            image_embeds: Vec::new(),
-            videos: Pixels::default(),
-        })
+        Ok(f.processor.text_input(prompt, ids))
     }
 
     /// The tokens that mark media in a prompt (placeholders, start and end).
-    fn media_tokens(&self) -> [u32; 4] {
-        let c = &self.frontend().config;
-        [c.image_token_id, c.video_token_id, c.vision_start_token_id, c.vision_end_token_id]
+    fn media_tokens(&self) -> &[u32] {
+        &self.frontend().spec().media_token_ids
     }
 
     /// 400 when a chat message's text holds a media token's text

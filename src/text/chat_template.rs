@@ -83,13 +83,28 @@ impl ChatTemplate {
     /// [`read_override`]), else the folder's own template; special tokens
     /// come from the folder either way.
     pub fn load(dir: impl AsRef<Path>, chat_template: Option<&str>) -> Result<Self> {
+        Self::load_or(dir, chat_template, None)
+    }
+
+    /// As [`ChatTemplate::load`], with a built-in template (the model
+    /// family's, named by `builtin.0`) for a folder that has none; says so
+    /// once on stderr when it is used.
+    pub fn load_or(dir: impl AsRef<Path>, chat_template: Option<&str>, builtin: Option<(&str, &str)>) -> Result<Self> {
         let dir = dir.as_ref();
-        match chat_template {
-            Some(arg) => {
+        match (chat_template, builtin) {
+            (Some(arg), _) => {
                 let (source, origin) = read_override(arg)?;
                 Self::new(source, origin, SpecialTokens::from_dir(dir)?)
             }
-            None => Self::from_dir(dir),
+            (None, Some((family, source))) if find_in_dir(dir)?.is_none() => {
+                eprintln!(
+                    "kestrel: {} has no chat template; using Kestrel's built-in {family} template \
+                     (--chat-template overrides it)",
+                    dir.display()
+                );
+                Self::new(source, format!("built-in {family} template"), SpecialTokens::from_dir(dir)?)
+            }
+            (None, _) => Self::from_dir(dir),
         }
     }
 

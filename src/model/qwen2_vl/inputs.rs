@@ -5,64 +5,17 @@
 //! rendered text becomes as many copies as the item has merged patches,
 //! then the text is tokenized.
 
-use image::RgbImage;
+use std::sync::Arc;
 
 use super::mrope;
 use super::processor::{self, ImageProcessorConfig};
 use crate::error::{Error, Result};
 use crate::model::config::Qwen2VlConfig;
+use crate::model::contract::{ModelSpec, Processor};
 use crate::text::{chat_template::ChatTemplate, tokenizer::Tokenizer};
 
-/// One media item of a prompt, in the order its placeholder appears.
-pub enum Media {
-    Image(RgbImage),
-    Video(Vec<RgbImage>),
-    /// An image given as its vision-tower output (vLLM's `image_embeds`):
-    /// `values` holds (tokens, LM hidden) rows, where tokens = t·h·w / merge²
-    /// for the patch grid `grid` [t, h, w] that produced them.
-    ImageEmbeds {
-        values: Vec<f32>,
-        grid: [usize; 3],
-    },
-}
-
-/// An image whose features were given, not computed.
-#[derive(Clone)]
-pub struct ImageEmbeds {
-    /// Its place among all the prompt's images (0-based).
-    pub order: usize,
-    pub grid: [usize; 3],
-    pub values: Vec<f32>, // (tokens, hidden)
-}
-
-/// Pixel values of several items, concatenated, with each item's grid.
-#[derive(Default, Clone)]
-pub struct Pixels {
-    pub values: Vec<f32>,       // (Σ patches, patch_dim)
-    pub grids: Vec<[usize; 3]>, // [t, h, w] in patches, per item
-}
-
-pub struct PreparedInput {
-    pub prompt: String,
-    pub input_ids: Vec<u32>,
-    pub positions: Vec<i32>, // (3, n): temporal, height, width rows
-    pub rope_delta: i64,
-    /// The images given as pixels; `image_embeds` the ones given as features.
-    pub images: Pixels,
-    pub image_embeds: Vec<ImageEmbeds>,
-    pub videos: Pixels,
-}
-
-impl PreparedInput {
-    /// Grids of every image, pixel or precomputed, in prompt order.
-    pub fn image_grids(&self) -> Vec<[usize; 3]> {
-        let mut grids = self.images.grids.clone();
-        for e in &self.image_embeds {
-            grids.insert(e.order.min(grids.len()), e.grid);
-        }
-        grids
-    }
-}
+pub use crate::model::inputs::{ImageEmbeds, Pixels, PreparedInput};
+pub use crate::multimodal::Media;
 
 /// Processors for the two media kinds (preprocessor_config.json, and the
 /// video processor's defaults).
@@ -216,4 +169,59 @@ pub fn prepare_prompt(
         cfg.vision_start_token_id,
     )?;
     Ok(PreparedInput { prompt: expanded, input_ids, positions, rope_delta, images, image_embeds, videos })
+}
+
+/// The prompt side of Qwen2-VL: its config, processors and spec.
+pub struct Qwen2VlProcessor {
+    pub config: Qwen2VlConfig,
+    pub processors: Processors,
+    pub spec: ModelSpec,
+}
+
+impl Qwen2VlProcessor {
+    pub fn from_dir(dir: &std::path::Path) -> Result<Arc<dyn Processor>> {
+        let config = Qwen2VlConfig::from_dir(dir)?;
+        let spec = super::model::spec(&config, has_lm_head(dir)?);
+        Ok(Arc::new(Self { processors: Processors::from_dir(dir)?, config, spec }))
+    }
+}
+
+/// Whether the checkpoint in `dir` stores `lm_head.weight` (headers only).
+pub fn has_lm_head(dir: &std::path::Path) -> Result<bool> {
+    Ok(crate::model::weights::Weights::open(dir)?.contains(crate::model::weights::LM_HEAD))
+}
+
+impl Processor for Qwen2VlProcessor {
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    fn prepare_prompt(&self, tok: &Tokenizer, prompt: String, media: &[Media]) -> Result<PreparedInput> {
+        prepare_prompt(&self.config, tok, &self.processors, prompt, media)
+    }
+
+    fn parse_image_embeds(&self, bytes: &[u8]) -> Result<Vec<Media>> {
+        let (merge, hidden) = (self.config.vision_config.spatial_merge_size, self.config.text_config.hidden_size);
+        crate::multimodal::embeds::parse_image_embeds(bytes, merge, hidden)
+    }
+
+    fn max_image_pixels(&self) -> usize {
+        self.processors.image.max_pixels
+    }
+
+    fn preprocess_image(&self, img: &image::RgbImage) -> Result<(Vec<f32>, [usize; 3])> {
+        processor::preprocess_image(img, &self.processors.image)
+    }
+
+    fn image_grid(&self, width: usize, height: usize) -> Result<[usize; 3]> {
+        self.processors.image.grid_thw(1, height, width)
+    }
+
+    fn image_tokens(&self, grid: [usize; 3]) -> usize {
+        processor::num_placeholder_tokens(grid, self.config.vision_config.spatial_merge_size)
+    }
+
+    fn vision_flops(&self, grid: [usize; 3]) -> f64 {
+        super::vision_flops(&self.config.vision_config, grid)
+    }
 }

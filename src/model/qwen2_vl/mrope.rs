@@ -114,9 +114,7 @@ pub fn rope_index(
 /// M-RoPE position (same on all three rows) of the token at sequence index
 /// `index` once the prompt is done: index + delta (HF `compute_3d_position_ids`
 /// with cached `rope_deltas`).
-pub fn decode_position(index: usize, delta: i64) -> i64 {
-    index as i64 + delta
-}
+pub use crate::model::inputs::decode_position;
 
 /// ViT rotary positions: (t·h·w, 2) row-major i32 pairs (row, col) of each
 /// patch, in the order the processor emits patches (merge windows: for each

@@ -292,32 +292,13 @@ fn at_size<'a>(img: &'a RgbImage, h: usize, w: usize, cfg: &ImageProcessorConfig
     Ok(Cow::Owned(resize_rgb8(img, w as u32, h as u32, cfg.resample)?))
 }
 
-/// The pixel_values value of every uint8 level in each channel.
-///
-/// torchvision `rescale_and_normalize`: with both on, mean and std are
-/// scaled by 1/rescale_factor (f32 tensor times a Python float, i.e. in
-/// f32) and the image is normalized in f32: (x - m) / s. A sample is one of
-/// 256 levels, so the formula runs 768 times here and the pass over the
-/// pixels is a look-up: the same f32 operations, so the same bits, without
-/// a division per sample.
+/// The pixel_values value of every uint8 level in each channel
+/// (`multimodal::image::level_table`, torchvision's fused rescale+normalize).
 fn level_table(cfg: &ImageProcessorConfig) -> [[f32; 256]; 3] {
-    let inv = (1.0 / cfg.rescale_factor) as f32;
-    let (mean, std, scale) = match (cfg.do_rescale, cfg.do_normalize) {
-        (true, true) => (cfg.image_mean.map(|m| m * inv), cfg.image_std.map(|s| s * inv), 1.0),
-        (false, true) => (cfg.image_mean, cfg.image_std, 1.0),
-        (true, false) => ([0.0; 3], [1.0; 3], cfg.rescale_factor as f32),
-        (false, false) => ([0.0; 3], [1.0; 3], 1.0),
-    };
-    std::array::from_fn(|c| {
-        std::array::from_fn(|level| {
-            let v = level as f32;
-            if cfg.do_normalize {
-                (v - mean[c]) / std[c]
-            } else {
-                v * scale
-            }
-        })
-    })
+    crate::multimodal::image::level_table(
+        cfg.do_rescale.then_some(cfg.rescale_factor),
+        cfg.do_normalize.then_some((cfg.image_mean, cfg.image_std)),
+    )
 }
 
 /// Rescale, normalize and flatten `frames` (each h x w, at the processor's

@@ -1,22 +1,22 @@
 use super::*;
 
 /// Qwen/Qwen2-VL-2B-Instruct config.json as published (flat layout).
-const QWEN2_VL_2B: &str = include_str!("../../../tests/loader/configs/qwen2_vl_2b_instruct.json");
+const QWEN2_VL_2B: &str = include_str!("../../../../tests/loader/configs/qwen2_vl_2b_instruct.json");
 
 /// Qwen/Qwen2-VL-7B-Instruct config.json as published (flat layout).
-const QWEN2_VL_7B: &str = include_str!("../../../tests/loader/configs/qwen2_vl_7b_instruct.json");
+const QWEN2_VL_7B: &str = include_str!("../../../../tests/loader/configs/qwen2_vl_7b_instruct.json");
 
 /// What `Qwen2VLConfig(**published).save_pretrained()` writes, per
 /// transformers version (4.46.3: flat, `rope_scaling.type` "default",
 /// vision fields equal to the class defaults left out; 4.53.3: flat and
 /// `text_config` both; 5.24.0: `text_config` with `rope_parameters`).
 const RESAVED: [(&str, &str, &str); 6] = [
-    ("2b", "4.46.3", include_str!("../../../tests/loader/configs/qwen2_vl_2b_saved_by_transformers_4.46.3.json")),
-    ("7b", "4.46.3", include_str!("../../../tests/loader/configs/qwen2_vl_7b_saved_by_transformers_4.46.3.json")),
-    ("2b", "4.53.3", include_str!("../../../tests/loader/configs/qwen2_vl_2b_saved_by_transformers_4.53.3.json")),
-    ("7b", "4.53.3", include_str!("../../../tests/loader/configs/qwen2_vl_7b_saved_by_transformers_4.53.3.json")),
-    ("2b", "5.24.0", include_str!("../../../tests/loader/configs/qwen2_vl_2b_saved_by_transformers_5.24.0.json")),
-    ("7b", "5.24.0", include_str!("../../../tests/loader/configs/qwen2_vl_7b_saved_by_transformers_5.24.0.json")),
+    ("2b", "4.46.3", include_str!("../../../../tests/loader/configs/qwen2_vl_2b_saved_by_transformers_4.46.3.json")),
+    ("7b", "4.46.3", include_str!("../../../../tests/loader/configs/qwen2_vl_7b_saved_by_transformers_4.46.3.json")),
+    ("2b", "4.53.3", include_str!("../../../../tests/loader/configs/qwen2_vl_2b_saved_by_transformers_4.53.3.json")),
+    ("7b", "4.53.3", include_str!("../../../../tests/loader/configs/qwen2_vl_7b_saved_by_transformers_4.53.3.json")),
+    ("2b", "5.24.0", include_str!("../../../../tests/loader/configs/qwen2_vl_2b_saved_by_transformers_5.24.0.json")),
+    ("7b", "5.24.0", include_str!("../../../../tests/loader/configs/qwen2_vl_7b_saved_by_transformers_5.24.0.json")),
 ];
 const NESTED_4_53: &str = RESAVED[2].2;
 const V5_24: &str = RESAVED[5].2;

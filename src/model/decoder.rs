@@ -1,7 +1,17 @@
-//! The Qwen2 decoder of Qwen2-VL: token embedding, layers of (RMSNorm, GQA
-//! attention with q/k/v biases and M-RoPE, RMSNorm, SwiGLU MLP), final norm,
-//! LM head. Mirrors transformers modeling_qwen2_vl.py: `Qwen2VLTextModel`,
-//! `Qwen2VLDecoderLayer`, `Qwen2VLAttention`, `Qwen2MLP`, `Qwen2RMSNorm`.
+//! The one decoder every family shares: token embedding, layers of (RMSNorm,
+//! GQA attention with RoPE over the paged KV cache, RMSNorm, SwiGLU MLP),
+//! final norm, LM head. Llama, Qwen2, Phi-3 and Mistral differ only by
+//! config ([`DecoderDims`]): q/k/v biases or not, the RoPE (M-RoPE sections,
+//! or 1-D RoPE as M-RoPE with three equal position rows), a tied or absent
+//! head. Checkpoints that store q|k|v or gate|up fused are loaded by the
+//! family into the same stacked tensors.
+//! Mirrors transformers `modeling_llama.py` (`LlamaDecoderLayer`,
+//! `LlamaAttention`, `LlamaMLP`, `LlamaRMSNorm`) and `modeling_qwen2_vl.py`
+//! (`Qwen2VLTextModel`, `Qwen2VLAttention` with M-RoPE).
+//!
+//! Weights are asked for by canonical names (`model.language_model.*`,
+//! `lm_head.weight`); each family's [`Weights`] name map finds them in the
+//! checkpoint as stored.
 //!
 //! The residual stream is kept in the activation dtype and each residual add
 //! is fused with the RMSNorm that follows it (`add_rms_norm`), as HF's bf16
@@ -13,9 +23,9 @@ use crate::model::weights::Weights;
 use crate::ops::{activation, attention, embedding, gemm, norm, qkv_rope};
 use crate::tensor::{DType, Device, Tensor};
 
-/// What the decoder needs from text_config.
+/// What the decoder needs from the family's text config.
 #[derive(Clone, Debug)]
-pub struct TextDims {
+pub struct DecoderDims {
     pub hidden: usize,
     pub layers: usize,
     pub heads: usize,
@@ -25,25 +35,72 @@ pub struct TextDims {
     pub vocab: usize,
     pub eps: f32,
     pub rope_theta: f32,
+    /// Rotary frequency pairs per position row (temporal, height, width);
+    /// sums to head_dim / 2. 1-D RoPE is [head_dim / 2, 0, 0].
     pub mrope_section: [usize; 3],
+    /// Whether q_proj, k_proj and v_proj have biases (Qwen2: yes; Llama: no).
+    pub qkv_bias: bool,
+    /// The LM head: its own tensor, the token embedding, or none (a base
+    /// model saved without head, served for embeddings only).
+    pub head: Head,
+}
+
+/// Where the decoder's LM head comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Head {
+    /// `lm_head.weight` (used also when tied but present, as HF loads it).
+    Own,
+    /// tie_word_embeddings: the token embedding.
+    Tied,
+    /// No head (`*Model` classes): hidden states only.
+    None,
+}
+
+impl DecoderDims {
+    /// 1-D RoPE's sections: every frequency reads the first position row.
+    pub fn rope_1d_sections(head_dim: usize) -> [usize; 3] {
+        [head_dim / 2, 0, 0]
+    }
+
+    /// Parameters one decode step reads: every layer, the final norm and
+    /// the LM head (none when headless). The embedding lookup reads one
+    /// row per token and is left out.
+    pub fn step_params(&self) -> usize {
+        let head = if self.head == Head::None { 0 } else { self.vocab * self.hidden };
+        self.layers * self.layer_params() + self.hidden + head
+    }
+
+    /// Parameters of one layer: q, k, v (with biases if any), o,
+    /// gate/up/down and the two norms.
+    pub fn layer_params(&self) -> usize {
+        let (h, q, kv) = (self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim);
+        let bias = if self.qkv_bias { q + 2 * kv } else { 0 };
+        let attn = h * q + 2 * h * kv + bias + q * h;
+        attn + 3 * h * self.intermediate + 2 * h
+    }
+
+    /// KV cache bytes one token adds: K and V of every layer.
+    pub fn kv_bytes_per_token(&self, dtype_bytes: usize) -> usize {
+        2 * self.layers * self.kv_heads * self.head_dim * dtype_bytes
+    }
 }
 
 struct Layer {
     input_norm: Tensor, // (hidden,)
     post_norm: Tensor,  // (hidden,)
     qkv: Tensor,        // ((heads + 2·kv_heads)·hd, hidden): q_proj, k_proj, v_proj rows
-    qkv_bias: Tensor,   // ((heads + 2·kv_heads)·hd,): their biases, in the same order
+    qkv_bias: Tensor,   // ((heads + 2·kv_heads)·hd,): their biases in the same order (zeros without)
     o: Linear,          // (hidden, heads·hd), no bias
     gate_up: Tensor,    // (2·intermediate, hidden): gate_proj rows, then up_proj rows
     down: Tensor,       // (hidden, intermediate)
 }
 
-pub struct TextModel {
-    pub dims: TextDims,
+pub struct Decoder {
+    pub dims: DecoderDims,
     embed: Tensor, // (vocab, hidden)
     layers: Vec<Layer>,
     norm: Tensor,            // (hidden,)
-    lm_head: Option<Tensor>, // (vocab, hidden); None when tied to the embedding
+    lm_head: Option<Tensor>, // (vocab, hidden); None when tied to the embedding or headless
 }
 
 /// The paged KV cache (vLLM's layout, one tensor per layer for keys and one
@@ -58,7 +115,7 @@ pub struct PagedKv {
 }
 
 impl PagedKv {
-    pub fn new(dev: &Device, dims: &TextDims, num_blocks: usize, block_size: usize) -> Result<Self> {
+    pub fn new(dev: &Device, dims: &DecoderDims, num_blocks: usize, block_size: usize) -> Result<Self> {
         crate::ensure_shape!(block_size > 0, "kv cache", "block size must be positive");
         let shape = [num_blocks, block_size, dims.kv_heads, dims.head_dim];
         let dt = dev.activation_dtype();
@@ -67,7 +124,7 @@ impl PagedKv {
     }
 
     /// Bytes one block takes over all layers, keys and values.
-    pub fn bytes_per_block(dims: &TextDims, dtype: DType, block_size: usize) -> usize {
+    pub fn bytes_per_block(dims: &DecoderDims, dtype: DType, block_size: usize) -> usize {
         2 * dims.layers * block_size * dims.kv_heads * dims.head_dim * dtype.size()
     }
 }
@@ -170,38 +227,58 @@ impl AttnBatch {
     }
 }
 
-impl TextModel {
-    /// `tied`: tie_word_embeddings, where the LM head is the embedding matrix.
-    /// A checkpoint that still stores `lm_head.weight` while tied gets it used.
-    pub fn load(w: &Weights, dev: &Device, dims: TextDims, tied: bool) -> Result<Self> {
+impl Decoder {
+    /// Loads the decoder by canonical names. q|k|v and gate|up are stacked
+    /// from separate tensors (`*_proj.weight`) or taken as stored when the
+    /// checkpoint fuses them (`qkv_proj`, `gate_up_proj`, as Phi-3 does).
+    /// Without q/k/v biases the fused op gets zeros (adding 0 is exact).
+    pub fn load(w: &Weights, dev: &Device, dims: DecoderDims) -> Result<Self> {
         let (h, hd) = (dims.hidden, dims.head_dim);
+        let at0 = "model.language_model.layers.0.self_attn.q_proj.weight";
+        crate::ops::attention::check_head_dim(dev, hd, &format!("tensor `{at0}` (head dim {hd})"))?;
         let mut layers = Vec::with_capacity(dims.layers);
         for i in 0..dims.layers {
             let p = format!("model.language_model.layers.{i}");
             // q | k | v stacked: one GEMM, then bias, M-RoPE and the cache
             // write in one op (qkv_rope_cache).
             let at = |name: &str| format!("{p}.self_attn.{name}");
-            let (qw, kw, vw) = (at("q_proj.weight"), at("k_proj.weight"), at("v_proj.weight"));
-            let (qb, kb, vb) = (at("q_proj.bias"), at("k_proj.bias"), at("v_proj.bias"));
             let (q_rows, kv_rows) = (dims.heads * hd, dims.kv_heads * hd);
-            let (qs, kvs) = ([q_rows, h], [kv_rows, h]);
-            let (qbs, kvbs) = ([q_rows], [kv_rows]);
-            let (gate, up) = (format!("{p}.mlp.gate_proj.weight"), format!("{p}.mlp.up_proj.weight"));
+            let rows = q_rows + 2 * kv_rows;
+            let qkv = if w.contains(&at("qkv_proj.weight")) {
+                w.load(dev, &at("qkv_proj.weight"), &[rows, h])?
+            } else {
+                let (qw, kw, vw) = (at("q_proj.weight"), at("k_proj.weight"), at("v_proj.weight"));
+                let (qs, kvs) = ([q_rows, h], [kv_rows, h]);
+                w.load_stacked(dev, &[(&qw, &qs), (&kw, &kvs), (&vw, &kvs)])?
+            };
+            let qkv_bias = if dims.qkv_bias {
+                let (qb, kb, vb) = (at("q_proj.bias"), at("k_proj.bias"), at("v_proj.bias"));
+                let (qbs, kvbs) = ([q_rows], [kv_rows]);
+                w.load_stacked(dev, &[(&qb, &qbs), (&kb, &kvbs), (&vb, &kvbs)])?
+            } else {
+                Tensor::zeros(dev, &[rows], dev.activation_dtype())?
+            };
             let mlp_shape = [dims.intermediate, h];
+            let gate_up = if w.contains(&format!("{p}.mlp.gate_up_proj.weight")) {
+                w.load(dev, &format!("{p}.mlp.gate_up_proj.weight"), &[2 * dims.intermediate, h])?
+            } else {
+                let (gate, up) = (format!("{p}.mlp.gate_proj.weight"), format!("{p}.mlp.up_proj.weight"));
+                w.load_stacked(dev, &[(&gate, &mlp_shape), (&up, &mlp_shape)])?
+            };
             layers.push(Layer {
                 input_norm: w.load(dev, &format!("{p}.input_layernorm.weight"), &[h])?,
                 post_norm: w.load(dev, &format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                qkv: w.load_stacked(dev, &[(&qw, &qs), (&kw, &kvs), (&vw, &kvs)])?,
-                qkv_bias: w.load_stacked(dev, &[(&qb, &qbs), (&kb, &kvbs), (&vb, &kvbs)])?,
+                qkv,
+                qkv_bias,
                 o: Linear { w: w.load(dev, &at("o_proj.weight"), &[h, dims.heads * hd])?, b: None },
-                gate_up: w.load_stacked(dev, &[(&gate, &mlp_shape), (&up, &mlp_shape)])?,
+                gate_up,
                 down: w.load(dev, &format!("{p}.mlp.down_proj.weight"), &[h, dims.intermediate])?,
             });
         }
-        let lm_head = if tied && !w.contains("lm_head.weight") {
-            None
-        } else {
-            Some(w.load(dev, "lm_head.weight", &[dims.vocab, h])?)
+        let lm_head = match dims.head {
+            Head::Own => Some(w.load(dev, "lm_head.weight", &[dims.vocab, h])?),
+            Head::Tied if w.contains("lm_head.weight") => Some(w.load(dev, "lm_head.weight", &[dims.vocab, h])?),
+            Head::Tied | Head::None => None,
         };
         Ok(Self {
             embed: w.load(dev, "model.language_model.embed_tokens.weight", &[dims.vocab, h])?,
@@ -291,10 +368,26 @@ impl TextModel {
     }
 
     /// f32 logits (rows, vocab) of hidden states (rows, hidden).
+    /// An error for a headless decoder (a base model for embeddings).
     pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
+        let head = match (&self.lm_head, self.dims.head) {
+            (Some(t), _) => t,
+            (None, Head::Tied) => &self.embed,
+            (None, _) => {
+                return Err(crate::error::Error::Engine(
+                    "this checkpoint has no LM head (a base model): it serves embeddings only (--task embedding)"
+                        .into(),
+                ))
+            }
+        };
         let rows = h.shape()[0];
         let mut out = Tensor::empty(&h.device(), &[rows, self.dims.vocab], DType::F32)?;
-        gemm::gemm(&mut out, h, self.lm_head.as_ref().unwrap_or(&self.embed))?;
+        gemm::gemm(&mut out, h, head)?;
         Ok(out)
+    }
+
+    /// Whether the decoder can produce logits.
+    pub fn has_head(&self) -> bool {
+        self.dims.head != Head::None
     }
 }

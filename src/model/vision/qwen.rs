@@ -1,10 +1,13 @@
 //! The Qwen2-VL vision tower: patch embedding, blocks with 2-D RoPE attending
-//! within each image (frame) via cu_seqlens, and the patch merger.
+//! within each image (frame) via cu_seqlens, and the patch merger
+//! (`connector::PatchMerger`).
 //! Mirrors transformers modeling_qwen2_vl.py: `PatchEmbed`, `VisionAttention`,
 //! `Qwen2VLVisionBlock`, `PatchMerger`, `Qwen2VisionTransformerPretrainedModel.forward`.
 
+use super::act_forward;
 use crate::error::Result;
-use crate::model::layers::Linear;
+use crate::model::connector::PatchMerger;
+use crate::model::layers::{layer_norm_weights, linear, Linear};
 use crate::model::weights::Weights;
 use crate::ops::{activation, attention, norm, rope};
 use crate::tensor::{Device, Tensor};
@@ -22,6 +25,7 @@ pub struct VisionDims {
     pub patch: usize,          // 14
     pub merge: usize,          // spatial_merge_size (2)
     pub act: VisionAct,        // hidden_act of the block MLP
+    pub rope_theta: f32,       // base of the 2-D RoPE (vision_config.rope_theta)
 }
 
 impl VisionDims {
@@ -31,15 +35,9 @@ impl VisionDims {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
-pub enum VisionAct {
-    QuickGelu,
-    Gelu,
-    GeluTanh,
-}
+pub use super::VisionAct;
 
 const LN_EPS: f32 = 1e-6; // LayerNorm(eps=1e-6) in every block and the merger
-const ROPE_THETA: f32 = 10000.0; // VisionRotaryEmbedding default
 
 struct Block {
     norm1: (Tensor, Tensor), // LayerNorm weight, bias (embed,)
@@ -56,26 +54,19 @@ pub struct VisionTower {
     pub dims: VisionDims,
     patch_embed: Tensor, // (embed, patch_dim): Conv3d weight (embed, C, T, P, P) flattened
     blocks: Vec<Block>,
-    ln_q: (Tensor, Tensor), // (embed,)
-    mlp0: Linear,           // (embed·merge², embed·merge²)
-    mlp2: Linear,           // (out_hidden, embed·merge²)
-}
-
-fn linear(w: &Weights, dev: &Device, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-    Ok(Linear {
-        w: w.load(dev, &format!("{name}.weight"), &[out, inp])?,
-        b: if bias { Some(w.load(dev, &format!("{name}.bias"), &[out])?) } else { None },
-    })
-}
-
-fn layer_norm_weights(w: &Weights, dev: &Device, name: &str, n: usize) -> Result<(Tensor, Tensor)> {
-    Ok((w.load(dev, &format!("{name}.weight"), &[n])?, w.load(dev, &format!("{name}.bias"), &[n])?))
+    merger: PatchMerger,
 }
 
 impl VisionTower {
     pub fn load(w: &Weights, dev: &Device, dims: VisionDims) -> Result<Self> {
         let e = dims.embed_dim;
         let pre = "model.visual";
+        let hd = dims.embed_dim / dims.num_heads.max(1);
+        crate::ops::attention::check_head_dim(
+            dev,
+            hd,
+            &format!("tensor `{pre}.blocks.0.attn.qkv.weight` (head dim {hd})"),
+        )?;
         // Conv3d with stride = kernel is a matrix product over flattened patches.
         let conv = [e, dims.in_channels, dims.temporal_patch, dims.patch, dims.patch];
         let patch_embed =
@@ -102,15 +93,8 @@ impl VisionTower {
                 fc2: linear(w, dev, &format!("{b}.mlp.fc2"), e, dims.mlp_hidden, true)?,
             });
         }
-        let m = e * dims.merge * dims.merge;
-        Ok(Self {
-            patch_embed,
-            blocks,
-            ln_q: layer_norm_weights(w, dev, &format!("{pre}.merger.ln_q"), e)?,
-            mlp0: linear(w, dev, &format!("{pre}.merger.mlp.0"), m, m, true)?,
-            mlp2: linear(w, dev, &format!("{pre}.merger.mlp.2"), dims.out_hidden, m, true)?,
-            dims,
-        })
+        let merger = PatchMerger::load(w, dev, &format!("{pre}.merger"), e, dims.merge, dims.out_hidden, LN_EPS)?;
+        Ok(Self { patch_embed, blocks, merger, dims })
     }
 
     /// pixel_values (patches, patch_dim) in the processor's patch order, in
@@ -159,8 +143,8 @@ impl VisionTower {
             let mut q = b.q.forward(&h)?.reshape(&[n, heads, hd])?;
             let mut k = b.k.forward(&h)?.reshape(&[n, heads, hd])?;
             let v = b.v.forward(&h)?.reshape(&[n, heads, hd])?;
-            rope::vision_rope(&mut q, positions, ROPE_THETA)?;
-            rope::vision_rope(&mut k, positions, ROPE_THETA)?;
+            rope::vision_rope(&mut q, positions, d.rope_theta)?;
+            rope::vision_rope(&mut k, positions, d.rope_theta)?;
             let mut a = Tensor::empty(&dev, &[n, heads, hd], dt)?;
             attention::attention(&mut a, &q, &k, &v, &cu, &cu, max_len, false, scale)?;
             let o = b.proj.forward(&a.reshape(&[n, d.embed_dim])?)?;
@@ -168,25 +152,13 @@ impl VisionTower {
             activation::add(&mut x2, &x, &o)?;
             norm::layer_norm(&mut h, &x2, &b.norm2.0, &b.norm2.1, LN_EPS)?;
             let f = b.fc1.forward(&h)?;
-            let mut g = Tensor::empty(&dev, f.shape(), dt)?;
-            match d.act {
-                VisionAct::QuickGelu => activation::quick_gelu(&mut g, &f)?,
-                VisionAct::Gelu => activation::gelu(&mut g, &f)?,
-                VisionAct::GeluTanh => activation::gelu_tanh(&mut g, &f)?,
-            }
+            let g = act_forward(d.act, &f)?;
             let f2 = b.fc2.forward(&g)?;
             activation::add(&mut x, &x2, &f2)?;
             observe(&format!("vision.block.{i}"), &x);
         }
 
-        // Merger: LayerNorm per patch, then each merge² window as one row.
-        norm::layer_norm(&mut h, &x, &self.ln_q.0, &self.ln_q.1, LN_EPS)?;
-        let groups = d.merge * d.merge;
-        crate::ensure_shape!(n % groups == 0, "vision", "{n} patches do not fill {groups}-patch merge windows");
-        let m = self.mlp0.forward(&h.reshape(&[n / groups, d.embed_dim * groups])?)?;
-        let mut g = Tensor::empty(&dev, m.shape(), dt)?;
-        activation::gelu(&mut g, &m)?;
-        let out = self.mlp2.forward(&g)?;
+        let out = self.merger.forward(&x)?;
         observe("vision.merger", &out);
         Ok(out)
     }
