@@ -1,7 +1,7 @@
 //! One error type for the library. Nothing on the request path panics or
 //! exits: every failure travels up as an `Error` and becomes an API error.
 
-use crate::tensor::DType;
+use crate::dtype::DType;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

@@ -2,16 +2,21 @@
 //!
 //! Layout (docs/architecture.md has the longer story):
 //! - `cuda`   device context, stream, memory pool, kernel registry, cuBLAS
+//! - `dtype`  element types (below `cuda` and `tensor`, which both use them)
 //! - `tensor` a minimal tensor over host (f32/i32) or device memory
+//! - `sampling` the sampling math (OpenAI/vLLM semantics) that `ops` and `engine` share
+//! - `model`  the model contract, the registry of families and their code
 //! - `ops`    every op with a CPU f32 reference and a CUDA launcher
 //! - `openai` OpenAI-compatible request/response bodies and media loading
 //! - `server` the OpenAI-compatible HTTP server (`kestrel serve`)
 
 pub mod cli;
 pub mod cuda;
+pub mod dtype;
 pub mod engine;
 pub mod error;
 pub mod ops;
+pub mod sampling;
 pub mod tensor;
 
 pub use error::{Error, Result};

@@ -14,7 +14,7 @@ use cudarc::cublas::{result as blas, sys};
 use cudarc::driver::{result as drv, CudaStream};
 
 use crate::error::Result;
-use crate::tensor::DType;
+use crate::dtype::DType;
 
 /// cuBLAS gets its own workspace so it never allocates mid-step (and so a
 /// step can later be captured in a CUDA graph). 32 MiB is what it asks for on Hopper.

@@ -9,7 +9,7 @@
 //! - `blocks`    the KV block pool
 //! - `runner`    packs a step into one forward pass; sizes the KV cache
 //! - `graphs`    decode steps replayed from CUDA graphs
-//! - `sampling`  the CPU sampler (OpenAI/vLLM semantics)
+//! - `sampling`  the sampler (`crate::sampling`, re-exported: `ops` uses its math too)
 //! - `pooling`   the embedding task: pooling and normalization
 //! - `fault`     fault injection for the server's tests (debug builds only)
 
@@ -22,7 +22,7 @@ pub mod graphs;
 pub mod pooling;
 pub mod request;
 pub mod runner;
-pub mod sampling;
+pub use crate::sampling;
 pub mod scheduler;
 
 pub use engine::{Engine, EngineConfig, EngineStats, Frontend};

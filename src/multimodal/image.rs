@@ -436,7 +436,7 @@ pub fn resize_rgb8(src: &RgbImage, width: u32, height: u32, filter: ResizeFilter
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::sampling::Rng;
+    use crate::sampling::Rng;
     use image::{ImageFormat, Rgba, RgbaImage};
 
     fn encode(img: &DynamicImage, format: ImageFormat) -> Vec<u8> {

@@ -20,7 +20,7 @@ use rayon::prelude::*;
 
 use super::{expect_dtype, f32s_mut, i32s_mut, placement, ptr, On};
 use crate::cuda::Arg;
-use crate::engine::sampling::{penalized_tokens, SamplingParams};
+use crate::sampling::{penalized_tokens, SamplingParams};
 use crate::ensure_shape;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};

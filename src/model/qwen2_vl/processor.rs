@@ -396,7 +396,7 @@ pub fn preprocess_video(frames: &[RgbImage], cfg: &ImageProcessorConfig) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::sampling::Rng;
+    use crate::sampling::Rng;
 
     /// The straightforward pipeline the fused pass replaced: f32 planes
     /// (3, h, w) per frame, normalized sample by sample with torchvision's
