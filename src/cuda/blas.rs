@@ -13,8 +13,8 @@ use std::ffi::c_void;
 use cudarc::cublas::{result as blas, sys};
 use cudarc::driver::{result as drv, CudaStream};
 
-use crate::error::Result;
 use crate::dtype::DType;
+use crate::error::Result;
 
 /// cuBLAS gets its own workspace so it never allocates mid-step (and so a
 /// step can later be captured in a CUDA graph). 32 MiB is what it asks for on Hopper.

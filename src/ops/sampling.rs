@@ -20,9 +20,9 @@ use rayon::prelude::*;
 
 use super::{expect_dtype, f32s_mut, i32s_mut, placement, ptr, On};
 use crate::cuda::Arg;
-use crate::sampling::{penalized_tokens, SamplingParams};
 use crate::ensure_shape;
 use crate::error::{Error, Result};
+use crate::sampling::{penalized_tokens, SamplingParams};
 use crate::tensor::{DType, Tensor};
 
 /// `out` holds this for a row whose logits are all -inf or NaN (after bans
