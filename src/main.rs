@@ -114,6 +114,11 @@ fn info(require_gpu: bool) -> i32 {
     } else {
         println!("CUDA kernels: not built in (nvcc was missing at build time; run tools/install_cuda.sh and rebuild)");
     }
+    println!("model families (config.json architectures):");
+    for f in kestrel::model::registry::FAMILIES {
+        println!("  {:<9} {} — {}; e.g. {}", f.name, f.architectures.join(", "), f.tasks, f.examples.join(", "));
+    }
+    println!("GPU attention head dims: {:?} (the CPU backend takes any)", kestrel::ops::attention::HEAD_DIMS);
     match Gpu::new(0) {
         Ok(gpu) => {
             let (maj, min) = gpu.capability();

@@ -4,7 +4,7 @@
 //! `decode` of all ids, or text written by hand (`str::find` on it for stop
 //! strings). Tokens are always fed one at a time, as the engine does.
 //!
-//! The tiny tokenizer (tests/fixtures/tiny-qwen2-vl, byte-level BPE with few
+//! The tiny tokenizer (src/model/builtin/tiny-qwen2-vl, byte-level BPE with few
 //! merges, so most non-ASCII characters span several tokens) is always used.
 //! The real Qwen tokenizer is used when KESTREL_QWEN_TOKENIZER_DIR points to
 //! it (`export KESTREL_QWEN_TOKENIZER_DIR=$(tools/fetch_qwen_tokenizer.sh)`);
@@ -32,7 +32,7 @@ const TEXTS: &[&str] = &[
 ];
 
 fn tiny() -> Tokenizer {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-qwen2-vl");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/model/builtin/tiny-qwen2-vl");
     Tokenizer::from_dir(dir).expect("tiny tokenizer loads")
 }
 

@@ -19,7 +19,7 @@ use kestrel::model::qwen2_vl::inputs::{Media, PreparedInput};
 use kestrel::multimodal::image::{decode_rgb8, DEFAULT_MAX_PIXELS};
 
 fn model_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-qwen2-vl")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("src/model/builtin/tiny-qwen2-vl")
 }
 
 fn config() -> EngineConfig {
@@ -27,7 +27,9 @@ fn config() -> EngineConfig {
 }
 
 fn image(name: &str) -> Media {
-    let bytes = std::fs::read(model_dir().join("golden").join(name)).unwrap();
+    let bytes =
+        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-qwen2-vl/golden").join(name))
+            .unwrap();
     Media::Image(decode_rgb8(&bytes, DEFAULT_MAX_PIXELS).unwrap())
 }
 

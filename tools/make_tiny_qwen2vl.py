@@ -15,6 +15,11 @@ for each case in CASES a safetensors file of HF's tensors plus cases.json:
   decoder.embeds (after image features are scattered in), decoder.layer.{i},
   decoder.norm, logits (all positions, f32), greedy token ids.
 
+The built-in model is this script's tiny output: its model files live in
+src/model/builtin/tiny-qwen2-vl/ (embedded in the binary) and its golden/ in
+tests/fixtures/tiny-qwen2-vl/golden/ (test data only); regenerate into a
+scratch folder and copy the two parts there.
+
 `--config 2b|7b` builds random checkpoints with the published 2B/7B shapes
 (bf16 weights) for the GPU comparison; `tiny` is small enough for CI.
 
@@ -151,7 +156,7 @@ BIG_CASES = {
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
-    ap.add_argument("--tokenizer", default=os.path.join(ROOT, "tests/fixtures/tiny-qwen2-vl"))
+    ap.add_argument("--tokenizer", default=os.path.join(ROOT, "src/model/builtin/tiny-qwen2-vl"))
     ap.add_argument("--config", default="tiny", choices=["tiny", "2b", "7b"])
     ap.add_argument("--dtype", default="bfloat16", help="weights on disk; HF then computes in f32 on them")
     ap.add_argument("--seed", type=int, default=0)

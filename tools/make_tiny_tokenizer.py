@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build the tiny Qwen2-VL tokenizer used by the CPU tests.
 
-Writes tests/fixtures/tiny-qwen2-vl/{tokenizer.json, tokenizer_config.json,
+Writes src/model/builtin/tiny-qwen2-vl/{tokenizer.json, tokenizer_config.json,
 chat_template.json}.
 
 The tokenizer is a byte-level BPE shaped exactly like Qwen2's: the
@@ -31,7 +31,7 @@ import tempfile
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OUT_DIR = os.path.join(ROOT, "tests", "fixtures", "tiny-qwen2-vl")
+OUT_DIR = os.path.join(ROOT, "src", "model", "builtin", "tiny-qwen2-vl")
 
 # Size of the trained BPE vocabulary: the 256 byte symbols plus ~224 merges.
 BPE_VOCAB_SIZE = 480

@@ -20,11 +20,11 @@ pub struct Frontend {
     pub processors: Processors,
 }
 
-/// Loaded once per fuzzing process from tests/fixtures/tiny-qwen2-vl.
+/// Loaded once per fuzzing process from src/model/builtin/tiny-qwen2-vl.
 pub fn frontend() -> &'static Frontend {
     static F: OnceLock<Frontend> = OnceLock::new();
     F.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-qwen2-vl");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../src/model/builtin/tiny-qwen2-vl");
         fn load<T>(r: kestrel::Result<T>, dir: &Path) -> T {
             r.unwrap_or_else(|e| panic!("the fuzz fixture {}: {e}", dir.display()))
         }

@@ -393,7 +393,7 @@ mod tests {
     use std::path::PathBuf;
 
     fn tiny_dir() -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-qwen2-vl")
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/model/builtin/tiny-qwen2-vl")
     }
 
     fn scratch(name: &str) -> PathBuf {

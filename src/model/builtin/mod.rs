@@ -1,6 +1,7 @@
-//! The built-in default model: the tiny random Qwen2-VL of
-//! tests/fixtures/tiny-qwen2-vl (made by tools/make_tiny_qwen2vl.py, about
-//! 1.5 MB), embedded in the binary so that `kestrel generate` and `kestrel
+//! The built-in default model: the tiny random Qwen2-VL whose folder lives
+//! beside this file, in tiny-qwen2-vl/ (made by tools/make_tiny_qwen2vl.py,
+//! about 1.5 MB; its HF goldens are test data, in
+//! tests/fixtures/tiny-qwen2-vl/golden), embedded in the binary so that `kestrel generate` and `kestrel
 //! serve` work on a fresh machine with nothing downloaded. Its answers are
 //! random-weight noise; it exists to exercise the whole pipeline.
 
@@ -10,7 +11,10 @@ use crate::error::{Error, Result};
 
 macro_rules! file {
     ($name:literal) => {
-        ($name, include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-qwen2-vl/", $name)) as &[u8])
+        (
+            $name,
+            include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/src/model/builtin/tiny-qwen2-vl/", $name)) as &[u8],
+        )
     };
 }
 
