@@ -1,11 +1,12 @@
 //! `kestrel bench preprocess`: how long the worker threads spend turning an
-//! encoded image into Qwen2-VL pixel_values, stage by stage, on a synthetic
+//! encoded image into a model's pixel_values, stage by stage, on a synthetic
 //! photo-like image (smooth shading, edges and sensor-like noise, so JPEG and
 //! PNG compress it as they would a photograph).
 //!
-//! Stages: decode (JPEG and PNG), the bicubic resize to the size
-//! `smart_resize` picks, rescale + normalize + patchify (an input already at
-//! that size), and the whole `preprocess_image`. Each figure is the median
+//! Stages: decode (JPEG and PNG), the resize to the size the model's
+//! processor picks (`Processor::resize_target`), the rest of its
+//! preprocessing on an input already at that size (rescale, normalize,
+//! patchify or crop), and the whole `Processor::preprocess_image`. Each figure is the median
 //! over `--repeats` runs inside a rayon pool of `--threads` threads. The
 //! floor printed beside them is the time to fill a fresh buffer the size of
 //! pixel_values in the same pool: the memory traffic the output alone costs.
@@ -20,8 +21,7 @@ use rayon::prelude::*;
 
 use crate::engine::sampling::Rng;
 use crate::error::{Error, Result};
-use crate::model::qwen2_vl::processor::{preprocess_image, ImageProcessorConfig};
-use crate::multimodal::image::{decode_rgb8, resize_rgb8, DEFAULT_MAX_PIXELS};
+use crate::multimodal::image::{decode_rgb8, resize_rgb8, ResizeFilter, DEFAULT_MAX_PIXELS};
 
 #[derive(clap::Args, Debug)]
 pub struct PreprocessArgs {
@@ -34,8 +34,12 @@ pub struct PreprocessArgs {
     /// Runs per stage; the median is reported.
     #[arg(long, default_value_t = 15)]
     pub repeats: usize,
-    /// A preprocessor_config.json (default: the published Qwen2-VL one,
-    /// min_pixels 3136, max_pixels 12845056).
+    /// The model folder whose processor runs (default: the built-in model).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// A preprocessor_config.json to use instead of the folder's (e.g.
+    /// benches/configs/qwen2_vl_2b_preprocessor_config.json, the published
+    /// Qwen2-VL bounds: min_pixels 3136, max_pixels 12845056).
     #[arg(long)]
     pub preprocessor_config: Option<PathBuf>,
 }
@@ -104,14 +108,27 @@ fn parse_size(s: &str) -> Result<(u32, u32)> {
     Ok((w, h))
 }
 
+/// The processor of `--model` (default: the built-in model), with
+/// `--preprocessor-config` in place of the folder's own: the folder's
+/// config.json and that file, side by side in a scratch folder.
+fn processor_for(args: &PreprocessArgs) -> Result<std::sync::Arc<dyn crate::model::Processor>> {
+    let dir = crate::cli::generate::model_dir(&args.model)?;
+    let Some(file) = &args.preprocessor_config else { return crate::model::processor(&dir) };
+    let io = |p: &std::path::Path, e: std::io::Error| Error::Io { path: p.display().to_string(), source: e };
+    let scratch = std::env::temp_dir().join(format!("kestrel-bench-preprocess-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).map_err(|e| io(&scratch, e))?;
+    std::fs::copy(dir.join("config.json"), scratch.join("config.json")).map_err(|e| io(&dir, e))?;
+    std::fs::copy(file, scratch.join("preprocessor_config.json")).map_err(|e| io(file, e))?;
+    let p = crate::model::processor(&scratch);
+    let _ = std::fs::remove_dir_all(&scratch);
+    p
+}
+
 pub fn run(args: &PreprocessArgs) -> Result<String> {
     if args.repeats == 0 {
         return Err(Error::InvalidInput("--repeats must be positive".into()));
     }
-    let cfg = match &args.preprocessor_config {
-        Some(path) => ImageProcessorConfig::from_file(path)?,
-        None => ImageProcessorConfig { min_pixels: 3136, max_pixels: 12_845_056, ..Default::default() },
-    };
+    let processor = processor_for(args)?;
     let mut pool = rayon::ThreadPoolBuilder::new();
     if let Some(n) = args.threads {
         pool = pool.num_threads(n);
@@ -123,9 +140,10 @@ pub fn run(args: &PreprocessArgs) -> Result<String> {
         let (w, h) = parse_size(size)?;
         let img = photo_like(w, h, 7);
         let (jpeg, png) = (encode(&img, ImageFormat::Jpeg)?, encode(&img, ImageFormat::Png)?);
-        let (rh, rw) = cfg.resized_size(h as usize, w as usize)?;
-        let resized = resize_rgb8(&img, rw as u32, rh as u32, cfg.resample)?;
-        let out_mb = (rh * rw * 3 * cfg.temporal_patch_size * 4) as f64 / 1e6;
+        let target = processor.resize_target(w as usize, h as usize)?;
+        let (rw, rh, filter) = target.unwrap_or((w as usize, h as usize, ResizeFilter::Bicubic));
+        let resized = resize_rgb8(&img, rw as u32, rh as u32, filter)?;
+        let out_mb = (processor.preprocess_image(&resized)?.0.len() * 4) as f64 / 1e6;
         report.push_str(&format!(
             "{w}x{h} -> {rw}x{rh}: JPEG {:.2} MB, PNG {:.2} MB, pixel_values {out_mb:.1} MB\n",
             jpeg.len() as f64 / 1e6,
@@ -140,8 +158,8 @@ pub fn run(args: &PreprocessArgs) -> Result<String> {
             report.push_str(&line("decode JPEG", t, String::new()));
             let t = time(r, || decode_rgb8(&png, DEFAULT_MAX_PIXELS))?;
             report.push_str(&line("decode PNG", t, String::new()));
-            if (rw, rh) != (w as usize, h as usize) {
-                let t = time(r, || resize_rgb8(&img, rw as u32, rh as u32, cfg.resample))?;
+            if target.is_some() {
+                let t = time(r, || resize_rgb8(&img, rw as u32, rh as u32, filter))?;
                 let mpix = (rw * rh) as f64 / 1e6 / (t.0 / 1e3);
                 report.push_str(&line("resize", t, format!("{mpix:.0} Mpixel/s out")));
             } else {
@@ -153,15 +171,15 @@ pub fn run(args: &PreprocessArgs) -> Result<String> {
                 v.par_chunks_mut(1 << 14).for_each(|c| c.fill(1.0));
                 Ok(v)
             })?;
-            let t = time(r, || preprocess_image(&resized, &cfg))?;
+            let t = time(r, || processor.preprocess_image(&resized))?;
             let gbs = out_mb / 1e3 / (t.0 / 1e3);
             report.push_str(&line(
-                "rescale+normalize+patchify",
+                "rescale+normalize+layout",
                 t,
                 format!("{gbs:.1} GB/s written, {:.1}x the fill floor", t.0 / floor.0),
             ));
             report.push_str(&line("  floor: fill a fresh buffer", floor, String::new()));
-            let t = time(r, || preprocess_image(&img, &cfg))?;
+            let t = time(r, || processor.preprocess_image(&img))?;
             report.push_str(&line("preprocess_image (all but decode)", t, String::new()));
             Ok(())
         })?;

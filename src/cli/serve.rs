@@ -285,7 +285,7 @@ mod tests {
     fn vllm_command_lines_parse() {
         let cli = Cli::parse_from([
             "serve",
-            "Qwen/Qwen2-VL-2B-Instruct",
+            "llava-hf/llava-1.5-7b-hf",
             "--max-model-len",
             "4096",
             "--limit-mm-per-prompt",
@@ -293,7 +293,7 @@ mod tests {
             "--trust-remote-code",
         ]);
         let s = cli.serve;
-        assert_eq!(s.model_tag.as_deref(), Some("Qwen/Qwen2-VL-2B-Instruct"));
+        assert_eq!(s.model_tag.as_deref(), Some("llava-hf/llava-1.5-7b-hf"));
         assert_eq!(
             (s.engine.max_model_len, s.limit_mm_per_prompt),
             (Some(4096), Some(MediaLimits { image: 2, video: 999 }))

@@ -21,6 +21,7 @@ use super::decoder::{Decoder, DecoderDims};
 use super::inputs::{MediaFeatures, PreparedInput};
 use super::weights::Weights;
 use crate::error::Result;
+use crate::multimodal::image::ResizeFilter;
 use crate::multimodal::Media;
 use crate::tensor::{Device, Tensor};
 use crate::text::tokenizer::Tokenizer;
@@ -79,6 +80,11 @@ pub trait Processor: Send + Sync {
     /// The preprocessing of one image: pixel rows and the item's grid, as
     /// `prepare_prompt` would put them in `PreparedInput::images`.
     fn preprocess_image(&self, img: &image::RgbImage) -> Result<(Vec<f32>, [usize; 3])>;
+
+    /// The size `preprocess_image` resizes a `width`×`height` image to, and
+    /// with which filter (None: it takes the image as it is). For the
+    /// benchmarks' stage timings.
+    fn resize_target(&self, width: usize, height: usize) -> Result<Option<(usize, usize, ResizeFilter)>>;
 
     /// The grid an image of `width`×`height` gets, without its pixels.
     fn image_grid(&self, width: usize, height: usize) -> Result<[usize; 3]>;

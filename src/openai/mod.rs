@@ -214,7 +214,7 @@ mod tests {
     use crate::multimodal::fetch::FetchSettings;
 
     /// Embeddings in the grid layout (merge, hidden).
-    fn qwen_embeds(merge: usize, hidden: usize) -> impl Fn(&[u8]) -> Result<Vec<Media>> + Sync {
+    fn grid_embeds(merge: usize, hidden: usize) -> impl Fn(&[u8]) -> Result<Vec<Media>> + Sync {
         move |b: &[u8]| parse_image_embeds(b, merge, hidden)
     }
 
@@ -275,7 +275,7 @@ mod tests {
             MediaRef::ImageEmbeds(embeds_url(1)),
             MediaRef::Video(vec![png_url(4, 4, 2), png_url(4, 4, 3)]),
         ];
-        let media = load_media(&refs, &f, 1000, &qwen_embeds(2, 3)).unwrap();
+        let media = load_media(&refs, &f, 1000, &grid_embeds(2, 3)).unwrap();
         assert!(matches!(&media[0], Media::Image(i) if i.dimensions() == (5, 3)));
         assert!(matches!(&media[1], Media::ImageEmbeds { grid: [1, 2, 4], values } if values.len() == 6));
         match &media[2] {
@@ -287,7 +287,7 @@ mod tests {
     /// load_media's error for `refs` (hidden size `hidden`), which must be InvalidInput.
     fn load_err(refs: &[MediaRef], hidden: usize) -> String {
         let f = MediaFetcher::new(FetchSettings::default()).unwrap();
-        match load_media(refs, &f, 100, &qwen_embeds(2, hidden)) {
+        match load_media(refs, &f, 100, &grid_embeds(2, hidden)) {
             Err(e @ Error::InvalidInput(_)) => e.to_string(),
             Err(e) => panic!("expected InvalidInput, got {e}"),
             Ok(m) => panic!("expected an error, got {} items", m.len()),

@@ -297,6 +297,11 @@ impl Processor for LlavaProcessor {
         Ok((preprocess(img, &self.image)?, self.grid()))
     }
 
+    fn resize_target(&self, width: usize, height: usize) -> Result<Option<(usize, usize, ResizeFilter)>> {
+        let (h, w) = self.image.resized_size(height, width);
+        Ok(((w, h) != (width, height)).then_some((w, h, self.image.resample)))
+    }
+
     fn image_grid(&self, _width: usize, _height: usize) -> Result<[usize; 3]> {
         Ok(self.grid())
     }

@@ -187,7 +187,13 @@ impl Qwen2VlProcessor {
 }
 
 /// Whether the checkpoint in `dir` stores `lm_head.weight` (headers only).
+/// A folder without weights (processor files only) counts as having one:
+/// only the decoder's head figures depend on it.
 pub fn has_lm_head(dir: &std::path::Path) -> Result<bool> {
+    let has_weights = ["model.safetensors", "model.safetensors.index.json"].iter().any(|f| dir.join(f).is_file());
+    if !has_weights {
+        return Ok(true);
+    }
     Ok(crate::model::weights::Weights::open(dir)?.contains(crate::model::weights::LM_HEAD))
 }
 
@@ -211,6 +217,15 @@ impl Processor for Qwen2VlProcessor {
 
     fn preprocess_image(&self, img: &image::RgbImage) -> Result<(Vec<f32>, [usize; 3])> {
         processor::preprocess_image(img, &self.processors.image)
+    }
+
+    fn resize_target(
+        &self,
+        width: usize,
+        height: usize,
+    ) -> Result<Option<(usize, usize, crate::multimodal::image::ResizeFilter)>> {
+        let (h, w) = self.processors.image.resized_size(height, width)?;
+        Ok(((w, h) != (width, height)).then_some((w, h, self.processors.image.resample)))
     }
 
     fn image_grid(&self, width: usize, height: usize) -> Result<[usize; 3]> {
