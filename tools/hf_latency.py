@@ -11,16 +11,32 @@ bench decode`, on the same checkpoint and card in the same run:
    OUTPUT_LEN tokens; decode tok/s = BATCH·(OUTPUT_LEN − 1) over the time
    past the first token (total − the same prompts' 1-token time).
 
-    python3 tools/hf_latency.py MODEL_DIR [--batch 1] [--repeat 5]
+    python3 tools/hf_latency.py MODEL_DIR [--batch 1] [--repeat 5] [--device cuda]
+
+Any family transformers has a class for: the model class is the one
+config.json's `architectures` names (Qwen2VLForConditionalGeneration,
+LlavaForConditionalGeneration, ...). A folder without a chat template (many
+LLaVA-1.5 ones) gets the one Kestrel ships for its model_type
+(src/model/<model_type>/chat_template.jinja), so both render the same prompt.
 """
 import argparse
+import json
+import os
 import statistics
 import time
 
 import torch
-from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+import transformers
+from transformers import AutoProcessor
 
 from hf_throughput import WORDS, request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def timed(fn, repeat):
@@ -28,12 +44,28 @@ def timed(fn, repeat):
     fn()
     times = []
     for _ in range(repeat):
-        torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def load(model_dir, device):
+    """The model (bf16, on device) in the class config.json names, and its
+    processor with a chat template."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        cfg = json.load(f)
+    cls = getattr(transformers, cfg["architectures"][0])
+    model = cls.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval()
+    proc = AutoProcessor.from_pretrained(model_dir)
+    if getattr(proc, "chat_template", None) is None:
+        builtin = os.path.join(ROOT, "src", "model", cfg["model_type"], "chat_template.jinja")
+        with open(builtin) as f:
+            proc.chat_template = f.read()
+        print(f"{model_dir} has no chat template; using Kestrel's {os.path.relpath(builtin, ROOT)}")
+    return model, proc
 
 
 def main():
@@ -44,17 +76,18 @@ def main():
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--batch", default="1", help="comma-separated batch sizes for the decode figure")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
     t0 = time.time()
-    model = Qwen2VLForConditionalGeneration.from_pretrained(args.model, dtype=torch.bfloat16).cuda().eval()
-    proc = AutoProcessor.from_pretrained(args.model)
+    model, proc = load(args.model, args.device)
     proc.tokenizer.padding_side = "left"
-    print(f"HF transformers on {torch.cuda.get_device_name()}: loaded in {time.time() - t0:.1f} s")
+    card = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
+    print(f"HF transformers ({type(model).__name__}) on {card}: loaded in {time.time() - t0:.1f} s")
 
     msgs, img = request(0, args.input_len, args.image_size)
     text = proc.apply_chat_template(msgs, add_generation_prompt=True)
-    prep = timed(lambda: proc(text=[text], images=[img], return_tensors="pt").to("cuda"), args.repeat)
-    inputs = proc(text=[text], images=[img], return_tensors="pt").to("cuda")
+    prep = timed(lambda: proc(text=[text], images=[img], return_tensors="pt").to(args.device), args.repeat)
+    inputs = proc(text=[text], images=[img], return_tensors="pt").to(args.device)
     with torch.no_grad():
         ttft = timed(lambda: model.generate(**inputs, max_new_tokens=1, do_sample=False), args.repeat)
     n_in = inputs["input_ids"].shape[1]
@@ -67,7 +100,7 @@ def main():
             [{"role": "user", "content": [{"type": "text", "text": " ".join(
                 WORDS[(7 * i + j) % len(WORDS)] for j in range(args.input_len))}]}],
             add_generation_prompt=True) for i in range(b)]
-        enc = proc(text=texts, padding=True, return_tensors="pt").to("cuda")
+        enc = proc(text=texts, padding=True, return_tensors="pt").to(args.device)
 
         def gen(n):
             return lambda: model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False)
