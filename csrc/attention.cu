@@ -319,7 +319,7 @@ __device__ void attention_combine(T* __restrict__ out,             // (total_q, 
 
 // ----------------------------------------------------------------------------
 // Unmangled entry points: {attention_varlen,paged_attention,paged_attention_split,
-// paged_attention_combine}_d{64,80,96,128}_{f32,bf16}
+// paged_attention_combine}_d{D}_{f32,bf16} for every D of ATTN_HEAD_DIMS (attention.cuh)
 
 #define PAGED_KEYS PagedKeys{block_tables, seq_lens_k, max_blocks, block_size, num_blocks, nullptr}
 #define ATTN_KERNEL(T, S, D)                                                                              \
@@ -348,5 +348,6 @@ __device__ void attention_combine(T* __restrict__ out,             // (total_q, 
         int total_q, int num_blocks, int block_size, int max_blocks, int n_heads, int n_split) {          \
         attention_combine<T, D>(out, part, cu_q, PAGED_KEYS, total_q, n_heads, n_split);                  \
     }
-#define ATTN_KERNELS(T, S) ATTN_KERNEL(T, S, 64) ATTN_KERNEL(T, S, 80) ATTN_KERNEL(T, S, 96) ATTN_KERNEL(T, S, 128)
-FOR_FLOAT_TYPES(ATTN_KERNELS)
+// Both float types (FOR_FLOAT_TYPES's) at each head dim of the list.
+#define ATTN_KERNELS(D) ATTN_KERNEL(float, f32, D) ATTN_KERNEL(bf16, bf16, D)
+ATTN_HEAD_DIMS(ATTN_KERNELS)

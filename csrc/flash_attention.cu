@@ -65,6 +65,7 @@
 // with the simple kernels' argument lists.
 #include "attention.cuh"
 
+// build.rs reads FA_WARPS and FA_BN into the Rust launcher.
 constexpr int FA_WARPS = 4;   // warps per block, 16 query rows each
 constexpr int FA_BN = 64;     // keys per tile
 constexpr int FA_MIN_BLOCKS = 2;  // per SM, for the register budget (255: no spills at any D)
@@ -343,7 +344,8 @@ __device__ void flash_attention(bf16* __restrict__ out,         // (total_q, n_h
 }
 
 // ----------------------------------------------------------------------------
-// Unmangled entry points: {attention_varlen,paged_attention}_flash_d{64,80,96,128}_bf16
+// Unmangled entry points: {attention_varlen,paged_attention}_flash_d{D}_bf16 for
+// every D of ATTN_HEAD_DIMS (attention.cuh)
 
 #define FLASH_KERNELS(NAME, D, WARPS, BN, MINB)                                                              \
     extern "C" __global__ void __launch_bounds__(32 * WARPS, MINB) attention_varlen_##NAME##_bf16(          \
@@ -362,8 +364,5 @@ __device__ void flash_attention(bf16* __restrict__ out,         // (total_q, n_h
                                       total_q, n_heads, n_kv_heads, 1, scale, long_from);                    \
     }
 #define FLASH(D) FLASH_KERNELS(flash_d##D, D, FA_WARPS, FA_BN, FA_MIN_BLOCKS)
-FLASH(64)
-FLASH(80)
-FLASH(96)
-FLASH(128)
+ATTN_HEAD_DIMS(FLASH)
 

@@ -34,17 +34,20 @@
 use rayon::prelude::*;
 
 pub use super::flash_decoding::{auto_splits, Split, SPLIT_MAX_Q};
+use super::launch_consts::{ATTN_HEAD_DIMS, ATTN_WARPS, FA_BN, FA_WARPS};
 use super::{expect_dtype, f32s, f32s_mut, flash_decoding, float_dtype, i32s, kernel, placement, ptr, On};
 use crate::cuda::{Arg, Gpu};
 use crate::ensure_shape;
 use crate::error::Result;
 use crate::tensor::{DType, Tensor};
 
-/// Head dims with a compiled kernel (the ones the served models use).
-pub const HEAD_DIMS: [usize; 4] = [64, 80, 96, 128];
+/// Head dims with compiled kernels (the ones the served models use),
+/// generated from `ATTN_HEAD_DIMS` in csrc/attention.cuh, the list the
+/// kernels are instantiated from.
+pub const HEAD_DIMS: &[usize] = &ATTN_HEAD_DIMS;
 
 /// Warps per block in csrc/attention.cu (`ATTN_WARPS`): rows per block.
-const WARPS: usize = 8;
+const WARPS: usize = ATTN_WARPS;
 
 /// bf16 sequences with at least this many queries run on the tensor-core
 /// kernel (see the module doc): a 64-query tile is then at least a quarter full.
@@ -52,8 +55,8 @@ pub const FLASH_MIN_SEQLEN_Q: usize = 16;
 
 /// The tensor-core kernel's tile (csrc/flash_attention.cu `FA_WARPS`, `FA_BN`):
 /// 16 query rows per warp, keys per K/V tile.
-const FLASH_WARPS: usize = 4;
-const FLASH_BN: usize = 64;
+const FLASH_WARPS: usize = FA_WARPS;
+const FLASH_BN: usize = FA_BN;
 
 /// Its dynamic shared memory: the Q tile and two stages of K and V, rows of
 /// head_dim + 8 bf16 (`FlashTile::BYTES`).
