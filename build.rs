@@ -119,6 +119,8 @@ const LAUNCH_CONSTS: &[(&str, &str, &str)] = &[
     ("attention.cu", "COMBINE_THREADS", "blockDim.x of the split-K combine kernel."),
     ("flash_attention.cu", "FA_WARPS", "Warps per block of the tensor-core attention kernel, 16 query rows each."),
     ("flash_attention.cu", "FA_BN", "Keys per K/V tile of the tensor-core attention kernel."),
+    ("flash_attention.cu", "FA_DIM_ALIGN", "The tensor-core kernel's tiles hold the head dim rounded up to this."),
+    ("flash_attention.cu", "FA_ROW_PAD", "bf16 values past the tile head dim in each of its shared-memory rows."),
 ];
 
 /// The macro list of the head dims the attention kernels are instantiated

@@ -34,15 +34,16 @@
 use rayon::prelude::*;
 
 pub use super::flash_decoding::{auto_splits, Split, SPLIT_MAX_Q};
-use super::launch_consts::{ATTN_HEAD_DIMS, ATTN_WARPS, FA_BN, FA_WARPS};
+use super::launch_consts::{ATTN_HEAD_DIMS, ATTN_WARPS, FA_BN, FA_DIM_ALIGN, FA_ROW_PAD, FA_WARPS};
 use super::{expect_dtype, f32s, f32s_mut, flash_decoding, float_dtype, i32s, kernel, placement, ptr, On};
 use crate::cuda::{Arg, Gpu};
 use crate::ensure_shape;
 use crate::error::Result;
 use crate::tensor::{DType, Tensor};
 
-/// Head dims with compiled kernels (the ones the served models use),
-/// generated from `ATTN_HEAD_DIMS` in csrc/attention.cuh, the list the
+/// Head dims with compiled kernels (the served families': 64 CLIP ViT-L/14,
+/// 72 SigLIP-so400m, 80 the Qwen2-VL ViT, 96 Phi-3, 128 the Qwen2/Llama
+/// LMs), generated from `ATTN_HEAD_DIMS` in csrc/attention.cuh, the list the
 /// kernels are instantiated from.
 pub const HEAD_DIMS: &[usize] = &ATTN_HEAD_DIMS;
 
@@ -58,10 +59,12 @@ pub const FLASH_MIN_SEQLEN_Q: usize = 16;
 const FLASH_WARPS: usize = FA_WARPS;
 const FLASH_BN: usize = FA_BN;
 
-/// Its dynamic shared memory: the Q tile and two stages of K and V, rows of
-/// head_dim + 8 bf16 (`FlashTile::BYTES`).
+/// Its dynamic shared memory (`FlashTile::BYTES`): the Q tile and two stages
+/// of K and V, rows of DP + `FA_ROW_PAD` bf16, where DP is the head dim
+/// rounded up to `FA_DIM_ALIGN` (72 is padded to 80 with zero columns).
 fn flash_smem(head_dim: usize) -> u32 {
-    ((16 * FLASH_WARPS + 4 * FLASH_BN) * (head_dim + 8) * 2) as u32
+    let tile_dim = head_dim.next_multiple_of(FA_DIM_ALIGN);
+    ((16 * FLASH_WARPS + 4 * FLASH_BN) * (tile_dim + FA_ROW_PAD) * 2) as u32
 }
 
 /// Shapes checked on every device: (total_q, n_heads, total_k, n_kv_heads, head_dim, batch).
@@ -262,7 +265,7 @@ fn launch(gpu: &Gpu, name: &str, d: usize, dt: DType, plan: &Launches, mut args:
 /// the launch grid. The CPU path checks it and the offsets; on the GPU the
 /// offsets are device data the launcher cannot read, so the kernel clamps them
 /// to the tensors and a too-small `max_seqlen_q` costs speed, not results.
-/// Head dims 64, 80, 96, 128; bf16 or f32 on the GPU, f32 on the CPU. In
+/// Head dims of [`HEAD_DIMS`]; bf16 or f32 on the GPU, f32 on the CPU. In
 /// bf16, sequences of at least [`FLASH_MIN_SEQLEN_Q`] queries run on the
 /// tensor-core kernel when `max_seqlen_q` says there may be one (module doc).
 #[allow(clippy::too_many_arguments)] // flash-attn's varlen argument list, kept whole
@@ -411,7 +414,7 @@ fn check_paged(
 /// max_blocks_per_seq · block_size and the block ids a sequence uses. On the
 /// GPU these are device data the launcher cannot read: the kernel clamps
 /// offsets, lengths and block ids to the tensors, so bad ones give wrong keys,
-/// never an access outside them. Any block size; head dims 64, 80, 96, 128;
+/// never an access outside them. Any block size; head dims of [`HEAD_DIMS`];
 /// bf16 or f32 on the GPU, f32 on the CPU.
 ///
 /// Decode calls split each sequence's keys over several blocks on the GPU
@@ -614,6 +617,17 @@ mod tests {
         // No keys at all.
         let out = run(&ramp(d, 0.0), &[], &[], (1, 1), d, &[0, 1], &[0, 0], false);
         assert!(out.iter().all(|&x| x == 0.0));
+    }
+
+    #[test]
+    fn flash_shared_memory_pads_the_head_dim_to_whole_mma_steps() {
+        // The Q tile and two stages of K and V, rows of DP + FA_ROW_PAD bf16:
+        // the multiples of 16 as they are, 72 in 80's tiles.
+        let rows = 16 * FLASH_WARPS + 4 * FLASH_BN;
+        for d in [64, 80, 96, 128] {
+            assert_eq!(flash_smem(d) as usize, rows * (d + FA_ROW_PAD) * 2, "d {d}");
+        }
+        assert_eq!(flash_smem(72), flash_smem(80));
     }
 
     #[test]
