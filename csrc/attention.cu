@@ -35,9 +35,14 @@
 // key, not per element) and copying it in 16-byte words. Per tile, lane j of a
 // warp scores key j against the warp's query (a D-long dot product out of shared memory,
 // float4 reads, K rows padded to D + 4 floats so the 8 lanes of each
-// quarter-warp hit distinct banks for every D here); the warp takes the tile
-// max and sum with shuffles, rescales its accumulator, and adds P·V with each
-// lane owning output dims lane, lane + 32, ... (p_j broadcast by shuffle).
+// quarter-warp hit distinct banks for every D that is a multiple of 8); the
+// warp takes the tile max and sum with shuffles, rescales its accumulator,
+// and adds P·V with each lane owning output dims lane, lane + 32, ... (p_j
+// broadcast by shuffle; the last 32 are partial when D is not a multiple of
+// 32: 8 lanes at D = 72).
+// Head dims: those of ATTN_HEAD_DIMS (attention.cuh), any multiple of 8 for
+// the code; D = 72 (bf16 rows of 9 words, 9 / 8 staging rounds) takes the
+// same lines as D = 80, nothing is padded.
 // Why this shape: it is correct for any lengths, has no block-wide reductions,
 // reuses each K/V tile 8 times, and needs 37 KB of static shared memory at most
 // (D = 128), so no opt-in; at 48 to 76 registers a thread (ptxas, sm_90a,
@@ -128,7 +133,9 @@ __device__ void attention_varlen(T* __restrict__ out,         // (total_q, n_hea
                                  int total_q, int n_heads, int n_kv_heads, int causal, float scale,
                                  int long_from,  // sequences with Lq >= long_from are not this kernel's
                                  int n_split) {  // SPLIT: partitions per sequence (gridDim.x)
-    static_assert(D % 32 == 0 || D % 32 == 16, "float4 rows and the K padding assume D = 16 mod 32 or 0 mod 32");
+    // float4 rows of sQ and sV need D % 4 == 0, whole 16-byte bf16 words D % 8 == 0,
+    // and the K padding is conflict-free when KS / 4 = D / 4 + 1 is odd: D % 8 == 0.
+    static_assert(D % 8 == 0, "float4 rows, 16-byte K/V words and the K padding need D % 8 == 0");
     constexpr int KS = D + 4;            // padded row of sK, in floats (16-byte aligned rows)
     constexpr int NV = (D + 31) / 32;    // output dims per lane
     constexpr int VEC = 16 / sizeof(T);  // values per 16-byte word of a K/V row
@@ -319,7 +326,7 @@ __device__ void attention_combine(T* __restrict__ out,             // (total_q, 
 
 // ----------------------------------------------------------------------------
 // Unmangled entry points: {attention_varlen,paged_attention,paged_attention_split,
-// paged_attention_combine}_d{64,80,96,128}_{f32,bf16}
+// paged_attention_combine}_d{D}_{f32,bf16} for every D of ATTN_HEAD_DIMS (attention.cuh)
 
 #define PAGED_KEYS PagedKeys{block_tables, seq_lens_k, max_blocks, block_size, num_blocks, nullptr}
 #define ATTN_KERNEL(T, S, D)                                                                              \
@@ -348,5 +355,6 @@ __device__ void attention_combine(T* __restrict__ out,             // (total_q, 
         int total_q, int num_blocks, int block_size, int max_blocks, int n_heads, int n_split) {          \
         attention_combine<T, D>(out, part, cu_q, PAGED_KEYS, total_q, n_heads, n_split);                  \
     }
-#define ATTN_KERNELS(T, S) ATTN_KERNEL(T, S, 64) ATTN_KERNEL(T, S, 80) ATTN_KERNEL(T, S, 96) ATTN_KERNEL(T, S, 128)
-FOR_FLOAT_TYPES(ATTN_KERNELS)
+// Both float types (FOR_FLOAT_TYPES's) at each head dim of the list.
+#define ATTN_KERNELS(D) ATTN_KERNEL(float, f32, D) ATTN_KERNEL(bf16, bf16, D)
+ATTN_HEAD_DIMS(ATTN_KERNELS)

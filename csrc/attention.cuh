@@ -11,6 +11,16 @@
 #pragma once
 #include "common.cuh"
 
+// The head dims both attention kernels are compiled for, one X-macro list
+// that attention.cu and flash_attention.cu instantiate from and that build.rs
+// reads to generate the Rust `HEAD_DIMS` (src/ops/attention.rs), so the
+// launchers cannot ask for a kernel that was not built. Only the served
+// families' dims (compile time and binary size grow with each): 64 CLIP
+// ViT-L/14, 72 SigLIP-so400m, 80 the Qwen2-VL ViT, 96 Phi-3, 128 the
+// Qwen2/Llama language models. Each must be a multiple of 8 (16-byte bf16
+// rows; build.rs checks); plain `M(<integer>)` items on one line.
+#define ATTN_HEAD_DIMS(M) M(64) M(72) M(80) M(96) M(128)
+
 // attention_varlen: sequence b owns the packed key rows cu_k[b]..cu_k[b+1].
 struct PackedKeys {
     const int* __restrict__ cu_k;  // (batch + 1,) key offsets

@@ -1,11 +1,11 @@
 // Tensor-core attention for long query sequences (prefill, chunked prefill,
 // the vision tower): flash-attention-2's forward pass, bf16 only, head dims
-// 64, 80, 96, 128. Same operation, layouts and key-addressing policies
-// (attention.cuh) as the simple kernel in attention.cu, whose header gives
-// the semantics: packed varlen q/out (total_q, n_heads, D), keys packed by
-// cu_seqlens_k or gathered per key through a paged cache's block tables,
-// grouped-query heads, bottom-right causal masking, zeros for a row that sees
-// no key. The launcher (src/ops/attention.rs) runs this kernel for the
+// of ATTN_HEAD_DIMS (attention.cuh: 64, 72, 80, 96, 128). Same operation,
+// layouts and key-addressing policies (attention.cuh) as the simple kernel
+// in attention.cu, whose header gives the semantics: packed varlen q/out
+// (total_q, n_heads, D), keys packed by cu_seqlens_k or gathered per key
+// through a paged cache's block tables, grouped-query heads, bottom-right
+// causal masking, zeros for a row that sees no key. The launcher (src/ops/attention.rs) runs this kernel for the
 // sequences with Lq >= long_from (FLASH_MIN_SEQLEN_Q) and the simple one for
 // the others, each skipping the other's sequences on the device, so which
 // kernel computes a sequence depends only on its own length.
@@ -28,12 +28,26 @@
 //                             layout of two n8 tiles is the A layout of one
 //                             k16 step); V fragments by ldmatrix.trans
 // and at the end O / l goes through the warp's own rows of the Q buffer to
-// 16-byte coalesced stores. Shared-memory rows are D + 8 bf16 wide ((D + 8) / 8
-// is odd for every D here), so the 8 rows an ldmatrix reads fall in distinct
-// banks with no swizzle. D needs no padding: 64, 80, 96 and 128 are all
-// multiples of 16, the mma's k. Shared memory: (64 + 4 * 64) * (D + 8) * 2
-// bytes = 45 KB (D 64) to 85 KB (D 128); registers (182 to 254 a thread,
-// ptxas sm_90a) hold an SM to 2 blocks, 8 warps, at every D.
+// 16-byte coalesced stores. Shared-memory rows are DP + 8 bf16 wide ((DP + 8) / 8
+// is odd for every DP here), so the 8 rows an ldmatrix reads fall in distinct
+// banks with no swizzle. DP is the head dim of the tiles: D when D is a
+// multiple of 16, the mma's k (64, 80, 96, 128: their code is as before DP
+// existed), else D rounded up to one with zero columns. Shared memory:
+// (64 + 4 * 64) * (DP + 8) * 2 bytes = 45 KB (D 64) to 85 KB (D 128);
+// registers (182 to 254 a thread, ptxas sm_90a) hold an SM to 2 blocks, 8
+// warps, at every D.
+//
+// D = 72 (SigLIP-so400m) is padded to DP = 80. Natively it would take a k8
+// mma step after four k16 ones in Q·Kᵀ, an odd n8 tile of O (ldmatrix .x2
+// beside the .x4 pairs) and rows of 88 bf16 anyway (80 would be an even
+// number of 16-byte words: 2-way ldmatrix conflicts), i.e. a second variant
+// of every inner loop. Instead the Q, K and V tiles carry 8 zero columns
+// (cp.async zero-fill: no memory read, no block-table lookup), which add
+// exact zeros to S and give O columns that are never stored. Cost against a
+// native D = 72: 11% more mma and ldmatrix work (5 k steps instead of 4.5,
+// 10 n8 tiles of O instead of 9) and one more 16-byte copy instruction per
+// row; the same shared memory (56 KB) and global traffic; D = 80's registers.
+// Not measured yet: expect D = 72 to run at about D = 80's time per head.
 //
 // Measured (H200, kernel benchmarks): 206 TFLOP/s causal 4k d128 16/16 heads,
 // 193 with 12/2, 257 non-causal 4k, 177 on the ViT's 4 x 1296 d80; 26% to 33%
@@ -65,17 +79,22 @@
 // with the simple kernels' argument lists.
 #include "attention.cuh"
 
+// build.rs reads FA_WARPS, FA_BN, FA_DIM_ALIGN and FA_ROW_PAD into the Rust launcher.
 constexpr int FA_WARPS = 4;   // warps per block, 16 query rows each
 constexpr int FA_BN = 64;     // keys per tile
 constexpr int FA_MIN_BLOCKS = 2;  // per SM, for the register budget (255: no spills at any D)
+constexpr int FA_DIM_ALIGN = 16;  // the tiles' head dim DP: D rounded up to a multiple of the mma's k
+constexpr int FA_ROW_PAD = 8;     // bf16 past DP in each shared-memory row (odd 16-byte words a row)
 
-// The tile shape: WARPS warps of 16 query rows, BN keys per K/V tile.
+// The tile shape: WARPS warps of 16 query rows, BN keys per K/V tile, head
+// dim DP (D, or D padded with zero columns to a multiple of FA_DIM_ALIGN).
 // Dynamic shared memory: Q (16 * WARPS rows), K and V (2 stages of BN rows
-// each), rows of D + 8 bf16. The launcher computes the same size.
+// each), rows of DP + FA_ROW_PAD bf16. The launcher computes the same size.
 template <int D, int WARPS, int BN> struct FlashTile {
+    static constexpr int DP = (D + FA_DIM_ALIGN - 1) / FA_DIM_ALIGN * FA_DIM_ALIGN;
     static constexpr int THREADS = 32 * WARPS;
     static constexpr int BM = 16 * WARPS;  // queries per tile
-    static constexpr int ROW = D + 8;
+    static constexpr int ROW = DP + FA_ROW_PAD;
     static constexpr int Q = BM * ROW;   // elements of the Q tile
     static constexpr int KV = BN * ROW;  // elements of one K or V stage
     static constexpr int BYTES = (Q + 4 * KV) * 2;
@@ -145,14 +164,16 @@ __device__ void flash_attention(bf16* __restrict__ out,         // (total_q, n_h
                                 Keys keys,                      // where each sequence's keys are
                                 int total_q, int n_heads, int n_kv_heads, int causal, float scale,
                                 int long_from) {  // sequences with Lq < long_from are the simple kernel's
-    static_assert(D % 16 == 0, "the head dim is a whole number of mma k steps");
     using Smem = FlashTile<D, WARPS, BN>;
+    constexpr int DP = Smem::DP;      // head dim of the tiles: D, or D + zero columns (D = 72: 80)
     constexpr int ROW = Smem::ROW, FA_BM = Smem::BM, FA_THREADS = Smem::THREADS, FA_BN = BN;
-    constexpr int CPR = D / 8;        // 16-byte chunks per K/V/Q row
-    constexpr int KD = D / 16;        // k steps of Q·Kᵀ
-    constexpr int ND = D / 8;         // n8 tiles of O
+    constexpr int CPR = D / 8;        // 16-byte chunks per Q/K/V/out row in global memory
+    constexpr int CPT = DP / 8;       // 16-byte chunks per tile row: CPR, then CPT - CPR zero chunks
+    constexpr int KD = DP / 16;       // k steps of Q·Kᵀ
+    constexpr int ND = DP / 8;        // n8 tiles of O
     constexpr int NN = FA_BN / 8;     // n8 tiles of S
-    static_assert(16 * CPR % 32 == 0 && FA_BN % 16 == 0, "whole rounds of 16-byte chunks per warp");
+    static_assert(D % 8 == 0 && DP % 16 == 0, "16-byte rows; the tiles' head dim is whole mma k steps");
+    static_assert(FA_BN % 16 == 0, "whole k16 steps of P·V");
     static_assert(((ROW * 2 / 16) & 1) == 1, "odd 16-byte words per row: conflict-free ldmatrix");
 
     extern __shared__ uint4 fa_smem[];
@@ -182,14 +203,15 @@ __device__ void flash_attention(bf16* __restrict__ out,         // (total_q, n_h
         const int n_tiles = (n_end + FA_BN - 1) / FA_BN;
         __syncthreads();  // the previous tile's output left sQ before it is refilled
 
-        // K/V tile at key n0 into stage st: keys past n_end are zeros (never NaN for P·V).
+        // K/V tile at key n0 into stage st: keys past n_end are zeros (never
+        // NaN for P·V), and so are the columns past D.
         auto load_kv = [&](int n0, int st) {
             const uint32_t dk = smem_addr(sK + st * Smem::KV), dv = smem_addr(sV + st * Smem::KV);
 #pragma unroll
-            for (int i = 0; i < (FA_BN * CPR + FA_THREADS - 1) / FA_THREADS; ++i) {
-                const int idx = tid + i * FA_THREADS, r = idx / CPR, c = idx % CPR;
-                if (FA_BN * CPR % FA_THREADS != 0 && idx >= FA_BN * CPR) break;
-                const bool ok = n0 + r < n_end;
+            for (int i = 0; i < (FA_BN * CPT + FA_THREADS - 1) / FA_THREADS; ++i) {
+                const int idx = tid + i * FA_THREADS, r = idx / CPT, c = idx % CPT;
+                if (FA_BN * CPT % FA_THREADS != 0 && idx >= FA_BN * CPT) break;
+                const bool ok = n0 + r < n_end && (CPT == CPR || c < CPR);
                 const int64_t off = ok ? keys.row(n0 + r) * kv_stride + (int64_t)kvh * D + c * 8 : 0;
                 const uint32_t so = (r * ROW + c * 8) * 2;
                 cp_async16(dk + so, k + off, ok);
@@ -197,12 +219,13 @@ __device__ void flash_attention(bf16* __restrict__ out,         // (total_q, n_h
             }
         };
         if (n_tiles > 0) {
-            // Q tile (rows past Lq are zeros), then the first K/V tile: one group.
+            // Q tile (rows past Lq and columns past D are zeros), then the
+            // first K/V tile: one group.
 #pragma unroll
-            for (int i = 0; i < (FA_BM * CPR + FA_THREADS - 1) / FA_THREADS; ++i) {
-                const int idx = tid + i * FA_THREADS, r = idx / CPR, c = idx % CPR;
-                if (FA_BM * CPR % FA_THREADS != 0 && idx >= FA_BM * CPR) break;
-                const bool ok = m0 + r < Lq;
+            for (int i = 0; i < (FA_BM * CPT + FA_THREADS - 1) / FA_THREADS; ++i) {
+                const int idx = tid + i * FA_THREADS, r = idx / CPT, c = idx % CPT;
+                if (FA_BM * CPT % FA_THREADS != 0 && idx >= FA_BM * CPT) break;
+                const bool ok = m0 + r < Lq && (CPT == CPR || c < CPR);
                 const int64_t off = ok ? (int64_t)(q0 + m0 + r) * q_stride + (int64_t)h * D + c * 8 : 0;
                 cp_async16(smem_addr(sQ + r * ROW + c * 8), q + off, ok);
             }
@@ -215,7 +238,7 @@ __device__ void flash_attention(bf16* __restrict__ out,         // (total_q, n_h
         const int lim0 = causal ? min(max(r0 + 1 + Lk - Lq, 0), Lk) : Lk;
         const int lim1 = causal ? min(max(r0 + 9 + Lk - Lq, 0), Lk) : Lk;
         uint32_t qf[KD][4];  // A fragments of the warp's 16 query rows
-        float o[ND][4];      // O accumulator (16 x D), unnormalised
+        float o[ND][4];      // O accumulator (16 x DP), unnormalised; columns past D stay 0
 #pragma unroll
         for (int n = 0; n < ND; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
         float m_run[2] = {-INFINITY, -INFINITY};  // running max of sl2 * s, rows r0, r0 + 8
@@ -303,7 +326,7 @@ __device__ void flash_attention(bf16* __restrict__ out,         // (total_q, n_h
                                        pack_bf16(s[2 * kc + 1][0], s[2 * kc + 1][1]),
                                        pack_bf16(s[2 * kc + 1][2], s[2 * kc + 1][3])};
 #pragma unroll
-                for (int dn = 0; dn < D / 16; ++dn) {
+                for (int dn = 0; dn < DP / 16; ++dn) {
                     uint32_t b[4];
                     ldmatrix_x4_trans(b, smem_addr(vt + (kc * 16 + (lane & 15)) * ROW + dn * 16 + (lane >> 4) * 8));
                     mma_bf16(o[2 * dn], a, b[0], b[1]);
@@ -314,7 +337,8 @@ __device__ void flash_attention(bf16* __restrict__ out,         // (total_q, n_h
         }
 
         // O / l, through the warp's own 16 rows of sQ (only this warp read
-        // them, and every copy into them has completed), to 16-byte stores.
+        // them, and every copy into them has completed), to 16-byte stores
+        // of the first D columns.
         float inv[2];
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
@@ -332,8 +356,9 @@ __device__ void flash_attention(bf16* __restrict__ out,         // (total_q, n_h
         }
         __syncwarp();
 #pragma unroll
-        for (int i = 0; i < 16 * CPR / 32; ++i) {
+        for (int i = 0; i < (16 * CPR + 31) / 32; ++i) {
             const int idx = lane + i * 32, r = idx / CPR, c = idx % CPR;
+            if (16 * CPR % 32 != 0 && idx >= 16 * CPR) break;  // D = 72: 144 chunks, 4.5 rounds
             const int row = m0 + warp * 16 + r;
             if (row < Lq)
                 *reinterpret_cast<uint4*>(out + (int64_t)(q0 + row) * q_stride + (int64_t)h * D + c * 8) =
@@ -343,7 +368,8 @@ __device__ void flash_attention(bf16* __restrict__ out,         // (total_q, n_h
 }
 
 // ----------------------------------------------------------------------------
-// Unmangled entry points: {attention_varlen,paged_attention}_flash_d{64,80,96,128}_bf16
+// Unmangled entry points: {attention_varlen,paged_attention}_flash_d{D}_bf16 for
+// every D of ATTN_HEAD_DIMS (attention.cuh)
 
 #define FLASH_KERNELS(NAME, D, WARPS, BN, MINB)                                                              \
     extern "C" __global__ void __launch_bounds__(32 * WARPS, MINB) attention_varlen_##NAME##_bf16(          \
@@ -362,8 +388,5 @@ __device__ void flash_attention(bf16* __restrict__ out,         // (total_q, n_h
                                       total_q, n_heads, n_kv_heads, 1, scale, long_from);                    \
     }
 #define FLASH(D) FLASH_KERNELS(flash_d##D, D, FA_WARPS, FA_BN, FA_MIN_BLOCKS)
-FLASH(64)
-FLASH(80)
-FLASH(96)
-FLASH(128)
+ATTN_HEAD_DIMS(FLASH)
 

@@ -238,15 +238,21 @@ pub fn run(gpu: &Arc<Gpu>) -> Result<KernelReport> {
     // tensor-core kernel (bf16, sequences of FLASH_MIN_SEQLEN_Q queries or
     // more): causal 4k prefills with 16/16 and Qwen2-VL-2B's 12/2 heads of
     // 128, non-causal 1k, and the ViT's varlen batch (4 images of 36x36
-    // patches, 16 heads of 80, non-causal). Flops: 4 · d per (query, key,
-    // head) pair a query may see (QKᵀ and PV, 2 each).
+    // patches, 16 heads of 80, non-causal), and SigLIP-so400m's (4 images of
+    // 27x27 patches, 16 heads of 72, non-causal) beside the same batch at
+    // head dim 80: the tensor-core kernel pads 72 to 80, so the two should
+    // take about the same time. Flops: 4 · d per (query, key, head) pair a
+    // query may see (QKᵀ and PV, 2 each), d the model's head dim.
     let vit = [1296usize; 4];
-    let shapes: [(&str, &[usize], usize, usize, usize, bool); 5] = [
+    let siglip = [729usize; 4];
+    let shapes: [(&str, &[usize], usize, usize, usize, bool); 7] = [
         ("attention causal", &[4096], 16, 16, 128, true),
         ("attention causal", &[4096], 12, 2, 128, true),
         ("attention full", &[1024], 16, 16, 128, false),
         ("attention full", &[4096], 16, 16, 128, false),
         ("attention ViT", &vit, 16, 16, 80, false),
+        ("attention SigLIP", &siglip, 16, 16, 72, false),
+        ("attention SigLIP", &siglip, 16, 16, 80, false),
     ];
     for (name, seqs, h, kvh, d, causal) in shapes {
         let total: usize = seqs.iter().sum();

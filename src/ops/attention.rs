@@ -34,28 +34,21 @@
 use rayon::prelude::*;
 
 pub use super::flash_decoding::{auto_splits, Split, SPLIT_MAX_Q};
+use super::launch_consts::{ATTN_HEAD_DIMS, ATTN_WARPS, FA_BN, FA_DIM_ALIGN, FA_ROW_PAD, FA_WARPS};
 use super::{expect_dtype, f32s, f32s_mut, flash_decoding, float_dtype, i32s, kernel, placement, ptr, On};
 use crate::cuda::{Arg, Gpu};
 use crate::ensure_shape;
-use crate::error::Result;
-use crate::tensor::{DType, Tensor};
+use crate::error::{Error, Result};
+use crate::tensor::{DType, Device, Tensor};
 
-/// Head dims with a compiled kernel (the ones the served models use).
-pub const HEAD_DIMS: [usize; 4] = [64, 80, 96, 128];
-
-/// Ok when attention can run at `head_dim` on `dev`: any head dim on the
-/// CPU, one of [`HEAD_DIMS`] on the GPU; else a config error naming `what`.
-pub fn check_head_dim(dev: &crate::tensor::Device, head_dim: usize, what: &str) -> Result<()> {
-    if head_dim == 0 || (dev.is_cuda() && !HEAD_DIMS.contains(&head_dim)) {
-        return Err(crate::error::Error::Config(format!(
-            "{what}: the GPU attention kernels serve head dims {HEAD_DIMS:?}"
-        )));
-    }
-    Ok(())
-}
+/// Head dims with compiled GPU kernels (the served families': 64 CLIP
+/// ViT-L/14, 72 SigLIP-so400m, 80 the Qwen2-VL ViT, 96 Phi-3, 128 the
+/// Qwen2/Llama LMs), generated from `ATTN_HEAD_DIMS` in csrc/attention.cuh,
+/// the list the kernels are instantiated from. The CPU takes any head dim.
+pub const HEAD_DIMS: &[usize] = &ATTN_HEAD_DIMS;
 
 /// Warps per block in csrc/attention.cu (`ATTN_WARPS`): rows per block.
-const WARPS: usize = 8;
+const WARPS: usize = ATTN_WARPS;
 
 /// bf16 sequences with at least this many queries run on the tensor-core
 /// kernel (see the module doc): a 64-query tile is then at least a quarter full.
@@ -63,13 +56,50 @@ pub const FLASH_MIN_SEQLEN_Q: usize = 16;
 
 /// The tensor-core kernel's tile (csrc/flash_attention.cu `FA_WARPS`, `FA_BN`):
 /// 16 query rows per warp, keys per K/V tile.
-const FLASH_WARPS: usize = 4;
-const FLASH_BN: usize = 64;
+const FLASH_WARPS: usize = FA_WARPS;
+const FLASH_BN: usize = FA_BN;
 
-/// Its dynamic shared memory: the Q tile and two stages of K and V, rows of
-/// head_dim + 8 bf16 (`FlashTile::BYTES`).
+/// Its dynamic shared memory (`FlashTile::BYTES`): the Q tile and two stages
+/// of K and V, rows of DP + `FA_ROW_PAD` bf16, where DP is the head dim
+/// rounded up to `FA_DIM_ALIGN` (72 is padded to 80 with zero columns).
 fn flash_smem(head_dim: usize) -> u32 {
-    ((16 * FLASH_WARPS + 4 * FLASH_BN) * (head_dim + 8) * 2) as u32
+    let tile_dim = head_dim.next_multiple_of(FA_DIM_ALIGN);
+    ((16 * FLASH_WARPS + 4 * FLASH_BN) * (tile_dim + FA_ROW_PAD) * 2) as u32
+}
+
+/// Whether attention can run at `head_dim` on `dev`, for model loading to
+/// call before it allocates anything: any positive head dim on the CPU (the
+/// f32 reference), one of [`HEAD_DIMS`] on CUDA. `what` says where the head
+/// dim comes from and leads the error, e.g. "tensor
+/// `model.language_model.layers.0.self_attn.q_proj.weight` (head dim 24)".
+pub fn check_head_dim(dev: &Device, head_dim: usize, what: &str) -> Result<()> {
+    if head_dim == 0 {
+        return Err(Error::Config(format!("{what}: attention needs a head dim of at least 1")));
+    }
+    match dev {
+        Device::Cuda(_) if !HEAD_DIMS.contains(&head_dim) => {
+            let fix = if head_dim.is_multiple_of(8) {
+                format!("add {head_dim} to `ATTN_HEAD_DIMS` in csrc/attention.cuh and rebuild")
+            } else {
+                "the kernels need a multiple of 8".to_string()
+            };
+            Err(Error::Config(format!(
+                "{what}: the GPU attention kernels are built for head dims {HEAD_DIMS:?}, not {head_dim}; \
+                 run this model on the CPU (--device cpu), or {fix}"
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// On the GPU: a head dim with compiled kernels (the CPU takes any).
+fn check_gpu_head_dim(op: &'static str, head_dim: usize) -> Result<()> {
+    ensure_shape!(
+        HEAD_DIMS.contains(&head_dim),
+        op,
+        "head dim {head_dim} not supported on the GPU (kernels for {HEAD_DIMS:?}; the CPU takes any)"
+    );
+    Ok(())
 }
 
 /// Shapes checked on every device: (total_q, n_heads, total_k, n_kv_heads, head_dim, batch).
@@ -98,7 +128,7 @@ fn check(
     let (total_q, n_heads, head_dim) = (q.shape()[0], q.shape()[1], q.shape()[2]);
     let (total_k, n_kv_heads) = (k.shape()[0], k.shape()[1]);
     ensure_shape!(k.shape()[2] == head_dim, op, "head dim of k {:?} != q {:?}", k.shape(), q.shape());
-    ensure_shape!(HEAD_DIMS.contains(&head_dim), op, "head dim {head_dim} not supported (supported: {HEAD_DIMS:?})");
+    ensure_shape!(head_dim > 0 && n_heads > 0, op, "q {:?}: no heads, or heads of no values", q.shape());
     ensure_shape!(
         n_kv_heads > 0 && n_heads % n_kv_heads == 0,
         op,
@@ -270,7 +300,8 @@ fn launch(gpu: &Gpu, name: &str, d: usize, dt: DType, plan: &Launches, mut args:
 /// the launch grid. The CPU path checks it and the offsets; on the GPU the
 /// offsets are device data the launcher cannot read, so the kernel clamps them
 /// to the tensors and a too-small `max_seqlen_q` costs speed, not results.
-/// Head dims 64, 80, 96, 128; bf16 or f32 on the GPU, f32 on the CPU. In
+/// Head dims of [`HEAD_DIMS`] on the GPU, any on the CPU; bf16 or f32 on
+/// the GPU, f32 on the CPU. In
 /// bf16, sequences of at least [`FLASH_MIN_SEQLEN_Q`] queries run on the
 /// tensor-core kernel when `max_seqlen_q` says there may be one (module doc).
 #[allow(clippy::too_many_arguments)] // flash-attn's varlen argument list, kept whole
@@ -311,6 +342,7 @@ pub fn attention(
             Ok(())
         }
         On::Cuda(gpu) => {
+            check_gpu_head_dim(OP, d)?;
             let dt = float_dtype(OP, &[out, q, k, v])?;
             if batch == 0 || total_q == 0 {
                 return Ok(());
@@ -367,7 +399,7 @@ fn check_paged(
     let (total_q, n_heads, head_dim) = (q.shape()[0], q.shape()[1], q.shape()[2]);
     let (num_blocks, block_size, n_kv_heads) = (cs[0], cs[1], cs[2]);
     ensure_shape!(cs[3] == head_dim, op, "head dim of k_cache {cs:?} != q {:?}", q.shape());
-    ensure_shape!(HEAD_DIMS.contains(&head_dim), op, "head dim {head_dim} not supported (supported: {HEAD_DIMS:?})");
+    ensure_shape!(head_dim > 0 && n_heads > 0, op, "q {:?}: no heads, or heads of no values", q.shape());
     ensure_shape!(
         n_kv_heads > 0 && n_heads % n_kv_heads == 0,
         op,
@@ -419,8 +451,8 @@ fn check_paged(
 /// max_blocks_per_seq · block_size and the block ids a sequence uses. On the
 /// GPU these are device data the launcher cannot read: the kernel clamps
 /// offsets, lengths and block ids to the tensors, so bad ones give wrong keys,
-/// never an access outside them. Any block size; head dims 64, 80, 96, 128;
-/// bf16 or f32 on the GPU, f32 on the CPU.
+/// never an access outside them. Any block size; head dims of [`HEAD_DIMS`]
+/// on the GPU, any on the CPU; bf16 or f32 on the GPU, f32 on the CPU.
 ///
 /// Decode calls split each sequence's keys over several blocks on the GPU
 /// when the batch would not fill the chip ([`Split::Auto`], module doc).
@@ -466,6 +498,7 @@ pub fn paged_attention_with(
             super::paged_attention::cpu(OP, &dims, out, q, kc, vc, cq, lens, tables, max_seqlen_q, scale)
         }
         On::Cuda(gpu) => {
+            check_gpu_head_dim(OP, dims.head_dim)?;
             let dt = float_dtype(OP, &[out, q, k_cache, v_cache])?;
             let PagedDims { total_q, n_heads, n_kv_heads, head_dim: d, num_blocks, block_size, batch, max_blocks } =
                 dims;
@@ -625,6 +658,57 @@ mod tests {
     }
 
     #[test]
+    fn the_cpu_takes_any_head_dim() {
+        // Head dims without a GPU kernel (24, an odd 3, 200): one key gives
+        // its value, two equal keys the mean of their values.
+        for d in [24, 3, 200] {
+            let v = ramp(2 * d, 2.0);
+            let out = run(&ramp(d, 0.0), &ramp(d, 1.0), &v[..d], (1, 1), d, &[0, 1], &[0, 1], false);
+            assert_eq!(out, &v[..d], "d {d}");
+            let key = ramp(d, 1.0);
+            let out = run(&ramp(d, 0.0), &[key.clone(), key].concat(), &v, (1, 1), d, &[0, 1], &[0, 2], false);
+            for (c, o) in out.iter().enumerate() {
+                let mean = (v[c] + v[d + c]) / 2.0;
+                assert!((o - mean).abs() < 1e-6, "d {d} dim {c}: {o} vs {mean}");
+            }
+        }
+    }
+
+    #[test]
+    fn check_head_dim_takes_any_on_the_cpu_and_the_kernels_on_the_gpu() {
+        let what = "tensor `model.layers.0.self_attn.q_proj.weight` (head dim 24)";
+        for d in [1, 3, 24, 72, 100, 4096] {
+            check_head_dim(&Device::Cpu, d, what).unwrap();
+        }
+        let e = check_head_dim(&Device::Cpu, 0, what).unwrap_err().to_string();
+        assert!(e.contains(what) && e.contains("at least 1"), "{e}");
+        assert!(HEAD_DIMS.windows(2).all(|w| w[0] < w[1]) && HEAD_DIMS.contains(&72), "{HEAD_DIMS:?}");
+        // The GPU half needs a GPU (tools/gpu_suite.sh runs this binary there).
+        let Ok(gpu) = Device::cuda(0) else { return };
+        for &d in HEAD_DIMS {
+            check_head_dim(&gpu, d, what).unwrap();
+        }
+        let e = check_head_dim(&gpu, 24, what).unwrap_err();
+        assert!(matches!(e, Error::Config(_)), "{e:?}");
+        let e = e.to_string();
+        assert!(e.contains(what) && e.contains(&format!("{HEAD_DIMS:?}")) && e.contains("not 24"), "{e}");
+        assert!(e.contains("add 24 to `ATTN_HEAD_DIMS`"), "{e}");
+        let e = check_head_dim(&gpu, 36, what).unwrap_err().to_string();
+        assert!(e.contains("need a multiple of 8"), "{e}");
+    }
+
+    #[test]
+    fn flash_shared_memory_pads_the_head_dim_to_whole_mma_steps() {
+        // The Q tile and two stages of K and V, rows of DP + FA_ROW_PAD bf16:
+        // the multiples of 16 as they are, 72 in 80's tiles.
+        let rows = 16 * FLASH_WARPS + 4 * FLASH_BN;
+        for d in [64, 80, 96, 128] {
+            assert_eq!(flash_smem(d) as usize, rows * (d + FA_ROW_PAD) * 2, "d {d}");
+        }
+        assert_eq!(flash_smem(72), flash_smem(80));
+    }
+
+    #[test]
     fn bad_inputs_are_errors_not_panics() {
         let err = |q: &[usize], k: &[usize], cq: &[i32], ck: &[i32], max_q: usize| {
             let n = |s: &[usize]| s.iter().product::<usize>();
@@ -632,8 +716,10 @@ mod tests {
             let (qt, kt) = (t(&vec![0.5; n(q)], q), t(&vec![0.5; n(k)], k));
             attention(&mut out, &qt, &kt, &kt, &cu(cq), &cu(ck), max_q, true, 0.1).unwrap_err().to_string()
         };
-        let e = err(&[2, 1, 48], &[2, 1, 48], &[0, 2], &[0, 2], 2);
-        assert!(e.contains("head dim 48 not supported"), "{e}");
+        let e = err(&[2, 1, 0], &[2, 1, 0], &[0, 2], &[0, 2], 2);
+        assert!(e.contains("no heads, or heads of no values"), "{e}");
+        let e = err(&[2, 0, 64], &[2, 1, 64], &[0, 2], &[0, 2], 2);
+        assert!(e.contains("no heads, or heads of no values"), "{e}");
         let e = err(&[2, 3, 64], &[2, 2, 64], &[0, 2], &[0, 2], 2);
         assert!(e.contains("3 query heads are not a multiple of 2 kv heads"), "{e}");
         let e = err(&[2, 2, 64], &[2, 1, 80], &[0, 2], &[0, 2], 2);

@@ -15,6 +15,7 @@
 //! worked out on the device from its own key count.
 
 use super::attention::PagedDims;
+use super::launch_consts::{ATTN_WARPS, COMBINE_THREADS};
 use super::{kernel, ptr};
 use crate::cuda::{Arg, Gpu};
 use crate::ensure_shape;
@@ -38,9 +39,9 @@ pub enum Split {
 /// partition, re-reading the partition for each tile of 8 rows.
 pub const SPLIT_MAX_Q: usize = 4;
 
-/// Fewest keys of a partition (csrc/attention.cu `SPLIT_MIN_KEYS`): below
-/// this, writing and combining the partials costs more than the keys.
-pub const SPLIT_MIN_KEYS: usize = 64;
+/// Fewest keys of a partition (csrc/attention.cu `SPLIT_MIN_KEYS`, read by
+/// build.rs): below this, writing and combining the partials costs more than the keys.
+pub const SPLIT_MIN_KEYS: usize = super::launch_consts::SPLIT_MIN_KEYS;
 
 /// Most partitions of a sequence; bounds the scratch at
 /// total_q · n_heads · MAX_SPLITS · (head_dim + 2) floats.
@@ -95,7 +96,8 @@ pub(super) fn launch(
     args.extend(paged);
     args.extend([Arg::I32(n_kv_heads as i32), Arg::F32(scale), Arg::I32(splits as i32)]);
     let grid = (splits as u32, n_kv_heads as u32, batch as u32);
-    gpu.launch(&kernel(&format!("paged_attention_split_d{d}"), dt), grid, (256, 1, 1), 0, &args)?;
+    let block = ((32 * ATTN_WARPS) as u32, 1, 1);
+    gpu.launch(&kernel(&format!("paged_attention_split_d{d}"), dt), grid, block, 0, &args)?;
 
     let mut args = vec![Arg::Ptr(ptr(out)), Arg::Ptr(ptr(&part))];
     args.extend(paged);
@@ -103,7 +105,8 @@ pub(super) fn launch(
     // One block per (head, query, sequence); it grid-strides over the queries,
     // so a too-small max_seqlen_q costs speed, not rows.
     let grid = (n_heads as u32, max_seqlen_q.clamp(1, 65535) as u32, batch as u32);
-    gpu.launch(&kernel(&format!("paged_attention_combine_d{d}"), dt), grid, (128, 1, 1), 0, &args)
+    let block = (COMBINE_THREADS as u32, 1, 1);
+    gpu.launch(&kernel(&format!("paged_attention_combine_d{d}"), dt), grid, block, 0, &args)
 }
 
 #[cfg(test)]

@@ -23,6 +23,15 @@ pub mod rope;
 pub mod sampling;
 pub mod softmax;
 
+/// Launch constants the launchers share with the kernels (`ATTN_WARPS`,
+/// `FA_BN`, ...) and the head dims the attention kernels are compiled for
+/// (`ATTN_HEAD_DIMS`): build.rs reads them out of csrc/ into this file, so
+/// a launcher cannot disagree with its kernel (a constant it cannot read
+/// fails the build, with or without nvcc).
+pub(crate) mod launch_consts {
+    include!(concat!(env!("OUT_DIR"), "/launch_consts.rs"));
+}
+
 use std::sync::Arc;
 
 use crate::cuda::Gpu;

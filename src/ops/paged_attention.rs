@@ -210,6 +210,13 @@ mod tests {
         assert_eq!(b.paged(), b.contiguous());
         let b = Batch::new(&[(2, 13), (1, 6)], (1, 1), 128, 32);
         assert_eq!(b.paged(), b.contiguous());
+        // Head dims without GPU kernels: the CPU takes any.
+        for d in [24, 5] {
+            let b = Batch::new(&[(2, 13), (1, 6), (7, 7)], (2, 1), d, 5);
+            let paged = b.paged();
+            assert!(paged.iter().all(|x| x.is_finite()), "d {d}: a NaN slot was read");
+            assert_eq!(paged, b.contiguous(), "d {d}");
+        }
     }
 
     #[test]

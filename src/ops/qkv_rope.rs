@@ -51,7 +51,7 @@ pub fn qkv_rope_cache(
     let width = (heads + 2 * kv_heads) * d;
     ensure_shape!(qkv.shape() == [n, width], OP, "qkv {:?}, expected [{n}, {width}] for q {qs:?}", qkv.shape());
     ensure_shape!(bias.shape() == [width], OP, "bias {:?}, expected [{width}]", bias.shape());
-    ensure_shape!(d > 0 && d % 2 == 0 && d / 2 <= 1024, OP, "head_dim {d} must be even, 2 to 2048");
+    ensure_shape!(d > 0 && d % 2 == 0, OP, "head_dim {d} must be even and positive");
     let sum = sections.iter().sum::<usize>();
     ensure_shape!(sum == d / 2, OP, "sections {sections:?} sum to {sum}, expected head_dim / 2 = {}", d / 2);
     ensure_shape!(theta.is_finite() && theta > 0.0, OP, "theta must be positive and finite, got {theta}");
@@ -89,6 +89,7 @@ pub fn qkv_rope_cache(
                 return Ok(());
             }
             let half = d / 2;
+            ensure_shape!(half <= 1024, OP, "head_dim {d} is over 2048, the GPU kernel's limit");
             // Threads: x over the half frequencies, y over heads, ~256 in all (as rope.rs).
             let ny = (256 / half).clamp(1, heads + kv_heads);
             let args = [

@@ -44,8 +44,6 @@ fn check(op: &'static str, x: &Tensor, positions: &Tensor, theta: f32) -> Result
     ensure_shape!(s.len() == 3, op, "x {s:?}, expected (tokens, heads, head_dim)");
     let (tokens, heads, d) = (s[0], s[1], s[2]);
     ensure_shape!(d > 0 && d % 2 == 0, op, "head_dim {d} must be even and positive");
-    // One thread per frequency in a block (csrc/rope.cu).
-    ensure_shape!(d / 2 <= 1024, op, "head_dim {d} is over 2048");
     ensure_shape!(tokens <= i32::MAX as usize && heads <= i32::MAX as usize, op, "too large: {s:?}");
     ensure_shape!(theta.is_finite() && theta > 0.0, op, "theta must be positive and finite, got {theta}");
     expect_dtype(op, positions, DType::I32)?;
@@ -69,9 +67,12 @@ fn rotate_cpu(x: &mut [f32], heads: usize, half: usize, angle: impl Fn(usize, us
 }
 
 /// Threads per block: x over the half frequencies, y over heads, ~256 in all.
-fn block_for(half: usize, heads: usize) -> (u32, u32, u32) {
+/// One thread per frequency (csrc/rope.cu), so the GPU takes head dims up to
+/// 2048; the CPU any even one.
+fn block_for(op: &'static str, half: usize, heads: usize) -> Result<(u32, u32, u32)> {
+    ensure_shape!(half <= 1024, op, "head_dim {} is over 2048, the GPU kernel's limit", 2 * half);
     let ny = (256 / half).clamp(1, heads.max(1));
-    (half as u32, ny as u32, 1)
+    Ok((half as u32, ny as u32, 1))
 }
 
 /// Qwen2 1-D RoPE, in place: a_i = pos[t] · theta^(−2i/head_dim).
@@ -92,7 +93,7 @@ fn launch_one_table(
     let tokens = x.shape()[0];
     let args =
         [Arg::Ptr(ptr(x)), Arg::Ptr(ptr(positions)), Arg::I32(heads as i32), Arg::I32(half as i32), Arg::F32(theta)];
-    gpu.launch(&kernel(op, dt), (tokens as u32, 1, 1), block_for(half, heads), 0, &args)
+    gpu.launch(&kernel(op, dt), (tokens as u32, 1, 1), block_for(op, half, heads)?, 0, &args)
 }
 
 /// Mirrors transformers `Qwen2VLRotaryEmbedding` (default rope init,
@@ -172,7 +173,7 @@ pub fn mrope(x: &mut Tensor, positions: &Tensor, sections: [usize; 3], theta: f3
                 Arg::I32(s1 as i32),
                 Arg::F32(theta),
             ];
-            gpu.launch(&kernel(OP, dt), (tokens as u32, 1, 1), block_for(half, heads), 0, &args)
+            gpu.launch(&kernel(OP, dt), (tokens as u32, 1, 1), block_for(OP, half, heads)?, 0, &args)
         }
     }
 }
@@ -332,6 +333,18 @@ mod tests {
             want[i + 4] = v * a[i].cos() + u * a[i].sin();
         }
         close(&x.to_f32_vec().unwrap(), &want, 1e-6);
+    }
+
+    #[test]
+    fn the_cpu_has_no_head_dim_limit() {
+        // Past the GPU kernel's 2048 (a thread per frequency): the CPU rotates
+        // it all; at position 0, exactly the identity.
+        let x0: Vec<f32> = (0..2 * 2052).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut x = t(&x0, &[2, 1, 2052]);
+        rope(&mut x, &p(&[0, 0], &[2]), 1e6).unwrap();
+        assert_eq!(x.to_f32_vec().unwrap(), x0);
+        rope(&mut x, &p(&[5, 9], &[2]), 1e6).unwrap();
+        assert_ne!(x.to_f32_vec().unwrap(), x0);
     }
 
     #[test]

@@ -17,6 +17,10 @@
 //! (src/ops/attention.rs), the others on the simple one, both in one call;
 //! the grid-stride check keeps that choice, and `attention.simple` checks the
 //! same call with max_seqlen_q = 1, where the simple kernel runs them all.
+//!
+//! Head dims: every one of `HEAD_DIMS` (72 is padded to 80 inside the
+//! tensor-core kernel's tiles), and one without GPU kernels (24), which the
+//! CPU must take like any other; on a GPU the op must refuse it with an error.
 
 use half::bf16;
 use kestrel::ops::attention;
@@ -228,6 +232,23 @@ fn run(sp: &Spec, gpu: Option<&Device>, rng: &mut Rng) -> Vec<Row> {
     rows
 }
 
+/// A head dim without GPU kernels: the CPU reference against the f64
+/// formulation (its rows), and on a GPU the op's error instead of a launch.
+fn run_cpu_only(sp: &Spec, gpu: Option<&Device>, rng: &mut Rng) -> Vec<Row> {
+    assert!(!attention::HEAD_DIMS.contains(&sp.d), "d{} has GPU kernels", sp.d);
+    if let Some(g) = gpu {
+        let (h, hk, d) = (sp.heads, sp.kv_heads, sp.d);
+        let x = |heads: usize| Tensor::from_f32(g, &[1, heads, d], &vec![0.5; heads * d], DType::BF16).unwrap();
+        let cu = Tensor::from_i32(g, &[2], &[0, 1]).unwrap();
+        let (mut o, q, k) = (x(h), x(h), x(hk));
+        let e = attention::attention(&mut o, &q, &k, &k, &cu, &cu, 1, sp.causal, 0.1).unwrap_err().to_string();
+        assert!(e.contains(&format!("head dim {d} not supported on the GPU")), "{e}");
+        let e = attention::check_head_dim(g, d, "the test's q").unwrap_err().to_string();
+        assert!(e.contains("the test's q") && e.contains(&format!("not {d}")), "{e}");
+    }
+    run(sp, None, rng)
+}
+
 /// The smallest max_seqlen_q that keeps a call's kernel choice (see the
 /// module doc of kestrel::ops::attention): a grid that small grid-strides.
 pub(crate) fn small_grid(dt: DType, max_q: usize) -> usize {
@@ -282,9 +303,29 @@ pub fn cases() -> Vec<Case> {
         spec(8, 2, 96, &[(33, 100), (16, 7), (70, 70)], true, 1.0, 1),
         // Non-causal chunks (Lq != Lk) with fewer keys than a tile.
         spec(4, 4, 64, &[(33, 100), (16, 7), (0, 5), (40, 1)], false, 1.0, 1),
+        // Head dim 72 (SigLIP-so400m, 16 heads of 72), whose tensor-core tiles
+        // are padded to 80: sequences of 1 (simple kernel) and 17, 77, 300
+        // (tensor cores: partial 64-query and 64-key tiles) in one batch,
+        // non-causal and causal with groups of 4 and a peaked softmax.
+        spec(16, 16, 72, &same(&[1, 17, 77, 300]), false, 1.0, 1),
+        spec(8, 2, 72, &same(&[1, 17, 77, 300]), true, 3.0, 1),
+        // Chunked prefill, a decode step, queries that see no key; non-causal
+        // Lq != Lk with fewer keys than a tile; one long sequence.
+        spec(12, 2, 72, &[(17, 300), (77, 129), (1, 50), (20, 2), (16, 0)], true, 1.0, 1),
+        spec(4, 4, 72, &[(33, 100), (16, 7), (0, 5), (40, 1), (1, 77)], false, 1.0, 1),
+        spec(1, 1, 72, &same(&[1030, 17]), false, 3.0, 8),
     ];
-    specs
+    let mut cases: Vec<Case> = specs
         .into_iter()
         .map(|sp| Case::new(format!("attention {}", sp.label()), move |gpu, rng| run(&sp, gpu, rng)))
-        .collect()
+        .collect();
+    // A head dim without GPU kernels (24): the CPU reference alone.
+    let cpu_only = [
+        spec(4, 2, 24, &[(1, 1), (17, 17), (77, 77), (5, 300), (3, 0)], true, 1.0, 1),
+        spec(3, 3, 24, &same(&[1, 17, 77]), false, 3.0, 1),
+    ];
+    cases.extend(cpu_only.into_iter().map(|sp| {
+        Case::new(format!("attention {} cpu-only", sp.label()), move |gpu, rng| run_cpu_only(&sp, gpu, rng))
+    }));
+    cases
 }

@@ -26,6 +26,10 @@
 //! against the tolerance (`paged.split3`, `paged.split64`), and bit for bit
 //! against itself with a one-query grid (`paged.split_stride`: the combine's
 //! grid stride, and a race would show as a moving result).
+//!
+//! Head dim 72 (tensor-core tiles padded to 80) in mixed, prefill and
+//! split-K batches over awkward block sizes; head dim 24, which has no GPU
+//! kernels, on the CPU alone (on a GPU the op must refuse it).
 
 use kestrel::ops::attention::Split;
 use kestrel::ops::{attention, kv_cache};
@@ -310,6 +314,26 @@ fn run(p: &Paged, gpu: Option<&Device>, rng: &mut Rng) -> Vec<Row> {
     rows
 }
 
+/// A head dim without GPU kernels: the CPU rows of `run`, and on a GPU the
+/// op's error instead of a launch.
+fn run_cpu_only(p: &Paged, gpu: Option<&Device>, rng: &mut Rng) -> Vec<Row> {
+    assert!(!attention::HEAD_DIMS.contains(&p.d), "d{} has GPU kernels", p.d);
+    if let Some(g) = gpu {
+        let (h, hk, d) = (p.heads, p.kv_heads, p.d);
+        let f = |shape: &[usize]| {
+            let n = shape.iter().product();
+            Tensor::from_f32(g, shape, &vec![0.5; n], DType::BF16).unwrap()
+        };
+        let (mut o, q, cache) = (f(&[1, h, d]), f(&[1, h, d]), f(&[1, p.block_size, hk, d]));
+        let i = |shape: &[usize], x: &[i32]| Tensor::from_i32(g, shape, x).unwrap();
+        let (cu, lens, table) = (i(&[2], &[0, 1]), i(&[1], &[1]), i(&[1, 1], &[0]));
+        let e = attention::paged_attention(&mut o, &q, &cache, &cache, &cu, &lens, &table, 1, 0.1).unwrap_err();
+        let e = e.to_string();
+        assert!(e.contains(&format!("head dim {d} not supported on the GPU")), "{e}");
+    }
+    run(p, None, rng)
+}
+
 pub fn cases() -> Vec<Case> {
     let mut v = vec![
         write_case(37, 13, 16, 2, 128),
@@ -317,6 +341,9 @@ pub fn cases() -> Vec<Case> {
         write_case(5, 3, 5, 12, 64),
         // Rows of 7 values: not whole 16-byte words, copied element by element.
         write_case(9, 4, 3, 1, 7),
+        // Head dim 72 (bf16 rows of 9 words) and 24 (no attention kernels).
+        write_case(77, 20, 16, 2, 72),
+        write_case(17, 7, 5, 3, 24),
     ];
     let spec = |heads, kv_heads, d, block_size, seqs: &[(usize, usize)], q_scale| Paged {
         heads,
@@ -359,11 +386,23 @@ pub fn cases() -> Vec<Case> {
         // size, queries that see no key (3 over 1: the first 2; 2 over 0).
         spec(4, 2, 80, 5, &[(2, 1000), (3, 1), (4, 4097), (2, 0), (1, 63)], 1.0),
         spec(14, 2, 128, 1, &[(1, 300), (2, 129)], 1.0),
+        // Head dim 72 (tensor-core tiles padded to 80): a mixed batch over
+        // blocks of 7 (decode, prefills around the 64-row tiles, a chunk over
+        // cached keys, queries that see no key); prefills over blocks of 3;
+        // split-K decodes over 1 to 4097 keys and, with several queries a
+        // sequence, over blocks of 5.
+        spec(16, 16, 72, 7, &[(1, 300), (77, 77), (17, 129), (1, 1), (20, 2)], 3.0),
+        spec(8, 2, 72, 3, &[(63, 63), (17, 17), (1, 40), (64, 130)], 1.0),
+        spec(12, 2, 72, 16, &[(1, 1), (1, 17), (1, 77), (1, 300), (1, 1000), (1, 4097)], 1.0),
+        spec(4, 1, 72, 5, &[(2, 1000), (3, 1), (4, 300), (2, 0), (1, 63)], 3.0),
     ];
     v.extend(
         specs
             .into_iter()
             .map(|p| Case::new(format!("paged_attention {}", p.label()), move |gpu, rng| run(&p, gpu, rng))),
     );
+    // A head dim without GPU kernels (24): the CPU alone.
+    let p = spec(4, 2, 24, 5, &[(1, 300), (17, 17), (3, 41), (2, 0), (1, 1)], 1.0);
+    v.push(Case::new(format!("paged_attention {} cpu-only", p.label()), move |gpu, rng| run_cpu_only(&p, gpu, rng)));
     v
 }

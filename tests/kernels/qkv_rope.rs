@@ -142,6 +142,8 @@ pub fn cases() -> Vec<Case> {
         shape(77, 16, 16, 80, [10, 15, 15]),
         shape(1000, 12, 2, 128, [16, 24, 24]),
         shape(77, 28, 4, 80, [10, 15, 15]),
+        // Head dim 72: 36 frequencies, sections summing to 36.
+        shape(77, 8, 2, 72, [8, 14, 14]),
     ];
     shapes
         .into_iter()

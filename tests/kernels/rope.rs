@@ -125,8 +125,9 @@ pub fn cases() -> Vec<Case> {
     let mut v = Vec::new();
     // Qwen2 LM: theta 1e6, positions up to 30000 (long prompts); one case with
     // a prefill's consecutive small positions, where the tolerance is tight.
+    // Head dim 72 (36 frequencies: not a multiple of 32 threads) in each op.
     for (tokens, heads, d, below) in
-        [(1, 12, 128, 30000), (3, 2, 64, 30000), (37, 16, 80, 30000), (300, 12, 128, 30000)]
+        [(1, 12, 128, 30000), (3, 2, 64, 30000), (37, 16, 80, 30000), (300, 12, 128, 30000), (77, 16, 72, 30000)]
     {
         v.push(Case::new(format!("rope {tokens}x{heads}x{d}"), move |gpu, rng| {
             let (theta, pos) = (1e6f32, positions(rng, tokens, below));
@@ -146,9 +147,13 @@ pub fn cases() -> Vec<Case> {
 
     // Qwen2-VL LM: the real sections at head_dim 128, splits of the same shape
     // at 64 and 80; three independent position rows.
-    for (tokens, heads, d, sections) in
-        [(1, 12, 128, [16, 24, 24]), (3, 2, 64, [8, 12, 12]), (37, 16, 80, [10, 15, 15]), (300, 2, 128, [16, 24, 24])]
-    {
+    for (tokens, heads, d, sections) in [
+        (1, 12, 128, [16, 24, 24]),
+        (3, 2, 64, [8, 12, 12]),
+        (37, 16, 80, [10, 15, 15]),
+        (300, 2, 128, [16, 24, 24]),
+        (77, 8, 72, [8, 14, 14]),
+    ] {
         v.push(Case::new(format!("mrope {tokens}x{heads}x{d}"), move |gpu, rng| {
             let (theta, pos) = (1e6f32, positions(rng, 3 * tokens, 30000));
             let label = format!("{tokens}x{heads}x{d} {sections:?}");
@@ -160,7 +165,7 @@ pub fn cases() -> Vec<Case> {
 
     // Qwen2-VL vision tower: theta 1e4, (row, col) below 100; head_dim 80 is
     // the real model's.
-    for (tokens, heads, d) in [(1, 16, 80), (3, 2, 64), (37, 16, 80), (300, 12, 128)] {
+    for (tokens, heads, d) in [(1, 16, 80), (3, 2, 64), (37, 16, 80), (300, 12, 128), (77, 16, 72)] {
         v.push(Case::new(format!("vision_rope {tokens}x{heads}x{d}"), move |gpu, rng| {
             let (theta, pos) = (1e4f32, positions(rng, 2 * tokens, 100));
             let label = format!("{tokens}x{heads}x{d}");
