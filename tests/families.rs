@@ -21,6 +21,11 @@ fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
+/// The built-in tiny Qwen2-VL's folder.
+fn tiny_qwen() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("src/model/builtin/tiny-qwen2-vl")
+}
+
 fn cpu(dir: PathBuf) -> EngineConfig {
     EngineConfig { model_dir: dir, device: "cpu".into(), ..Default::default() }
 }
@@ -136,12 +141,11 @@ fn safetensors_bytes(tensors: &[(&str, Vec<usize>, &[f32])]) -> Vec<u8> {
 /// A copy of a fixture with its tensors renamed by `rename` (None drops one)
 /// and its config.json edited by `edit`.
 fn variant(
-    from: &str,
+    src: PathBuf,
     to: &str,
     rename: impl Fn(&str) -> Option<String>,
     edit: impl Fn(&mut serde_json::Value),
 ) -> PathBuf {
-    let src = fixture(from);
     let dir = fixture("tmp").join(format!("{to}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     for e in std::fs::read_dir(&src).unwrap() {
@@ -167,7 +171,7 @@ fn llava_loads_the_published_and_the_transformers_5_name_layouts_alike() {
     // The fixture stores the published llava-hf names; transformers ≥ 4.52
     // writes `model.language_model.*`, `model.vision_tower.*`, `lm_head.*`.
     let modern = variant(
-        "tiny-llava",
+        fixture("tiny-llava"),
         "llava-modern",
         |n| {
             Some(if let Some(r) = n.strip_prefix("language_model.model.") {
@@ -212,7 +216,7 @@ fn llava_loads_the_published_and_the_transformers_5_name_layouts_alike() {
 fn a_headless_base_checkpoint_serves_embeddings_and_refuses_generation() {
     // Qwen2VLModel saved without lm_head and untied: DSE-style base models.
     let dir = variant(
-        "tiny-qwen2-vl",
+        tiny_qwen(),
         "qwen-headless",
         |n| (n != "lm_head.weight").then(|| n.to_string()),
         |c| c["architectures"] = serde_json::json!(["Qwen2VLModel"]),
@@ -234,6 +238,6 @@ fn a_headless_base_checkpoint_serves_embeddings_and_refuses_generation() {
         }
     };
     // The head plays no part in an embedding: equal to the full model's.
-    assert_eq!(embed(dir.clone()), embed(fixture("tiny-qwen2-vl")));
+    assert_eq!(embed(dir.clone()), embed(tiny_qwen()));
     let _ = std::fs::remove_dir_all(dir);
 }
