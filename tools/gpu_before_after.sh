@@ -11,7 +11,8 @@
 # Needs .device/kestrel (after) and .device/kestrel-base (before), both
 # built with the kernels (tools/gpu_suite.sh build; the base from the old
 # commit), and .cache/qwen-tokenizer; torch and transformers come with the
-# GPU host. STEPS="compare decode serve" picks steps. Tables print last.
+# GPU host. STEPS="compare decode serve" picks steps (`ttft` alone runs the
+# idle-TTFT half of `serve`). Tables print last.
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root" || exit 1
@@ -52,10 +53,12 @@ for round in 1 2; do
       "$bin" bench decode --model "$m" --device cuda --batch 1,8,64 --input-len 128 --output-len 128 \
         >"$out/decode-$name-$round.txt" 2>&1 || rc=1
     fi
-    if want serve; then
+    if want serve || want ttft; then
       "$bin" bench serve --launch --model "$m" --image-size 512x512 --input-len 128 --output-len 16 \
         --num-prompts 20 --max-concurrency 1 --ignore-eos --result-json "$out/ttft-$name-$round.json" \
         -- --device cuda >"$out/ttft-$name-$round.txt" 2>&1 || rc=1
+    fi
+    if want serve; then
       "$bin" bench serve --launch --model "$m" --image-size 512x512 --input-len 128 --output-len 128 \
         --num-prompts 192 --max-concurrency 64 --ignore-eos --result-json "$out/mm-$name-$round.json" \
         -- --device cuda >"$out/mm-$name-$round.txt" 2>&1 || rc=1
