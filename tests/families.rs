@@ -241,3 +241,17 @@ fn a_headless_base_checkpoint_serves_embeddings_and_refuses_generation() {
     assert_eq!(embed(dir.clone()), embed(tiny_qwen()));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn a_given_chat_template_wins_over_the_built_in_one() {
+    let cfg = EngineConfig {
+        chat_template: Some("{{ 'USER: ' + messages[0]['content'] + ' A:' }}".into()),
+        ..cpu(fixture("tiny-llava"))
+    };
+    let (fe, _) = load(&cfg).unwrap();
+    assert!(!fe.template.origin().contains("built-in"), "{}", fe.template.origin());
+    assert_eq!(fe.template.render(&user(serde_json::json!("hi")), true).unwrap(), "USER: hi A:");
+    // A folder with its own template keeps it (the built-in Qwen2-VL one is for folders without).
+    let (fe, _) = load(&cpu(tiny_qwen())).unwrap();
+    assert!(fe.template.origin().ends_with("chat_template.json"), "{}", fe.template.origin());
+}
