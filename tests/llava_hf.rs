@@ -13,9 +13,12 @@
 //! in the same f32 operations, so they must agree to 1e-6 (one uint8 level
 //! is 0.015; the PIL backend differs from the torchvision one by that much).
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use common::golden::rel_err;
 use kestrel::engine::engine::load;
 use kestrel::engine::{EngineConfig, Event, Pooling, Task};
 use kestrel::model::llava::config::LlavaConfig;
@@ -25,7 +28,6 @@ use kestrel::model::{registry, seq};
 use kestrel::multimodal::image::{decode_rgb8, DEFAULT_MAX_PIXELS};
 use kestrel::multimodal::Media;
 use kestrel::Tensor;
-use safetensors::{Dtype, SafeTensors};
 
 const REL_BOUND: f64 = 1e-5;
 
@@ -34,37 +36,11 @@ fn model_dir() -> PathBuf {
 }
 
 fn golden_file(name: &str) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
-    let bytes = std::fs::read(model_dir().join(format!("golden/{name}.safetensors"))).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(name, v)| {
-            let data: Vec<f32> = match v.dtype() {
-                Dtype::F32 => v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
-                Dtype::I32 => {
-                    v.data().chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f32).collect()
-                }
-                other => panic!("{name}: unexpected dtype {other:?}"),
-            };
-            (name, (v.shape().to_vec(), data))
-        })
-        .collect()
+    common::golden::tensors(&model_dir().join(format!("golden/{name}.safetensors")))
 }
 
 fn cases() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(model_dir().join("golden/cases.json")).unwrap()).unwrap()
-}
-
-fn rel_err(ours: &[f32], hf: &[f32]) -> (f64, f64) {
-    assert_eq!(ours.len(), hf.len());
-    let (mut num, mut den, mut max) = (0f64, 0f64, 0f64);
-    for (&a, &b) in ours.iter().zip(hf) {
-        let d = (a as f64 - b as f64).abs();
-        max = max.max(d);
-        num += d * d;
-        den += (b as f64) * (b as f64);
-    }
-    ((num / den.max(1e-30)).sqrt(), max)
 }
 
 fn image(file: &str) -> image::RgbImage {

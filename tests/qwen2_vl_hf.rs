@@ -12,15 +12,17 @@
 //! frequency table, for one, showed up as 7e-4). Token ids, positions and
 //! greedy tokens must be equal.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use common::golden::rel_err;
 use kestrel::model::qwen2_vl::inputs::{prepare_chat, Media, Processors};
 use kestrel::model::qwen2_vl::Qwen2Vl;
 use kestrel::multimodal::image::{decode_rgb8, DEFAULT_MAX_PIXELS};
 use kestrel::text::{chat_template::ChatTemplate, tokenizer::Tokenizer};
 use kestrel::{Device, Tensor};
-use safetensors::{Dtype, SafeTensors};
 
 const REL_BOUND: f64 = 1e-5;
 
@@ -34,33 +36,7 @@ fn golden_dir() -> PathBuf {
 
 /// Golden tensors of one case, as f32 (ints widened).
 fn golden(case: &str) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
-    let bytes = std::fs::read(golden_dir().join(format!("{case}.safetensors"))).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(name, v)| {
-            let data: Vec<f32> = match v.dtype() {
-                Dtype::F32 => v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
-                Dtype::I32 => {
-                    v.data().chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f32).collect()
-                }
-                other => panic!("{name}: unexpected dtype {other:?}"),
-            };
-            (name, (v.shape().to_vec(), data))
-        })
-        .collect()
-}
-
-fn rel_err(ours: &[f32], hf: &[f32]) -> (f64, f64) {
-    assert_eq!(ours.len(), hf.len());
-    let (mut num, mut den, mut max) = (0f64, 0f64, 0f64);
-    for (&a, &b) in ours.iter().zip(hf) {
-        let d = (a as f64 - b as f64).abs();
-        max = max.max(d);
-        num += d * d;
-        den += (b as f64) * (b as f64);
-    }
-    ((num / den.max(1e-30)).sqrt(), max)
+    common::golden::tensors(&golden_dir().join(format!("{case}.safetensors")))
 }
 
 /// HF's message parts name image files; ours carry the images separately.

@@ -5,6 +5,7 @@
 
 use std::path::Path;
 
+use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
@@ -109,5 +110,24 @@ impl<'a> Obj<'a> {
     pub fn str(&self, key: &str) -> Result<Option<&'a str>> {
         let Some(v) = self.get(key) else { return Ok(None) };
         v.as_str().map(Some).ok_or_else(|| self.bad(key, "a string", v))
+    }
+}
+
+/// A per-channel value of a preprocessor config (`image_mean`, `image_std`):
+/// one number for all channels, or one each.
+#[derive(Deserialize, Clone, Copy, Debug)]
+#[serde(untagged)]
+pub enum OneOrThree {
+    One(f64),
+    Three([f64; 3]),
+}
+
+impl OneOrThree {
+    /// The three channels' values, as f32 (`torch.tensor(image_mean)` rounds them so).
+    pub fn get(&self) -> [f32; 3] {
+        match *self {
+            Self::One(v) => [v as f32; 3],
+            Self::Three(v) => v.map(|x| x as f32),
+        }
     }
 }

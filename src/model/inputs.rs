@@ -4,7 +4,7 @@
 //! on the engine thread by a [`Model`](super::Model).
 
 use crate::error::{Error, Result};
-use crate::tensor::Tensor;
+use crate::tensor::{Device, Tensor};
 
 /// An image whose features were given, not computed.
 #[derive(Clone)]
@@ -86,6 +86,34 @@ impl PreparedInput {
 /// three axes: t + rope_delta (transformers' `cache_position + rope_deltas`).
 pub fn decode_position(t: usize, rope_delta: i64) -> i64 {
     t as i64 + rope_delta
+}
+
+/// Every image's features in prompt order, (Σ rows, hidden): the rows of
+/// the images given as pixels come from `pixels` (their features, in
+/// order), those given as features from `input.image_embeds`; `rows_of`
+/// says how many rows an image of a grid has.
+pub fn image_features_in_order(
+    dev: &Device,
+    hidden: usize,
+    input: &PreparedInput,
+    pixels: Option<&Tensor>,
+    rows_of: impl Fn([usize; 3]) -> usize,
+) -> Result<Tensor> {
+    let grids = input.image_grids();
+    let total: usize = grids.iter().map(|&g| rows_of(g)).sum();
+    let mut all = Tensor::empty(dev, &[total, hidden], dev.activation_dtype())?;
+    let (mut at, mut px_row) = (0, 0);
+    for (i, &g) in grids.iter().enumerate() {
+        let n = rows_of(g);
+        if let Some(e) = input.image_embeds.iter().find(|e| e.order == i) {
+            all.copy_rows_from(at, &Tensor::from_f32(dev, &[n, hidden], &e.values, dev.activation_dtype())?, 0, n)?;
+        } else if let Some(px) = pixels {
+            all.copy_rows_from(at, px, px_row, n)?;
+            px_row += n;
+        }
+        at += n;
+    }
+    Ok(all)
 }
 
 /// A prompt's media features, rows in placeholder order per kind.

@@ -1,6 +1,8 @@
 //! Helpers shared by integration test files (`mod common;` in each).
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod golden;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

@@ -13,7 +13,7 @@ use crate::error::Result;
 use crate::model::connector::MlpProjector;
 use crate::model::contract::{Model, ModelSpec};
 use crate::model::decoder::Decoder;
-use crate::model::inputs::{MediaFeatures, PreparedInput};
+use crate::model::inputs::{image_features_in_order, MediaFeatures, PreparedInput};
 use crate::model::vision::clip::{ClipDims, ClipVision};
 use crate::model::vision::VisionAct;
 use crate::tensor::{Device, Tensor};
@@ -118,19 +118,8 @@ impl Model for Llava {
         if input.image_embeds.is_empty() {
             return Ok(MediaFeatures { image: pixels, video: None });
         }
-        let (tokens, hidden) = (self.config.image_tokens(), self.text.dims.hidden);
-        let dt = self.device.activation_dtype();
-        let mut all = Tensor::empty(&self.device, &[total * tokens, hidden], dt)?;
-        let mut px_item = 0;
-        for i in 0..total {
-            if let Some(e) = input.image_embeds.iter().find(|e| e.order == i) {
-                let t = Tensor::from_f32(&self.device, &[tokens, hidden], &e.values, dt)?;
-                all.copy_rows_from(i * tokens, &t, 0, tokens)?;
-            } else if let Some(px) = &pixels {
-                all.copy_rows_from(i * tokens, px, px_item * tokens, tokens)?;
-                px_item += 1;
-            }
-        }
+        let tokens = self.config.image_tokens();
+        let all = image_features_in_order(&self.device, self.text.dims.hidden, input, pixels.as_ref(), |_| tokens)?;
         Ok(MediaFeatures { image: Some(all), video: None })
     }
 

@@ -23,6 +23,8 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+use crate::model::config::OneOrThree;
+
 use super::config::LlavaConfig;
 use crate::error::{Error, Result};
 use crate::model::contract::{ModelSpec, Processor};
@@ -53,22 +55,6 @@ enum Side {
     One(usize),
     Hw { height: usize, width: usize },
     Shortest { shortest_edge: usize },
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum OneOrThree {
-    One(f64),
-    Three([f64; 3]),
-}
-
-impl OneOrThree {
-    fn get(&self) -> [f32; 3] {
-        match *self {
-            Self::One(v) => [v as f32; 3],
-            Self::Three(v) => v.map(|x| x as f32),
-        }
-    }
 }
 
 #[derive(Deserialize)]

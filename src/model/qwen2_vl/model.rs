@@ -11,7 +11,7 @@ use crate::error::Result;
 use crate::model::config::{Architecture, Qwen2VlConfig};
 use crate::model::contract::{Model, ModelSpec};
 use crate::model::decoder::{Decoder, DecoderDims, Head};
-use crate::model::inputs::{MediaFeatures, PreparedInput};
+use crate::model::inputs::{image_features_in_order, MediaFeatures, PreparedInput};
 use crate::model::seq;
 use crate::model::vision::qwen::{VisionDims, VisionTower};
 use crate::model::vision::VisionAct;
@@ -169,24 +169,10 @@ impl Model for Qwen2Vl {
         } else if input.image_embeds.is_empty() {
             Some(self.encode_pixels(&input.images, observe)?)
         } else {
-            let grids = input.image_grids();
-            let rows: usize = grids.iter().map(|&g| processor::num_placeholder_tokens(g, merge)).sum();
-            let mut all = Tensor::empty(&self.device, &[rows, hidden], self.device.activation_dtype())?;
             let pixels =
                 if input.images.grids.is_empty() { None } else { Some(self.encode_pixels(&input.images, observe)?) };
-            let (mut at, mut px_row) = (0, 0);
-            for (i, &g) in grids.iter().enumerate() {
-                let n = processor::num_placeholder_tokens(g, merge);
-                if let Some(e) = input.image_embeds.iter().find(|e| e.order == i) {
-                    let t = Tensor::from_f32(&self.device, &[n, hidden], &e.values, self.device.activation_dtype())?;
-                    all.copy_rows_from(at, &t, 0, n)?;
-                } else if let Some(px) = &pixels {
-                    all.copy_rows_from(at, px, px_row, n)?;
-                    px_row += n;
-                }
-                at += n;
-            }
-            Some(all)
+            let rows = |g| processor::num_placeholder_tokens(g, merge);
+            Some(image_features_in_order(&self.device, hidden, input, pixels.as_ref(), rows)?)
         };
         let video =
             if input.videos.grids.is_empty() { None } else { Some(self.encode_pixels(&input.videos, observe)?) };

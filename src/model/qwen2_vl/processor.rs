@@ -30,6 +30,8 @@ use std::path::Path;
 use rayon::prelude::*;
 use serde::Deserialize;
 
+use crate::model::config::OneOrThree;
+
 use crate::error::{Error, Result};
 use crate::multimodal::image::{resize_rgb8, ResizeFilter, RgbImage};
 
@@ -82,22 +84,6 @@ impl Default for ImageProcessorConfig {
             do_normalize: true,
             image_mean: CLIP_MEAN,
             image_std: CLIP_STD,
-        }
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum OneOrThree {
-    One(f64),
-    Three([f64; 3]),
-}
-
-impl OneOrThree {
-    fn get(&self) -> [f32; 3] {
-        match *self {
-            Self::One(v) => [v as f32; 3],
-            Self::Three(v) => v.map(|x| x as f32),
         }
     }
 }
