@@ -50,7 +50,7 @@ enum BenchCommand {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(kestrel::cli::vllm_flags::rewrite_args(std::env::args_os()));
     match cli.command {
         Command::Serve(args) => {
             if let Err(e) = kestrel::cli::serve::run(&args) {

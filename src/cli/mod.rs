@@ -14,3 +14,4 @@ pub mod engine_args;
 pub mod generate;
 pub mod roofline;
 pub mod serve;
+pub mod vllm_flags;

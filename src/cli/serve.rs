@@ -4,7 +4,8 @@
 //! plus the server's own, under vLLM's names and defaults. A command line
 //! from vLLM's docs runs with `vllm serve` replaced by `kestrel serve`;
 //! flags of vLLM's that change nothing here (`--trust-remote-code`) are
-//! accepted.
+//! accepted, and the rest of vLLM's that Kestrel knows are implemented or
+//! refused with the reason (`cli::vllm_flags`).
 //!
 //! MODEL is a model folder, or a Hugging Face id (`Qwen/Qwen2-VL-2B-Instruct`)
 //! already in the local Hugging Face cache; nothing is downloaded. Without
@@ -14,6 +15,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::cli::engine_args::EngineArgs;
+use crate::cli::vllm_flags::{self, DtypeArg, VllmFlags};
 use crate::engine::{Engine, EngineConfig, Pooling, Task};
 use crate::error::{Error, Result};
 use crate::multimodal::fetch::MediaFetcher;
@@ -22,7 +24,7 @@ use crate::server::{bind, MediaLimits, Server, ServerConfig, DEFAULT_MAX_BODY_BY
 
 /// Environment variables holding the API key when --api-key is not given
 /// (ours, then vLLM's).
-pub const API_KEY_ENV: [&str; 2] = ["KESTREL_API_KEY", "VLLM_API_KEY"];
+pub const API_KEY_ENV: [&str; 2] = [vllm_flags::ENV_ALIASES[0].0, vllm_flags::ENV_ALIASES[0].1];
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
@@ -91,6 +93,8 @@ pub struct ServeArgs {
     pub shutdown_timeout: Duration,
     #[command(flatten)]
     pub engine: Box<EngineArgs>,
+    #[command(flatten)]
+    pub vllm: VllmFlags,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -205,7 +209,16 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         PoolingArg::Mean => Pooling::Mean,
         PoolingArg::Cls => Pooling::Cls,
     });
-    let mut engine_cfg = EngineConfig { task, pooling, ..args.engine.engine_config(dir)? };
+    let model_is_folder = model.as_deref().is_none_or(|m| std::path::Path::new(m).is_dir());
+    // Only --dtype float32 depends on the device; opening it costs little.
+    let gpu = args.vllm.dtype == Some(DtypeArg::Float32)
+        && crate::tensor::Device::choose(&args.engine.device).is_ok_and(|d| d.is_cuda());
+    args.vllm.check(model_is_folder, gpu)?;
+    for w in vllm_flags::env_warnings(|k| std::env::var(k).ok()) {
+        eprintln!("{w}");
+    }
+    let mut engine_cfg =
+        EngineConfig { task, pooling, tokenizer_dir: args.vllm.tokenizer.clone(), ..args.engine.engine_config(dir)? };
     // vLLM serves a model under the name it was given on the command line.
     if engine_cfg.model_name.is_none() && model.is_some() {
         engine_cfg.model_name = Some(root.clone());
@@ -213,7 +226,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     let api_key = args
         .api_key
         .clone()
-        .or_else(|| API_KEY_ENV.iter().find_map(|v| std::env::var(v).ok()))
+        .or_else(|| vllm_flags::env_alias(API_KEY_ENV[0]).map(|(_, v)| v))
         .filter(|k| !k.is_empty());
     let cfg = ServerConfig {
         api_key,
@@ -230,6 +243,8 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             ..Default::default()
         },
         engine_iteration_timeout: args.engine_iteration_timeout,
+        default_seed: args.vllm.seed,
+        request_log: args.vllm.request_log(),
     };
     let mut signals = Signals::install()?;
     let fetcher = MediaFetcher::new(args.engine.fetch_settings()?)?;

@@ -49,6 +49,9 @@ pub struct EngineConfig {
     pub pooling: Option<Pooling>,
     /// Never replay decode steps from CUDA graphs (vLLM's `--enforce-eager`).
     pub enforce_eager: bool,
+    /// Tokenizer folder instead of `model_dir` (vLLM's `--tokenizer`); the
+    /// chat template comes from it when it holds one.
+    pub tokenizer_dir: Option<PathBuf>,
 }
 
 impl Default for EngineConfig {
@@ -67,6 +70,7 @@ impl Default for EngineConfig {
             task: Task::Generate,
             pooling: None,
             enforce_eager: false,
+            tokenizer_dir: None,
         }
     }
 }
@@ -214,9 +218,14 @@ pub fn load(cfg: &EngineConfig) -> Result<(Frontend, EngineCore)> {
     // opens and the weights go up.
     let (files, model) = std::thread::scope(|s| {
         let files = s.spawn(|| -> Result<_> {
-            let tokenizer = Arc::new(Tokenizer::from_dir(dir)?);
+            let tok_dir = cfg.tokenizer_dir.as_deref().unwrap_or(dir);
+            let tokenizer = Arc::new(Tokenizer::from_dir(tok_dir)?);
             let builtin = family.chat_template.map(|t| (family.name, t));
-            let template = ChatTemplate::load_or(dir, cfg.chat_template.as_deref(), builtin)?;
+            let template_dir = match &cfg.tokenizer_dir {
+                Some(t) if crate::text::chat_template::find_in_dir(t)?.is_some() => t.as_path(),
+                _ => dir,
+            };
+            let template = ChatTemplate::load_or(template_dir, cfg.chat_template.as_deref(), builtin)?;
             Ok((tokenizer, template, (family.processor)(dir)?, t0.elapsed()))
         });
         let model = (|| -> Result<_> {

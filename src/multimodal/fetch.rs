@@ -84,12 +84,13 @@ impl Default for FetchSettings {
 }
 
 impl FetchSettings {
-    /// The defaults, with the timeout from `KESTREL_IMAGE_FETCH_TIMEOUT`
-    /// (seconds, fractions allowed) when it is set.
+    /// The defaults, with the timeout from `KESTREL_IMAGE_FETCH_TIMEOUT`,
+    /// else vLLM's `VLLM_IMAGE_FETCH_TIMEOUT` (seconds, fractions allowed).
     pub fn from_env() -> Result<Self> {
         let mut s = FetchSettings::default();
-        if let Ok(v) = std::env::var(TIMEOUT_ENV) {
-            s.timeout = parse_timeout(&v)?;
+        if let Some((name, v)) = crate::cli::vllm_flags::env_alias(TIMEOUT_ENV) {
+            s.timeout = parse_timeout(&v)
+                .map_err(|_| Error::InvalidInput(format!("{name}={v:?}: expected a positive number of seconds")))?;
         }
         Ok(s)
     }

@@ -97,6 +97,7 @@ pub(crate) fn embeddings<'a>(state: &'a State, body: &str) -> Result<Reply<'a>, 
     }
     pending.ids.clear();
     state.metrics.prompt_tokens(prompt_tokens);
+    super::note(|n| n.prompt_tokens = Some(prompt_tokens));
     let resp = EmbeddingResponse::new(state.new_id("embd"), f.model_name.clone(), unix_now(), values, prompt_tokens);
     Ok(Reply::json(200, &resp))
 }

@@ -101,6 +101,11 @@ fn run<'a>(
     if fault::hit("worker-panic", &request.input.prompt) {
         panic!("fault injected by KESTREL_FAULT (worker-panic)");
     }
+    let mut request = request;
+    if let (None, Some(seed)) = (request.params.sampling.seed, state.cfg.default_seed) {
+        let n = state.unseeded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        request.params.sampling.seed = Some(super::derived_seed(seed, n));
+    }
     let params = request.params.clone();
     let (id, rx) = state.engine.submit(request)?;
     let mut job = Job { state, id, rx, ended: false, times: Times::new(arrival) };
@@ -187,7 +192,13 @@ impl Job<'_> {
             Event::Finished { reason, .. } => self.state.metrics.choice_finished(reason.as_str()),
             Event::Done { usage } => {
                 self.ended = true;
-                self.state.metrics.request_done(usage.prompt_tokens, usage.completion_tokens, self.times.finish());
+                let times = self.times.finish();
+                self.state.metrics.request_done(usage.prompt_tokens, usage.completion_tokens, times);
+                super::note(|n| {
+                    n.prompt_tokens = Some(usage.prompt_tokens);
+                    n.output_tokens = Some(usage.completion_tokens);
+                    n.ttft = times.ttft;
+                });
             }
             Event::Error { .. } => self.ended = true,
             _ => {}

@@ -3,7 +3,9 @@
 //! with `kestrel:` for `vllm:`: request latencies and token counts, the
 //! engine's load gauges, plus the HTTP request counts vLLM gets from
 //! prometheus-fastapi-instrumentator (`http_requests_total`) and the time
-//! spent on media before a request reaches the engine.
+//! spent on media before a request reaches the engine. The series of
+//! `VLLM_MIRRORED` are also written under vLLM's own `vllm:` names (same
+//! values, same `model_name` label), for dashboards built for vLLM.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -24,6 +26,37 @@ const LATENCY_BUCKETS: &[f64] =
     &[0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0];
 /// Media stages: from a data URL's microseconds to a slow server's seconds.
 const MEDIA_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// Series written twice: as `kestrel:NAME` and as vLLM's `vllm:NAME`.
+pub const VLLM_MIRRORED: [&str; 8] = [
+    "num_requests_running",
+    "num_requests_waiting",
+    "time_to_first_token_seconds",
+    "e2e_request_latency_seconds",
+    "kv_cache_usage_perc",
+    "prompt_tokens_total",
+    "generation_tokens_total",
+    "request_success_total",
+];
+
+/// `kestrel:NAME` families of `text` named in `VLLM_MIRRORED`, again as
+/// `vllm:NAME` (each family's lines kept together, in order).
+fn vllm_mirror(text: &str) -> String {
+    let mut out = String::new();
+    for name in VLLM_MIRRORED {
+        let ours = format!("kestrel:{name}");
+        for line in text.lines() {
+            let series = line.strip_prefix("# HELP ").or_else(|| line.strip_prefix("# TYPE ")).unwrap_or(line);
+            let Some(rest) = series.strip_prefix(&ours) else { continue };
+            let rest = ["_bucket", "_sum", "_count"].iter().find_map(|s| rest.strip_prefix(s)).unwrap_or(rest);
+            if rest.starts_with(['{', ' ']) {
+                out.push_str(&line.replacen("kestrel:", "vllm:", 1));
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
 
 /// A cumulative histogram over fixed bucket bounds.
 struct Histogram {
@@ -238,6 +271,8 @@ impl Metrics {
         for (h, name, help) in media {
             h.render(&mut out, name, help, &model);
         }
+        let mirror = vllm_mirror(&out);
+        out.push_str(&mirror);
         out
     }
 }
@@ -274,8 +309,23 @@ mod tests {
             "kestrel:e2e_request_latency_seconds_count{model_name=\"tiny\"} 1",
             "kestrel:media_fetch_seconds_count{model_name=\"tiny\"} 1",
             "# TYPE kestrel:media_preprocess_seconds histogram",
+            "vllm:num_requests_running{model_name=\"tiny\"} 2",
+            "vllm:num_requests_waiting{model_name=\"tiny\"} 1",
+            "vllm:kv_cache_usage_perc{model_name=\"tiny\"} 0.25",
+            "vllm:prompt_tokens_total{model_name=\"tiny\"} 10",
+            "vllm:generation_tokens_total{model_name=\"tiny\"} 4",
+            "vllm:request_success_total{model_name=\"tiny\",finished_reason=\"length\"} 1",
+            "# TYPE vllm:time_to_first_token_seconds histogram",
+            "vllm:time_to_first_token_seconds_bucket{model_name=\"tiny\",le=\"0.04\"} 1",
+            "vllm:time_to_first_token_seconds_count{model_name=\"tiny\"} 1",
+            "# TYPE vllm:e2e_request_latency_seconds histogram",
+            "vllm:e2e_request_latency_seconds_count{model_name=\"tiny\"} 1",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }
+        // Only the mirrored families, each once.
+        assert!(!text.contains("vllm:media") && !text.contains("vllm:http") && !text.contains("vllm:kv_cache_used"));
+        assert!(!text.contains("vllm:time_per_output_token"));
+        assert_eq!(text.matches("# TYPE vllm:prompt_tokens_total counter").count(), 1);
     }
 }

@@ -49,6 +49,43 @@ use crate::openai::MediaRef;
 use http::ApiError;
 use metrics::Metrics;
 
+pub use crate::cli::vllm_flags::RequestLog;
+
+/// What the request log says of the request a worker thread handles now:
+/// filled in by the handlers as they learn it, written by `routes::handle`
+/// after the answer. Never the prompt's text.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct LogNote {
+    pub id: Option<String>,
+    pub prompt_tokens: Option<usize>,
+    pub output_tokens: Option<usize>,
+    pub media: usize,
+    pub ttft: Option<Duration>,
+}
+
+thread_local! {
+    static NOTE: std::cell::RefCell<LogNote> = std::cell::RefCell::default();
+}
+
+/// Updates the log note of this thread's request.
+pub(crate) fn note(f: impl FnOnce(&mut LogNote)) {
+    NOTE.with(|n| f(&mut n.borrow_mut()));
+}
+
+/// Takes this thread's log note, leaving an empty one.
+pub(crate) fn take_note() -> LogNote {
+    NOTE.with(|n| std::mem::take(&mut *n.borrow_mut()))
+}
+
+/// The seed of the `n`th unseeded request under server seed `seed`
+/// (SplitMix64 of the pair: distinct per request, the same across restarts).
+pub fn derived_seed(seed: u64, n: u64) -> u64 {
+    let mut z = seed ^ n.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 /// Largest request body read (checked from Content-Length and while reading).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 64 << 20;
 
@@ -87,6 +124,12 @@ pub struct ServerConfig {
     /// /health answers 503 once the engine thread has spent this long in one
     /// iteration (vLLM's VLLM_ENGINE_ITERATION_TIMEOUT_S, 60 s).
     pub engine_iteration_timeout: Duration,
+    /// vLLM's `--seed`: unseeded requests sample with a seed derived from
+    /// (this, the request's arrival number); None: fresh entropy.
+    pub default_seed: Option<u64>,
+    /// The request log on stderr (vLLM's `--disable-log-requests`,
+    /// `--uvicorn-log-level`).
+    pub request_log: RequestLog,
 }
 
 /// What every worker shares.
@@ -103,6 +146,8 @@ pub(crate) struct State {
     pub started: u64,
     id_prefix: String,
     next_id: AtomicU64,
+    /// Unseeded generation requests so far (with `default_seed`).
+    pub unseeded: AtomicU64,
 }
 
 /// Unix time in seconds.
@@ -117,7 +162,9 @@ impl State {
 
     /// A fresh response id: `prefix-<start time><counter>` in hex.
     pub fn new_id(&self, prefix: &str) -> String {
-        format!("{prefix}-{}{:08x}", self.id_prefix, self.next_id.fetch_add(1, Ordering::Relaxed))
+        let id = format!("{prefix}-{}{:08x}", self.id_prefix, self.next_id.fetch_add(1, Ordering::Relaxed));
+        note(|n| n.id = Some(id.clone()));
+        id
     }
 
     /// 404 unless `model` is absent or the served name (vLLM `_check_model`).
@@ -149,6 +196,7 @@ impl State {
     /// 400 when a prompt holds more media of a kind than allowed; checked
     /// before anything is fetched.
     pub fn check_media_limits(&self, media: &[MediaRef]) -> Result<(), ApiError> {
+        note(|n| n.media = media.len());
         let images = media.iter().filter(|m| matches!(m, MediaRef::Image(_) | MediaRef::ImageEmbeds(_))).count();
         let videos = media.iter().filter(|m| matches!(m, MediaRef::Video(_))).count();
         for (kind, n, limit) in [("image", images, self.cfg.limits.image), ("video", videos, self.cfg.limits.video)] {
@@ -251,6 +299,7 @@ impl Server {
             started: unix_now(),
             id_prefix: format!("{nanos:x}"),
             next_id: AtomicU64::new(0),
+            unseeded: AtomicU64::new(0),
         };
         Server { http, state: Arc::new(state), stopping: AtomicBool::new(false), active: AtomicUsize::new(0) }
     }

@@ -83,6 +83,7 @@ impl Drop for InFlight<'_> {
 /// Handles one request and answers it.
 pub(crate) fn handle(state: &State, mut rq: tiny_http::Request) {
     let arrival = Instant::now();
+    super::take_note();
     let method = rq.method().as_str().to_owned();
     let path = rq.url().split(['?', '#']).next().unwrap_or("").to_owned();
     let route = Route::parse(&path);
@@ -138,6 +139,25 @@ pub(crate) fn handle(state: &State, mut rq: tiny_http::Request) {
         Reply::Stream(stream) => send_stream(rq, stream),
     };
     state.metrics.http_request(label, &method, status);
+    let log = state.cfg.request_log;
+    if log == super::RequestLog::All || (log == super::RequestLog::Failures && status >= 400) {
+        eprintln!("{}", log_line(&super::take_note(), &method, label, status, arrival.elapsed()));
+    }
+}
+
+/// The request log's line: no prompt text, only counts and times.
+fn log_line(n: &super::LogNote, method: &str, route: &str, status: u16, total: std::time::Duration) -> String {
+    let opt = |v: Option<usize>| v.map_or("-".to_owned(), |v| v.to_string());
+    let ttft = n.ttft.map_or("-".to_owned(), |t| format!("{:.1}", t.as_secs_f64() * 1e3));
+    format!(
+        "kestrel: request id={} {method} {route} status={status} prompt_tokens={} output_tokens={} media={} \
+         ttft_ms={ttft} total_ms={:.1}",
+        n.id.as_deref().unwrap_or("-"),
+        opt(n.prompt_tokens),
+        opt(n.output_tokens),
+        n.media,
+        total.as_secs_f64() * 1e3
+    )
 }
 
 /// 401 unless the route is open or the request carries the key.
