@@ -67,3 +67,83 @@ fn generate_on_cuda_without_a_gpu_says_why() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("CUDA") || err.contains("kernels"), "{err}");
 }
+
+/// The flags named in the first column of README's "vLLM flags" table.
+fn readme_vllm_flags() -> Vec<String> {
+    let readme = include_str!("../README.md");
+    let section =
+        readme.split("\n## vLLM flags\n").nth(1).expect("a vLLM flags section").split("\n## ").next().unwrap();
+    let rows = section.lines().filter(|l| l.starts_with("| `"));
+    let cells = rows.map(|l| l.split('|').nth(1).unwrap().to_owned());
+    cells.flat_map(|c| c.split('`').skip(1).step_by(2).map(str::to_owned).collect::<Vec<_>>()).collect()
+}
+
+/// `flag` as a whole word of `text`.
+fn names(text: &str, flag: &str) -> bool {
+    text.match_indices(flag).any(|(i, _)| {
+        let before = text[..i].chars().next_back().is_none_or(|c| c.is_whitespace() || c == '(' || c == ',');
+        let after =
+            text[i + flag.len()..].chars().next().is_none_or(|c| !(c.is_alphanumeric() || c == '-' || c == '_'));
+        before && after
+    })
+}
+
+#[test]
+fn readme_vllm_flags_match_serve_help() {
+    let out = kestrel().args(["serve", "--help"]).output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    let table = readme_vllm_flags();
+    assert!(table.len() > 20, "{table:?}");
+    for flag in &table {
+        assert!(flag.starts_with('-'), "{flag:?} in the table is not a flag");
+        assert!(names(&help, flag), "README names {flag}, which `kestrel serve --help` does not");
+    }
+    // Every vLLM-compat flag is in the table (and so in --help).
+    use clap::Args as _;
+    let cmd = kestrel::cli::vllm_flags::VllmFlags::augment_args(clap::Command::new("x"));
+    let compat: Vec<String> = cmd.get_arguments().filter_map(|a| a.get_long()).map(|l| format!("--{l}")).collect();
+    assert!(compat.len() >= 15, "{compat:?}");
+    for flag in compat {
+        assert!(table.contains(&flag), "{flag} is missing from README's vLLM flags table");
+        assert!(names(&help, &flag), "{flag} is missing from `kestrel serve --help`");
+    }
+}
+
+/// `kestrel serve ARGS` with `env`: it must fail at start; its stderr.
+fn refused(args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = kestrel()
+        .args(["serve", "--device", "cpu", "--host", "127.0.0.1", "--port", "0"])
+        .args(args)
+        .env_remove("KESTREL_IMAGE_FETCH_TIMEOUT")
+        .env_remove("VLLM_IMAGE_FETCH_TIMEOUT")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{args:?} started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn refused_vllm_flags_exit_with_the_reason() {
+    for (args, why) in [
+        (&["--enable-prefix-caching"][..], "no prefix cache"),
+        (&["--dtype", "float16"], "bfloat16 end to end"),
+        (&["--quantization", "awq"], "bf16/f16/f32 checkpoints only"),
+        (&["-tp", "2"], "one GPU per process"),
+        (&["--kv-cache-dtype", "fp8"], "activation dtype"),
+        (&["--mm-processor-kwargs", r#"{"max_pixels": 1}"#], "not wired"),
+        (&["Qwen/not-a-local-folder", "--revision", "main"], "downloads nothing"),
+    ] {
+        let err = refused(args, &[]);
+        assert!(err.contains("kestrel serve: ") && err.contains(why), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn vllm_image_fetch_timeout_is_read_and_ours_wins() {
+    let err = refused(&[], &[("VLLM_IMAGE_FETCH_TIMEOUT", "soon")]);
+    assert!(err.contains("VLLM_IMAGE_FETCH_TIMEOUT=\"soon\""), "{err}");
+    let err = refused(&[], &[("VLLM_IMAGE_FETCH_TIMEOUT", "5"), ("KESTREL_IMAGE_FETCH_TIMEOUT", "later")]);
+    assert!(err.contains("KESTREL_IMAGE_FETCH_TIMEOUT=\"later\""), "{err}");
+}

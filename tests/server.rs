@@ -103,6 +103,29 @@ impl Server {
     }
 }
 
+impl Server {
+    /// `start`, with the server's stderr lines captured.
+    fn start_logged(args: &[&str]) -> (Server, std::sync::mpsc::Receiver<String>) {
+        let (child, port, _, rx) = common::spawn_serve_capturing(&[&["--workers", "4"], args].concat(), &[]);
+        (Server { child, port }, rx)
+    }
+}
+
+/// The request-log lines received within `wait` (stops early at `want`).
+fn request_lines(rx: &std::sync::mpsc::Receiver<String>, want: usize, wait: Duration) -> Vec<String> {
+    let end = Instant::now() + wait;
+    let mut lines = Vec::new();
+    while lines.len() < want {
+        let Some(left) = end.checked_duration_since(Instant::now()) else { break };
+        match rx.recv_timeout(left) {
+            Ok(l) if l.starts_with("kestrel: request ") => lines.push(l),
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    lines
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -515,4 +538,120 @@ fn a_stream_cut_mid_way_leaves_the_server_serving() {
     let (status, v) = s.post("/v1/chat/completions", &chat_body(json!("hi"), json!({"max_tokens": 3})));
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["usage"]["completion_tokens"], 3);
+}
+
+const SECRET_PROMPT: &str = "a prompt that must stay out of the log";
+
+/// One good and one bad request through `s`: (good status, bad status).
+fn good_and_bad(s: &Server) -> (u16, u16) {
+    let good = json!({"prompt": SECRET_PROMPT, "max_tokens": 3, "temperature": 0});
+    let (g, v) = s.post("/v1/completions", &good);
+    assert_eq!(g, 200, "{v}");
+    let (b, v) = s.post("/v1/completions", &json!({"prompt": SECRET_PROMPT, "max_tokens": 3, "temperature": -1}));
+    assert_eq!(b, 400, "{v}");
+    (g, b)
+}
+
+#[test]
+fn request_log_has_a_line_per_request_and_no_prompt_text() {
+    let (s, rx) = Server::start_logged(&[]);
+    good_and_bad(&s);
+    let lines = request_lines(&rx, 2, Duration::from_secs(30));
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let ok = &lines[0];
+    assert!(ok.contains("POST /v1/completions status=200"), "{ok}");
+    assert!(ok.contains(" id=cmpl-") && ok.contains(" output_tokens=3 ") && ok.contains(" media=0 "), "{ok}");
+    assert!(ok.contains(" prompt_tokens=") && !ok.contains("prompt_tokens=-"), "{ok}");
+    assert!(ok.contains(" ttft_ms=") && !ok.contains("ttft_ms=-") && ok.contains(" total_ms="), "{ok}");
+    let bad = &lines[1];
+    assert!(bad.contains("POST /v1/completions status=400") && bad.contains("output_tokens=-"), "{bad}");
+    assert!(lines.iter().all(|l| !l.contains(SECRET_PROMPT)), "{lines:?}");
+}
+
+#[test]
+fn request_log_off_and_failures_only() {
+    let (s, rx) = Server::start_logged(&["--disable-log-requests"]);
+    good_and_bad(&s);
+    let lines = request_lines(&rx, 1, Duration::from_secs(2));
+    assert!(lines.is_empty(), "{lines:?}");
+    drop(s);
+
+    let (s, rx) = Server::start_logged(&["--uvicorn-log-level", "warning"]);
+    good_and_bad(&s);
+    let lines = request_lines(&rx, 2, Duration::from_secs(3));
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("status=400"), "{lines:?}");
+}
+
+/// The text one fresh server with `args` samples (temperature 1, no seed)
+/// for its first two requests.
+fn first_sampled_texts(args: &[&str]) -> (String, String) {
+    let s = Server::start(args);
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 16, "temperature": 1.0});
+    let text = || {
+        let (status, v) = s.post("/v1/completions", &body);
+        assert_eq!(status, 200, "{v}");
+        v["choices"][0]["text"].as_str().unwrap().to_string()
+    };
+    (text(), text())
+}
+
+#[test]
+fn server_seed_makes_unseeded_sampling_repeat_across_restarts() {
+    let a = first_sampled_texts(&["--seed", "1234"]);
+    let b = first_sampled_texts(&["--seed", "1234"]);
+    assert_eq!(a, b);
+    // Each request gets its own stream, and another seed others.
+    assert_ne!(a.0, a.1);
+    let c = first_sampled_texts(&["--seed", "99"]);
+    assert_ne!(a.0, c.0);
+}
+
+#[test]
+fn tokenizer_from_another_folder() {
+    let builtin = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/src/model/builtin/tiny-qwen2-vl"));
+    let dir = std::env::temp_dir().join(format!("kestrel-tokenizer-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(builtin.join(f), dir.join(f)).unwrap();
+    }
+    let (_, base) = Server::start(&[]).post("/tokenize", &json!({"prompt": "Hello world"}));
+    let s = Server::start(&["--tokenizer", dir.to_str().unwrap()]);
+    let (status, t) = s.post("/tokenize", &json!({"prompt": "Hello world"}));
+    assert_eq!((status, &t["tokens"]), (200, &base["tokens"]), "{t}");
+    // The chat template stays with the model folder (the copy has none).
+    let (status, v) = s.post("/v1/chat/completions", &chat_body(json!("hi"), json!({"max_tokens": 2})));
+    assert_eq!(status, 200, "{v}");
+    drop(s);
+
+    // The tokenizer really is read from there: without its files, no start.
+    std::fs::remove_file(dir.join("tokenizer.json")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kestrel"))
+        .args(["serve", "--device", "cpu", "--port", "0", "--tokenizer", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&dir.join("tokenizer.json").display().to_string()), "{err}");
+}
+
+#[test]
+fn vllm_metrics_mirror_kestrels() {
+    let s = Server::start(&[]);
+    let (status, v) = s.post("/v1/completions", &json!({"prompt": "Once upon a time", "max_tokens": 4}));
+    assert_eq!(status, 200, "{v}");
+    let prompt = v["usage"]["prompt_tokens"].as_f64().unwrap();
+    let m = |p: &str| s.metric(p).unwrap_or_else(|| panic!("no {p} in /metrics"));
+    let model = "{model_name=\"kestrel-tiny-qwen2-vl\"}";
+    assert_eq!(m(&format!("vllm:prompt_tokens_total{model}")), prompt);
+    assert_eq!(m(&format!("vllm:generation_tokens_total{model}")), 4.0);
+    assert_eq!(m(&format!("vllm:e2e_request_latency_seconds_count{model}")), 1.0);
+    assert_eq!(m(&format!("vllm:time_to_first_token_seconds_count{model}")), 1.0);
+    assert_eq!(m("vllm:request_success_total{model_name=\"kestrel-tiny-qwen2-vl\",finished_reason=\"length\"}"), 1.0);
+    assert_eq!(m(&format!("vllm:num_requests_running{model}")), 0.0);
+    assert_eq!(m(&format!("vllm:num_requests_waiting{model}")), 0.0);
+    let kv = m(&format!("vllm:kv_cache_usage_perc{model}"));
+    assert!((0.0..=1.0).contains(&kv), "{kv}");
+    assert_eq!(m(&format!("vllm:prompt_tokens_total{model}")), m(&format!("kestrel:prompt_tokens_total{model}")));
 }

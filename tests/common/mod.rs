@@ -45,7 +45,20 @@ pub fn qwen_tokenizer_dir(what: &str) -> Option<PathBuf> {
 /// `args`, and `env` over an environment without API keys or fault
 /// injection. Returns the child (its stdout drained by a thread), its port
 /// and its ready line ("kestrel: serving NAME on http://127.0.0.1:PORT ...").
+/// Its stderr is the test's.
 pub fn spawn_serve(args: &[&str], env: &[(&str, &str)]) -> (Child, u16, String) {
+    let (child, port, line, _) = spawn(args, env, false);
+    (child, port, line)
+}
+
+/// `spawn_serve`, with the server's stderr lines also sent to the returned
+/// receiver (and still echoed to the test's stderr).
+pub fn spawn_serve_capturing(args: &[&str], env: &[(&str, &str)]) -> (Child, u16, String, mpsc::Receiver<String>) {
+    let (child, port, line, rx) = spawn(args, env, true);
+    (child, port, line, rx.expect("captured stderr"))
+}
+
+fn spawn(args: &[&str], env: &[(&str, &str)], capture: bool) -> (Child, u16, String, Option<mpsc::Receiver<String>>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_kestrel"))
         .args(["serve", "--device", "cpu", "--host", "127.0.0.1", "--port", "0"])
         .args(args)
@@ -54,9 +67,19 @@ pub fn spawn_serve(args: &[&str], env: &[(&str, &str)]) -> (Child, u16, String) 
         .env_remove("KESTREL_FAULT")
         .envs(env.iter().copied())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(if capture { Stdio::piped() } else { Stdio::inherit() })
         .spawn()
         .expect("start kestrel serve");
+    let stderr = child.stderr.take().map(|err| {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                notice(&line);
+                let _ = tx.send(line);
+            }
+        });
+        rx
+    });
     let stdout = child.stdout.take().expect("piped stdout");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -67,5 +90,5 @@ pub fn spawn_serve(args: &[&str], env: &[(&str, &str)]) -> (Child, u16, String) 
     let line = rx.recv_timeout(Duration::from_secs(120)).expect("the server's ready line");
     let port = line.split("127.0.0.1:").nth(1).and_then(|r| r.split(' ').next()).and_then(|p| p.parse().ok());
     let port = port.unwrap_or_else(|| panic!("no port in {line:?}"));
-    (child, port, line)
+    (child, port, line, stderr)
 }
