@@ -213,8 +213,8 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     // Only --dtype float32 depends on the device; opening it costs little.
     let gpu = args.vllm.dtype == Some(DtypeArg::Float32)
         && crate::tensor::Device::choose(&args.engine.device).is_ok_and(|d| d.is_cuda());
-    args.vllm.check(model_is_folder, gpu)?;
-    for w in vllm_flags::env_warnings(|k| std::env::var(k).ok()) {
+    let notes = args.vllm.check_notes(model_is_folder, gpu)?;
+    for w in notes.into_iter().chain(vllm_flags::env_warnings(|k| std::env::var(k).ok())) {
         eprintln!("{w}");
     }
     let mut engine_cfg =

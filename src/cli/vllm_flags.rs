@@ -97,7 +97,8 @@ pub struct VllmFlags {
     /// one, else from the model folder.
     #[arg(long, value_name = "DIR")]
     pub tokenizer: Option<PathBuf>,
-    /// Refused unless MODEL is a local folder: Kestrel downloads nothing.
+    /// Refused unless MODEL is a local folder: Kestrel downloads nothing
+    /// (with a folder, as in vLLM, it has no effect; a note says so).
     #[arg(long)]
     pub revision: Option<String>,
     /// Refused unless MODEL is a local folder: Kestrel downloads nothing.
@@ -155,6 +156,12 @@ impl VllmFlags {
     /// MODEL names a local folder (or is left out: the built-in model);
     /// `gpu`: the engine will run on the GPU.
     pub fn check(&self, model_is_folder: bool, gpu: bool) -> Result<()> {
+        self.check_notes(model_is_folder, gpu).map(|_| ())
+    }
+
+    /// `check`, and the notes to print for flags accepted without effect.
+    pub fn check_notes(&self, model_is_folder: bool, gpu: bool) -> Result<Vec<String>> {
+        let mut notes = Vec::new();
         let refuse = |msg: String| Err(Error::InvalidInput(msg));
         match self.dtype {
             Some(DtypeArg::Float16) => {
@@ -178,6 +185,9 @@ impl VllmFlags {
             ("--tokenizer-revision", &self.tokenizer_revision),
             ("--code-revision", &self.code_revision),
         ] {
+            if v.is_some() && model_is_folder {
+                notes.push(format!("kestrel: note: {flag} has no effect: MODEL is a local folder, served as it is"));
+            }
             if v.is_some() && !model_is_folder {
                 return refuse(format!(
                     "{flag} needs MODEL to be a local folder: Kestrel downloads nothing, and a model from \
@@ -226,7 +236,7 @@ impl VllmFlags {
                 ))
             }
         }
-        Ok(())
+        Ok(notes)
     }
 
     /// The request log these flags ask for.
@@ -284,7 +294,8 @@ mod tests {
     #[test]
     fn revisions_need_a_local_folder() {
         for f in ["--revision", "--tokenizer-revision", "--code-revision"] {
-            ok(&[f, "main"], true, false);
+            let notes = parse(&[f, "main"]).check_notes(true, false).unwrap();
+            assert!(notes.len() == 1 && notes[0].contains(f) && notes[0].contains("no effect"), "{notes:?}");
             let e = refusal(&[f, "main"], false, false);
             assert!(e.contains(f) && e.contains("downloads nothing"), "{e}");
         }
