@@ -432,7 +432,8 @@ pub struct ChoiceLogprobs {
 pub struct TokenLogprobJson {
     pub token: String,
     pub logprob: f32,
-    /// UTF-8 bytes of `token`.
+    /// The token's raw bytes (not always valid UTF-8 alone: a token may
+    /// hold part of a character).
     pub bytes: Vec<u8>,
     pub top_logprobs: Vec<TopLogprobJson>,
 }
@@ -461,11 +462,16 @@ pub fn clamp_logprob(lp: f32) -> f32 {
 
 /// Chat-style logprobs (`{"content": [...]}`) of some generated tokens.
 /// `token_text` turns a token id into its text (the tokenizer's decode of
-/// that one id).
-pub fn chat_logprobs(lps: &[TokenLogprob], token_text: &dyn Fn(u32) -> String) -> ChoiceLogprobs {
+/// that one id), `token_bytes` into its raw bytes (`Tokenizer::token_bytes`:
+/// part of a character for a token that splits one).
+pub fn chat_logprobs(
+    lps: &[TokenLogprob],
+    token_text: &dyn Fn(u32) -> String,
+    token_bytes: &dyn Fn(u32) -> Vec<u8>,
+) -> ChoiceLogprobs {
     let entry = |id: u32, lp: f32| {
         let token = token_text(id);
-        let bytes = token.as_bytes().to_vec();
+        let bytes = token_bytes(id);
         (token, clamp_logprob(lp), bytes)
     };
     ChoiceLogprobs {
@@ -514,6 +520,7 @@ impl ChatCompletionResponse {
         created: u64,
         out: &RequestOutput,
         token_text: &dyn Fn(u32) -> String,
+        token_bytes: &dyn Fn(u32) -> Vec<u8>,
     ) -> Self {
         let choices = out
             .choices
@@ -521,7 +528,7 @@ impl ChatCompletionResponse {
             .map(|c| ChatChoice {
                 index: c.index,
                 message: AssistantMessage { role: "assistant", content: c.text.clone() },
-                logprobs: c.logprobs.as_deref().map(|l| chat_logprobs(l, token_text)),
+                logprobs: c.logprobs.as_deref().map(|l| chat_logprobs(l, token_text, token_bytes)),
                 finish_reason: c.finish_reason.as_str(),
                 stop_reason: stop_reason_json(&c.stop_reason),
             })

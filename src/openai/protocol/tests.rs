@@ -281,7 +281,10 @@ fn response_json_has_openais_shape() {
         2 => " é".to_string(),
         _ => format!("<{id}>"),
     };
-    let resp = ChatCompletionResponse::new("chatcmpl-1".into(), "tiny".into(), 1700000000, &out, &text);
+    // Raw bytes come from the tokenizer, not the text: token 3 is a lone
+    // byte of a multi-byte character here.
+    let bytes = |id: u32| if id == 3 { vec![0x93] } else { text(id).into_bytes() };
+    let resp = ChatCompletionResponse::new("chatcmpl-1".into(), "tiny".into(), 1700000000, &out, &text, &bytes);
     assert_eq!(
         serde_json::to_value(&resp).unwrap(),
         json!({
@@ -296,7 +299,7 @@ fn response_json_has_openais_shape() {
                     "logprobs": {"content": [
                         {"token": "Hi", "logprob": -0.5, "bytes": [72, 105], "top_logprobs": [
                             {"token": "Hi", "logprob": -0.5, "bytes": [72, 105]},
-                            {"token": "<3>", "logprob": -1.25, "bytes": [60, 51, 62]}
+                            {"token": "<3>", "logprob": -1.25, "bytes": [147]}
                         ]},
                         {"token": " é", "logprob": -9999.0, "bytes": [32, 195, 169], "top_logprobs": []}
                     ]},
