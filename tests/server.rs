@@ -569,3 +569,37 @@ fn request_chat_template_kwargs_and_developer_role() {
     let (status, v) = s.post("/v1/chat/completions", &body);
     assert_eq!(status, 200, "{v}");
 }
+
+#[test]
+fn logprob_bytes_are_raw_token_bytes() {
+    let s = Server::start(&[]);
+    let mut split_seen = false;
+    for seed in 0..8 {
+        let extra = json!({"max_tokens": 24, "temperature": 1.0, "seed": seed, "ignore_eos": true,
+            "skip_special_tokens": false, "logprobs": true, "top_logprobs": 2});
+        let (status, v) = s.post("/v1/chat/completions", &chat_body(json!("hi"), extra));
+        assert_eq!(status, 200, "{v}");
+        let entries = v["choices"][0]["logprobs"]["content"].as_array().unwrap().clone();
+        let as_bytes =
+            |b: &Value| -> Vec<u8> { b.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u8).collect() };
+        let mut joined = Vec::new();
+        for e in &entries {
+            let b = as_bytes(&e["bytes"]);
+            // A token that splits a character gives its part of it, never U+FFFD's bytes.
+            if std::str::from_utf8(&b).is_err() {
+                split_seen = true;
+            }
+            if e["token"].as_str().unwrap() != "\u{FFFD}" {
+                assert_eq!(b, e["token"].as_str().unwrap().as_bytes(), "{e}");
+            }
+            assert!(!b.windows(3).any(|w| w == [0xEF, 0xBF, 0xBD]), "{e}");
+            for t in e["top_logprobs"].as_array().unwrap() {
+                assert!(!as_bytes(&t["bytes"]).windows(3).any(|w| w == [0xEF, 0xBF, 0xBD]), "{t}");
+            }
+            joined.extend(b);
+        }
+        // The bytes join into the text (invalid runs read as U+FFFD).
+        assert_eq!(String::from_utf8_lossy(&joined), v["choices"][0]["message"]["content"].as_str().unwrap(), "{v}");
+    }
+    assert!(split_seen, "no sampled token split a character; pick other seeds");
+}
