@@ -655,3 +655,90 @@ fn vllm_metrics_mirror_kestrels() {
     assert!((0.0..=1.0).contains(&kv), "{kv}");
     assert_eq!(m(&format!("vllm:prompt_tokens_total{model}")), m(&format!("kestrel:prompt_tokens_total{model}")));
 }
+
+#[test]
+fn request_chat_template_kwargs_and_developer_role() {
+    let s = Server::start(&[]);
+    let tokenize = |extra: Value| {
+        let mut body = json!({"messages": [{"role": "user", "content": [image_part("http://x/a.png"), {"type": "text", "text": "hi"}]}]});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        let (status, t) = s.post("/tokenize", &body);
+        assert_eq!(status, 200, "{t}");
+        let (status, d) = s.post("/detokenize", &json!({"tokens": t["tokens"]}));
+        assert_eq!(status, 200, "{d}");
+        (t["count"].as_u64().unwrap(), d["prompt"].as_str().unwrap().to_string())
+    };
+    // Qwen2-VL's template numbers the images when asked.
+    let (plain_n, plain) = tokenize(json!({}));
+    let (vid_n, vid) = tokenize(json!({"chat_template_kwargs": {"add_vision_id": true}}));
+    assert!(!plain.contains("Picture 1: "), "{plain}");
+    assert!(vid.contains("Picture 1: <|vision_start|>"), "{vid}");
+    assert!(vid_n > plain_n);
+    let (no_gen_n, no_gen) = tokenize(json!({"add_generation_prompt": false}));
+    assert!(plain.ends_with("<|im_start|>assistant\n") && !no_gen.ends_with("assistant\n"), "{no_gen}");
+    assert!(no_gen_n < plain_n);
+
+    // A request's own template replaces the server's: the prompt is the
+    // message text alone, as many tokens as the text.
+    let text = "Hello world, hello!";
+    let (_, t) = s.post("/tokenize", &json!({"prompt": text, "add_special_tokens": false}));
+    let body = chat_body(json!(text), json!({"max_tokens": 1, "chat_template": "{{ messages[0].content }}"}));
+    let (status, v) = s.post("/v1/chat/completions", &body);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["usage"]["prompt_tokens"], t["count"]);
+
+    // A template that does not compile is the request's fault.
+    let body = chat_body(json!(text), json!({"chat_template": "{% for m in messages %}{{ m.role }"}));
+    let (status, v) = s.post("/v1/chat/completions", &body);
+    assert_eq!(status, 400, "{v}");
+    assert!(error_of(&v).1.contains("chat_template:") && error_of(&v).1.contains("syntax error"), "{v}");
+    let body = chat_body(json!(text), json!({"continue_final_message": true}));
+    let (status, v) = s.post("/v1/chat/completions", &body);
+    assert_eq!(status, 400, "{v}");
+
+    // `developer` is `system` for a template without a rule of its own.
+    let as_role = |role: &str| {
+        let msgs = json!([{"role": role, "content": "Be brief."}, {"role": "user", "content": "hi"}]);
+        let (status, t) = s.post("/tokenize", &json!({"messages": msgs}));
+        assert_eq!(status, 200, "{t}");
+        t["tokens"].clone()
+    };
+    assert_eq!(as_role("developer"), as_role("system"));
+    let body = json!({"messages": [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}], "max_tokens": 2});
+    let (status, v) = s.post("/v1/chat/completions", &body);
+    assert_eq!(status, 200, "{v}");
+}
+
+#[test]
+fn logprob_bytes_are_raw_token_bytes() {
+    let s = Server::start(&[]);
+    let mut split_seen = false;
+    for seed in 0..8 {
+        let extra = json!({"max_tokens": 24, "temperature": 1.0, "seed": seed, "ignore_eos": true,
+            "skip_special_tokens": false, "logprobs": true, "top_logprobs": 2});
+        let (status, v) = s.post("/v1/chat/completions", &chat_body(json!("hi"), extra));
+        assert_eq!(status, 200, "{v}");
+        let entries = v["choices"][0]["logprobs"]["content"].as_array().unwrap().clone();
+        let as_bytes =
+            |b: &Value| -> Vec<u8> { b.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u8).collect() };
+        let mut joined = Vec::new();
+        for e in &entries {
+            let b = as_bytes(&e["bytes"]);
+            // A token that splits a character gives its part of it, never U+FFFD's bytes.
+            if std::str::from_utf8(&b).is_err() {
+                split_seen = true;
+            }
+            if e["token"].as_str().unwrap() != "\u{FFFD}" {
+                assert_eq!(b, e["token"].as_str().unwrap().as_bytes(), "{e}");
+            }
+            assert!(!b.windows(3).any(|w| w == [0xEF, 0xBF, 0xBD]), "{e}");
+            for t in e["top_logprobs"].as_array().unwrap() {
+                assert!(!as_bytes(&t["bytes"]).windows(3).any(|w| w == [0xEF, 0xBF, 0xBD]), "{t}");
+            }
+            joined.extend(b);
+        }
+        // The bytes join into the text (invalid runs read as U+FFFD).
+        assert_eq!(String::from_utf8_lossy(&joined), v["choices"][0]["message"]["content"].as_str().unwrap(), "{v}");
+    }
+    assert!(split_seen, "no sampled token split a character; pick other seeds");
+}

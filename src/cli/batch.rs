@@ -84,6 +84,7 @@ pub fn run(args: &EngineArgs, model: &Option<std::path::PathBuf>, input: &Path, 
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let frontend = engine.frontend();
     let token_text = |id: u32| frontend.token_text(id);
+    let token_bytes = |id: u32| frontend.token_bytes(id);
     let mut out = String::new();
     let mut succeeded = 0;
     for (line, result) in lines.iter().zip(results) {
@@ -92,7 +93,14 @@ pub fn run(args: &EngineArgs, model: &Option<std::path::PathBuf>, input: &Path, 
             Ok(o) => {
                 succeeded += 1;
                 let id = format!("chatcmpl-{run_id}-{n}");
-                let resp = ChatCompletionResponse::new(id, frontend.model_name.clone(), created, &o, &token_text);
+                let resp = ChatCompletionResponse::new(
+                    id,
+                    frontend.model_name.clone(),
+                    created,
+                    &o,
+                    &token_text,
+                    &token_bytes,
+                );
                 (200, to_json(&resp))
             }
             Err(e) => {

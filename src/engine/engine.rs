@@ -122,6 +122,11 @@ impl Frontend {
         self.tokenizer.decode(&[id], false).ok().or_else(|| self.tokenizer.id_token(id)).unwrap_or_default()
     }
 
+    /// A token's raw bytes for logprobs (`Tokenizer::token_bytes`).
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        self.tokenizer.token_bytes(id)
+    }
+
     /// Room left for the completion after `prompt_tokens`.
     pub fn room(&self, prompt_tokens: usize) -> usize {
         self.max_model_len.saturating_sub(prompt_tokens)

@@ -36,6 +36,12 @@ pub struct EmbeddingRequest {
     /// Whether the tokenizer adds its special tokens (vLLM's default: true
     /// for `input`, false for `messages`, whose template writes them).
     pub add_special_tokens: Option<bool>,
+    /// A Jinja chat template for this request instead of the server's.
+    pub chat_template: Option<String>,
+    /// Extra chat template variables (a JSON object).
+    pub chat_template_kwargs: Option<Value>,
+    /// Only `false` is supported.
+    pub continue_final_message: Option<bool>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,11 +55,9 @@ pub enum Encoding {
 pub enum EmbeddingInputs {
     Texts(Vec<String>),
     Tokens(Vec<Vec<u32>>),
-    /// One conversation (its media still to fetch).
-    Chat {
-        input: Box<ChatInput>,
-        add_generation_prompt: bool,
-    },
+    /// One conversation (its media still to fetch; it says whether a
+    /// generation prompt is added, by default not).
+    Chat(Box<ChatInput>),
 }
 
 /// A validated embeddings request.
@@ -70,7 +74,7 @@ impl EmbeddingInputs {
         match self {
             EmbeddingInputs::Texts(t) => t.len(),
             EmbeddingInputs::Tokens(t) => t.len(),
-            EmbeddingInputs::Chat { .. } => 1,
+            EmbeddingInputs::Chat(_) => 1,
         }
     }
 
@@ -102,14 +106,18 @@ impl EmbeddingRequest {
             (None, None) => return bad("input is required (or messages, for the chat form)".into()),
             (Some(v), None) => parse_input(v)?,
             (None, Some(messages)) => {
-                let chat = ChatCompletionRequest { messages: messages.clone(), ..Default::default() };
-                EmbeddingInputs::Chat {
-                    input: Box::new(chat.to_chat_input()?),
-                    add_generation_prompt: self.add_generation_prompt.unwrap_or(false),
-                }
+                let chat = ChatCompletionRequest {
+                    messages: messages.clone(),
+                    chat_template: self.chat_template.clone(),
+                    chat_template_kwargs: self.chat_template_kwargs.clone(),
+                    add_generation_prompt: Some(self.add_generation_prompt.unwrap_or(false)),
+                    continue_final_message: self.continue_final_message,
+                    ..Default::default()
+                };
+                EmbeddingInputs::Chat(Box::new(chat.to_chat_input()?))
             }
         };
-        let add_special_tokens = self.add_special_tokens.unwrap_or(!matches!(inputs, EmbeddingInputs::Chat { .. }));
+        let add_special_tokens = self.add_special_tokens.unwrap_or(!matches!(inputs, EmbeddingInputs::Chat(_)));
         Ok(EmbeddingInput { inputs, encoding, dimensions, add_special_tokens })
     }
 }
@@ -251,9 +259,9 @@ mod tests {
         .unwrap();
         assert!(!chat.add_special_tokens);
         match chat.inputs {
-            EmbeddingInputs::Chat { input, add_generation_prompt } => {
+            EmbeddingInputs::Chat(input) => {
                 assert_eq!(input.media.len(), 1);
-                assert!(!add_generation_prompt);
+                assert!(!input.add_generation_prompt);
             }
             other => panic!("expected chat, got {other:?}"),
         }

@@ -137,7 +137,7 @@ pub fn prepare_timed(
 ) -> Result<Request> {
     let embeds = |b: &[u8]| frontend.processor.parse_image_embeds(b);
     let media = load_media_timed(&input.media, fetcher, DEFAULT_MAX_PIXELS as usize, &embeds, timings)?;
-    let prepared = timings.preprocess(|| frontend.prepare_chat(&input.messages, &media))?;
+    let prepared = timings.preprocess(|| frontend.prepare_prompt(input.render(&frontend.template)?, &media))?;
     let mut params = input.params.clone();
     params.max_tokens = resolve_max_tokens(input.max_tokens, prepared.input_ids.len(), frontend.max_model_len)?;
     params.validate()?;

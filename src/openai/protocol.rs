@@ -16,6 +16,7 @@ use serde_json::{json, Map, Value};
 use crate::engine::request::{RequestOutput, RequestParams, StopReason, TokenLogprob, Usage};
 use crate::engine::sampling::{SamplingParams, MAX_LOGPROBS};
 use crate::error::{Error, Result};
+use crate::text::chat_template::ChatTemplate;
 
 /// POST /v1/chat/completions body. Every sampling field is optional and
 /// `null` means "not given".
@@ -45,6 +46,16 @@ pub struct ChatCompletionRequest {
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     pub skip_special_tokens: Option<bool>,
+    /// A Jinja chat template for this request instead of the server's.
+    pub chat_template: Option<String>,
+    /// Extra variables for the chat template (a JSON object).
+    pub chat_template_kwargs: Option<Value>,
+    /// Whether the template ends the prompt with the assistant's turn
+    /// opener (default true).
+    pub add_generation_prompt: Option<bool>,
+    /// Continue the final (assistant) message instead of starting a new
+    /// one; only `false` is supported.
+    pub continue_final_message: Option<bool>,
 }
 
 /// One chat message. Fields other than role and content (`name`,
@@ -112,9 +123,66 @@ pub struct ChatInput {
     pub params: RequestParams,
     /// What the request asked for (`max_completion_tokens`, else `max_tokens`).
     pub max_tokens: Option<usize>,
+    /// The request's own chat template (`chat_template`), if any.
+    pub chat_template: Option<String>,
+    /// `chat_template_kwargs`: a JSON object, or null.
+    pub chat_template_kwargs: Value,
+    pub add_generation_prompt: bool,
 }
 
-const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
+const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
+
+impl ChatInput {
+    /// The prompt text: the messages rendered with the request's own
+    /// `chat_template` if it gave one (compiled here; a syntax or render
+    /// error in it is the request's fault, a 400), else with `template`.
+    /// `chat_template_kwargs` are extra template variables. A `developer`
+    /// message is a `system` one unless the template mentions the
+    /// `developer` role itself (vLLM, OpenAI).
+    pub fn render(&self, template: &ChatTemplate) -> Result<String> {
+        let own;
+        let (tmpl, from_request) = match &self.chat_template {
+            Some(src) => {
+                own = ChatTemplate::new(src.as_str(), "request chat_template", template.special_tokens().clone())
+                    .map_err(request_template_error)?;
+                (&own, true)
+            }
+            None => (template, false),
+        };
+        let rewritten;
+        let mut messages = &self.messages;
+        if !tmpl.source().contains("developer") {
+            if let Value::Array(list) = &self.messages {
+                rewritten = Value::Array(
+                    list.iter()
+                        .map(|m| {
+                            let mut m = m.clone();
+                            if m["role"] == "developer" {
+                                m["role"] = Value::String("system".into());
+                            }
+                            m
+                        })
+                        .collect(),
+                );
+                messages = &rewritten;
+            }
+        }
+        let out = tmpl.render_with(messages, self.add_generation_prompt, &self.chat_template_kwargs);
+        if from_request {
+            out.map_err(request_template_error)
+        } else {
+            out
+        }
+    }
+}
+
+/// A problem with the request's own chat template is a 400.
+fn request_template_error(e: Error) -> Error {
+    match e {
+        Error::Template(m) => Error::InvalidInput(format!("chat_template: {m}")),
+        e => e,
+    }
+}
 
 impl ChatCompletionRequest {
     /// Parses a request body; a body that is not valid JSON or does not fit
@@ -145,7 +213,7 @@ impl ChatCompletionRequest {
         for (i, m) in self.messages.iter().enumerate() {
             if !ROLES.contains(&m.role.as_str()) {
                 return bad(format!(
-                    "messages[{i}].role {:?} is not supported; expected system, user, assistant or tool",
+                    "messages[{i}].role {:?} is not supported; expected system, developer, user, assistant or tool",
                     m.role
                 ));
             }
@@ -158,6 +226,15 @@ impl ChatCompletionRequest {
             }
             messages.push(Value::Object(out));
         }
+
+        if self.continue_final_message == Some(true) {
+            return bad("continue_final_message is not supported".into());
+        }
+        let chat_template_kwargs = match &self.chat_template_kwargs {
+            None | Some(Value::Null) => Value::Null,
+            Some(v @ Value::Object(_)) => v.clone(),
+            Some(other) => return bad(format!("chat_template_kwargs must be a JSON object, got {other}")),
+        };
 
         let max_tokens = self.requested_max_tokens();
         if max_tokens == Some(0) {
@@ -200,7 +277,15 @@ impl ChatCompletionRequest {
             n: self.n.unwrap_or(d.n),
         };
         params.validate()?;
-        Ok(ChatInput { messages: Value::Array(messages), media, params, max_tokens })
+        Ok(ChatInput {
+            messages: Value::Array(messages),
+            media,
+            params,
+            max_tokens,
+            chat_template: self.chat_template.clone(),
+            chat_template_kwargs,
+            add_generation_prompt: self.add_generation_prompt.unwrap_or(true),
+        })
     }
 }
 
@@ -347,7 +432,8 @@ pub struct ChoiceLogprobs {
 pub struct TokenLogprobJson {
     pub token: String,
     pub logprob: f32,
-    /// UTF-8 bytes of `token`.
+    /// The token's raw bytes (not always valid UTF-8 alone: a token may
+    /// hold part of a character).
     pub bytes: Vec<u8>,
     pub top_logprobs: Vec<TopLogprobJson>,
 }
@@ -376,11 +462,16 @@ pub fn clamp_logprob(lp: f32) -> f32 {
 
 /// Chat-style logprobs (`{"content": [...]}`) of some generated tokens.
 /// `token_text` turns a token id into its text (the tokenizer's decode of
-/// that one id).
-pub fn chat_logprobs(lps: &[TokenLogprob], token_text: &dyn Fn(u32) -> String) -> ChoiceLogprobs {
+/// that one id), `token_bytes` into its raw bytes (`Tokenizer::token_bytes`:
+/// part of a character for a token that splits one).
+pub fn chat_logprobs(
+    lps: &[TokenLogprob],
+    token_text: &dyn Fn(u32) -> String,
+    token_bytes: &dyn Fn(u32) -> Vec<u8>,
+) -> ChoiceLogprobs {
     let entry = |id: u32, lp: f32| {
         let token = token_text(id);
-        let bytes = token.as_bytes().to_vec();
+        let bytes = token_bytes(id);
         (token, clamp_logprob(lp), bytes)
     };
     ChoiceLogprobs {
@@ -429,6 +520,7 @@ impl ChatCompletionResponse {
         created: u64,
         out: &RequestOutput,
         token_text: &dyn Fn(u32) -> String,
+        token_bytes: &dyn Fn(u32) -> Vec<u8>,
     ) -> Self {
         let choices = out
             .choices
@@ -436,7 +528,7 @@ impl ChatCompletionResponse {
             .map(|c| ChatChoice {
                 index: c.index,
                 message: AssistantMessage { role: "assistant", content: c.text.clone() },
-                logprobs: c.logprobs.as_deref().map(|l| chat_logprobs(l, token_text)),
+                logprobs: c.logprobs.as_deref().map(|l| chat_logprobs(l, token_text, token_bytes)),
                 finish_reason: c.finish_reason.as_str(),
                 stop_reason: stop_reason_json(&c.stop_reason),
             })

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::completions::token_ids;
-use super::protocol::{ChatCompletionRequest, ChatMessage};
+use super::protocol::{ChatCompletionRequest, ChatInput, ChatMessage};
 use crate::error::{Error, Result};
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -26,17 +26,21 @@ pub struct TokenizeRequest {
     pub add_generation_prompt: Option<bool>,
     /// Also return each token's vocabulary string.
     pub return_token_strs: Option<bool>,
+    /// A Jinja chat template for this request instead of the server's.
+    pub chat_template: Option<String>,
+    /// Extra chat template variables (a JSON object).
+    pub chat_template_kwargs: Option<Value>,
+    /// Only `false` is supported.
+    pub continue_final_message: Option<bool>,
 }
 
 /// What to tokenize.
 #[derive(Clone, Debug)]
 pub enum TokenizeInput {
     Prompt(String),
-    /// Template messages (media parts replaced by their placeholders).
-    Chat {
-        messages: Value,
-        add_generation_prompt: bool,
-    },
+    /// The conversation (media parts replaced by their placeholders), to
+    /// render with `ChatInput::render`.
+    Chat(Box<ChatInput>),
 }
 
 impl TokenizeRequest {
@@ -49,13 +53,16 @@ impl TokenizeRequest {
         match (&self.prompt, &self.messages) {
             (Some(p), None) => Ok((TokenizeInput::Prompt(p.clone()), self.add_special_tokens.unwrap_or(true))),
             (None, Some(messages)) => {
-                let chat = ChatCompletionRequest { messages: messages.clone(), ..Default::default() };
+                let chat = ChatCompletionRequest {
+                    messages: messages.clone(),
+                    chat_template: self.chat_template.clone(),
+                    chat_template_kwargs: self.chat_template_kwargs.clone(),
+                    add_generation_prompt: self.add_generation_prompt,
+                    continue_final_message: self.continue_final_message,
+                    ..Default::default()
+                };
                 let input = chat.to_chat_input()?;
-                let add_generation_prompt = self.add_generation_prompt.unwrap_or(true);
-                Ok((
-                    TokenizeInput::Chat { messages: input.messages, add_generation_prompt },
-                    self.add_special_tokens.unwrap_or(false),
-                ))
+                Ok((TokenizeInput::Chat(Box::new(input)), self.add_special_tokens.unwrap_or(false)))
             }
             (Some(_), Some(_)) => Err(Error::InvalidInput("give either prompt or messages, not both".into())),
             (None, None) => Err(Error::InvalidInput("prompt or messages is required".into())),

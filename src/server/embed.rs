@@ -32,14 +32,14 @@ pub(crate) fn embeddings<'a>(state: &'a State, body: &str) -> Result<Reply<'a>, 
         EmbeddingInputs::Tokens(lists) => {
             lists.into_iter().map(|ids| state.token_input(ids)).collect::<Result<_, _>>()?
         }
-        EmbeddingInputs::Chat { input: chat, add_generation_prompt } => {
+        EmbeddingInputs::Chat(chat) => {
             state.check_media_limits(&chat.media)?;
             let timings = MediaTimings::default();
             let embeds = |b: &[u8]| f.processor.parse_image_embeds(b);
             let media = load_media_timed(&chat.media, &state.fetcher, DEFAULT_MAX_PIXELS as usize, &embeds, &timings);
             let prepared = media.and_then(|media| {
                 timings.preprocess(|| {
-                    let prompt = f.template.render(&chat.messages, add_generation_prompt)?;
+                    let prompt = chat.render(&f.template)?;
                     f.prepare_prompt(prompt, &media)
                 })
             });

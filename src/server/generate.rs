@@ -126,10 +126,12 @@ fn run<'a>(
     }
     let out = job.collect(&params, gone)?;
     let token_text = |t: u32| state.frontend().token_text(t);
+    let token_bytes = |t: u32| state.frontend().token_bytes(t);
     Ok(match kind {
-        Kind::Chat => {
-            Reply::json(200, &ChatCompletionResponse::new(header.id, header.model, header.created, &out, &token_text))
-        }
+        Kind::Chat => Reply::json(
+            200,
+            &ChatCompletionResponse::new(header.id, header.model, header.created, &out, &token_text, &token_bytes),
+        ),
         Kind::Completion => {
             Reply::json(200, &CompletionResponse::new(header.id, header.model, header.created, &out, &token_text))
         }
@@ -309,6 +311,7 @@ impl EventStream for Stream<'_> {
             return None;
         }
         let token_text = |t: u32| self.job.state.frontend().token_text(t);
+        let token_bytes = |t: u32| self.job.state.frontend().token_bytes(t);
         let out = match self.job.recv() {
             Event::Delta { index, text, logprobs, .. } => {
                 let want_logprobs = self.params.sampling.logprobs.is_some() && !logprobs.is_empty();
@@ -317,7 +320,7 @@ impl EventStream for Stream<'_> {
                 }
                 let chunk = match self.kind {
                     Kind::Chat => {
-                        let lp = want_logprobs.then(|| json!(chat_logprobs(&logprobs, &token_text)));
+                        let lp = want_logprobs.then(|| json!(chat_logprobs(&logprobs, &token_text, &token_bytes)));
                         chat_choice(index, json!({"content": text}), lp, None)
                     }
                     Kind::Completion => {

@@ -76,9 +76,7 @@ pub(crate) fn tokenize<'a>(state: &State, body: &str) -> Result<Reply<'a>, ApiEr
     let f = state.frontend();
     let text = match input {
         TokenizeInput::Prompt(p) => p,
-        TokenizeInput::Chat { messages, add_generation_prompt } => {
-            f.template.render(&messages, add_generation_prompt)?
-        }
+        TokenizeInput::Chat(chat) => chat.render(&f.template)?,
     };
     let tokens = f.tokenizer.encode_with(&text, add_special_tokens)?;
     let token_strs = req

@@ -126,6 +126,66 @@ pub struct Tokenizer {
     eos_ids: Vec<u32>,
     /// HF's `clean_up_tokenization` after decoding (never for BPE models).
     clean_up: bool,
+    /// How a token's string maps to its raw bytes (from the decoder).
+    bytes_kind: BytesKind,
+}
+
+/// How a vocabulary string holds a token's raw bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BytesKind {
+    /// GPT-2 / Qwen byte-level BPE: each byte is one printable char of the
+    /// byte-to-unicode table.
+    ByteLevel,
+    /// SentencePiece style (Llama, LLaVA): `▁` is a space and, with byte
+    /// fallback, `<0xNN>` is the byte NN.
+    Metaspace { byte_fallback: bool },
+    /// Anything else: the token's decoded text.
+    Text,
+}
+
+impl BytesKind {
+    /// From the decoder's JSON (`tokenizer.json`'s `decoder`): the types it
+    /// (or any decoder of a `Sequence`) has, and a `Replace` of `▁`.
+    fn of_decoder(decoder: &Value) -> Self {
+        fn walk(v: &Value, types: &mut Vec<String>, replaces_meta: &mut bool) {
+            match v {
+                Value::Object(m) => {
+                    if let Some(t) = m.get("type").and_then(Value::as_str) {
+                        types.push(t.to_owned());
+                        if t == "Replace" && m.get("pattern").is_some_and(|p| p.to_string().contains('\u{2581}')) {
+                            *replaces_meta = true;
+                        }
+                    }
+                    m.values().for_each(|x| walk(x, types, replaces_meta));
+                }
+                Value::Array(a) => a.iter().for_each(|x| walk(x, types, replaces_meta)),
+                _ => {}
+            }
+        }
+        let (mut types, mut replaces_meta) = (Vec::new(), false);
+        walk(decoder, &mut types, &mut replaces_meta);
+        let has = |t: &str| types.iter().any(|x| x == t);
+        if has("ByteLevel") {
+            BytesKind::ByteLevel
+        } else if has("Metaspace") || has("ByteFallback") || replaces_meta {
+            BytesKind::Metaspace { byte_fallback: has("ByteFallback") }
+        } else {
+            BytesKind::Text
+        }
+    }
+}
+
+/// The byte a char of GPT-2's byte-to-unicode table stands for: printable
+/// Latin-1 chars stand for themselves, the other 68 bytes (0-32, 127-160,
+/// 173) map in order to U+0100 onwards.
+fn byte_level_byte(c: char) -> Option<u8> {
+    let printable = |b: u8| matches!(b, 33..=126 | 161..=172 | 174..=255);
+    let code = c as u32;
+    if code < 256 {
+        return printable(code as u8).then_some(code as u8);
+    }
+    let n = code.checked_sub(256)? as usize;
+    (0..=255u8).filter(|&b| !printable(b)).nth(n)
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -255,7 +315,9 @@ impl Tokenizer {
             }
         }
 
-        Ok(Tokenizer { inner, special, eos_ids, clean_up })
+        let decoder = inner.get_decoder().and_then(|d| serde_json::to_value(d).ok()).unwrap_or(Value::Null);
+        let bytes_kind = BytesKind::of_decoder(&decoder);
+        Ok(Tokenizer { inner, special, eos_ids, clean_up, bytes_kind })
     }
 
     /// `tokenizer(text).input_ids` in HF: special-token text in `text` is
@@ -299,6 +361,40 @@ impl Tokenizer {
     /// The token string of an id (byte-level symbols for BPE tokens).
     pub fn id_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
+    }
+
+    /// The raw bytes of one token, as OpenAI's logprobs `bytes` carry them:
+    /// a token that holds part of a UTF-8 character gives that part, so the
+    /// bytes of consecutive tokens join into the text. Byte-level BPE
+    /// symbols map back through the byte-to-unicode table; SentencePiece
+    /// `<0xNN>` is the byte and `▁` a space (the leading space a decode
+    /// strips is kept); added tokens are their text; other tokenizers give
+    /// the token's decoded text. Unknown ids give no bytes.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let Some(tok) = self.inner.id_to_token(id) else { return Vec::new() };
+        if self.inner.get_added_vocabulary().get_added_tokens_decoder().contains_key(&id) {
+            return tok.into_bytes();
+        }
+        match self.bytes_kind {
+            BytesKind::ByteLevel => {
+                let mut out = Vec::with_capacity(tok.len());
+                for c in tok.chars() {
+                    match byte_level_byte(c) {
+                        Some(b) => out.push(b),
+                        None => out.extend_from_slice(c.to_string().as_bytes()),
+                    }
+                }
+                out
+            }
+            BytesKind::Metaspace { byte_fallback } => {
+                let hex = tok.strip_prefix("<0x").and_then(|t| t.strip_suffix('>')).filter(|h| h.len() == 2);
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) if byte_fallback => vec![b],
+                    _ => tok.replace('\u{2581}', " ").into_bytes(),
+                }
+            }
+            BytesKind::Text => self.decode(&[id], false).unwrap_or_default().into_bytes(),
+        }
     }
 
     /// Ids that end generation: `eos_token`, then generation_config.json's
@@ -476,6 +572,64 @@ mod tests {
         assert_eq!(tok.encode_with("hi", false).unwrap(), ids[1..]);
         // A prompt that already starts with the BOS text gets no second one.
         assert_eq!(tok.encode_prompt("<|endoftext|>hi").unwrap(), ids);
+    }
+
+    /// Ids of `text` (no special tokens added), their raw bytes joined, and
+    /// the ids whose decoded text alone is U+FFFD (a split character).
+    fn joined_bytes(tok: &Tokenizer, text: &str) -> (Vec<u8>, Vec<u32>) {
+        let ids = tok.encode_with(text, false).unwrap();
+        let joined = ids.iter().flat_map(|&i| tok.token_bytes(i)).collect();
+        let split = ids.iter().copied().filter(|&i| tok.decode(&[i], false).unwrap() == "\u{FFFD}").collect();
+        (joined, split)
+    }
+
+    const MULTI_BYTE: &str = "naïve café 名字 😀 x\ny";
+
+    #[test]
+    fn byte_level_token_bytes_are_raw() {
+        let tok = Tokenizer::from_dir(tiny_dir()).unwrap();
+        assert_eq!(tok.bytes_kind, BytesKind::ByteLevel);
+        let (joined, split) = joined_bytes(&tok, MULTI_BYTE);
+        assert_eq!(joined, MULTI_BYTE.as_bytes());
+        assert!(!split.is_empty(), "some token splits a character");
+        for id in split {
+            let b = tok.token_bytes(id);
+            assert!(std::str::from_utf8(&b).is_err() && !b.starts_with(&[0xEF, 0xBF, 0xBD]), "{id}: {b:?}");
+        }
+        // GPT-2's table: `Ġ` is a space, `Ċ` a newline, `Ń` the soft hyphen.
+        assert_eq!(
+            [byte_level_byte('Ġ'), byte_level_byte('Ċ'), byte_level_byte('Ń')],
+            [Some(b' '), Some(b'\n'), Some(0xAD)]
+        );
+        assert_eq!((byte_level_byte('a'), byte_level_byte(' '), byte_level_byte('名')), (Some(b'a'), None, None));
+        // Added tokens are their text; unknown ids have no bytes.
+        assert_eq!(tok.token_bytes(tok.token_id("<|im_end|>").unwrap()), b"<|im_end|>");
+        assert!(tok.token_bytes(u32::MAX).is_empty());
+    }
+
+    #[test]
+    fn sentencepiece_token_bytes_are_raw() {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llava");
+        let tok = Tokenizer::from_dir(dir).unwrap();
+        assert_eq!(tok.bytes_kind, BytesKind::Metaspace { byte_fallback: true });
+        let (joined, split) = joined_bytes(&tok, MULTI_BYTE);
+        // Metaspace puts `▁` before the text: a leading space the decode strips.
+        assert_eq!(joined, format!(" {MULTI_BYTE}").as_bytes());
+        assert!(!split.is_empty(), "some token is a byte-fallback piece of a character");
+        for id in split {
+            assert!(tok.id_token(id).unwrap().starts_with("<0x"));
+            assert_eq!(tok.token_bytes(id).len(), 1);
+        }
+    }
+
+    #[test]
+    fn decoder_kinds() {
+        use serde_json::json;
+        assert_eq!(BytesKind::of_decoder(&json!({"type": "ByteLevel"})), BytesKind::ByteLevel);
+        let meta = json!({"type": "Metaspace", "replacement": "\u{2581}"});
+        assert_eq!(BytesKind::of_decoder(&meta), BytesKind::Metaspace { byte_fallback: false });
+        assert_eq!(BytesKind::of_decoder(&json!({"type": "WordPiece"})), BytesKind::Text);
+        assert_eq!(BytesKind::of_decoder(&Value::Null), BytesKind::Text);
     }
 
     #[test]

@@ -206,8 +206,8 @@ fn bad_requests_are_named() {
     assert!(e.contains("messages must hold at least one message"), "{e}");
     let e = err(json!({"model": "m"}));
     assert!(e.contains("missing field `messages`"), "{e}");
-    let e = err(json!({"messages": [{"role": "developer", "content": "x"}]}));
-    assert!(e.contains("messages[0].role \"developer\" is not supported"), "{e}");
+    let e = err(json!({"messages": [{"role": "critic", "content": "x"}]}));
+    assert!(e.contains("messages[0].role \"critic\" is not supported"), "{e}");
     let e = err(user(json!(5)));
     assert!(e.contains("messages[0].content must be a string or an array"), "{e}");
 }
@@ -281,7 +281,10 @@ fn response_json_has_openais_shape() {
         2 => " é".to_string(),
         _ => format!("<{id}>"),
     };
-    let resp = ChatCompletionResponse::new("chatcmpl-1".into(), "tiny".into(), 1700000000, &out, &text);
+    // Raw bytes come from the tokenizer, not the text: token 3 is a lone
+    // byte of a multi-byte character here.
+    let bytes = |id: u32| if id == 3 { vec![0x93] } else { text(id).into_bytes() };
+    let resp = ChatCompletionResponse::new("chatcmpl-1".into(), "tiny".into(), 1700000000, &out, &text, &bytes);
     assert_eq!(
         serde_json::to_value(&resp).unwrap(),
         json!({
@@ -296,7 +299,7 @@ fn response_json_has_openais_shape() {
                     "logprobs": {"content": [
                         {"token": "Hi", "logprob": -0.5, "bytes": [72, 105], "top_logprobs": [
                             {"token": "Hi", "logprob": -0.5, "bytes": [72, 105]},
-                            {"token": "<3>", "logprob": -1.25, "bytes": [60, 51, 62]}
+                            {"token": "<3>", "logprob": -1.25, "bytes": [147]}
                         ]},
                         {"token": " é", "logprob": -9999.0, "bytes": [32, 195, 169], "top_logprobs": []}
                     ]},
@@ -341,4 +344,67 @@ fn error_bodies_have_openais_shape() {
     assert_eq!(ErrorResponse::new(401, "no key", Some("invalid_api_key")).error.kind, "authentication_error");
     assert_eq!(ErrorResponse::new(429, "busy", None).error.kind, "rate_limit_error");
     assert_eq!(ErrorResponse::new(404, "gone", None).error.kind, "invalid_request_error");
+}
+
+fn roles_template(src: &str) -> ChatTemplate {
+    ChatTemplate::new(src, "server", crate::text::tokenizer::SpecialTokens::default()).unwrap()
+}
+
+const ROLES_TMPL: &str =
+    "{% for m in messages %}{{ m.role }}:{{ m.content }};{% endfor %}{% if add_generation_prompt %}>{% endif %}";
+
+#[test]
+fn developer_is_system_unless_the_template_knows_it() {
+    let body = json!({"messages": [{"role": "developer", "content": "d"}, {"role": "user", "content": "u"}]});
+    let inp = input(body).unwrap();
+    assert_eq!(inp.render(&roles_template(ROLES_TMPL)).unwrap(), "system:d;user:u;>");
+    // A template with its own rule for the role sees it as sent.
+    let knows =
+        "{% for m in messages %}{% if m.role == 'developer' %}DEV {% endif %}{{ m.role }}:{{ m.content }};{% endfor %}";
+    assert_eq!(inp.render(&roles_template(knows)).unwrap(), "DEV developer:d;user:u;");
+}
+
+#[test]
+fn request_chat_template_kwargs_and_generation_prompt() {
+    let server = roles_template(ROLES_TMPL);
+    let mut body = user(json!("hi"));
+    assert_eq!(input(body.clone()).unwrap().render(&server).unwrap(), "user:hi;>");
+    body["add_generation_prompt"] = json!(false);
+    assert_eq!(input(body.clone()).unwrap().render(&server).unwrap(), "user:hi;");
+    body["chat_template"] = json!("[{{ messages[0].content }}|{{ flag }}|{{ add_generation_prompt }}]");
+    assert_eq!(input(body.clone()).unwrap().render(&server).unwrap(), "[hi||False]");
+    body["chat_template_kwargs"] = json!({"flag": "on"});
+    assert_eq!(input(body.clone()).unwrap().render(&server).unwrap(), "[hi|on|False]");
+    // Kwargs reach the server's template too.
+    let inp =
+        input(json!({"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"add_vision_id": true}}))
+            .unwrap();
+    assert_eq!(inp.render(&roles_template("{{ add_vision_id }}")).unwrap(), "True");
+    // The request's template sees the developer rule too (no mention: system).
+    body["messages"] = json!([{"role": "developer", "content": "d"}]);
+    body["chat_template"] = json!("{{ messages[0].role }}");
+    assert_eq!(input(body).unwrap().render(&server).unwrap(), "system");
+}
+
+#[test]
+fn bad_request_templates_and_kwargs_are_400() {
+    let server = roles_template(ROLES_TMPL);
+    let mut body = user(json!("hi"));
+    body["chat_template"] = json!("{% for m in messages %}{{ m.role }");
+    let e = input(body.clone()).unwrap().render(&server).unwrap_err();
+    assert!(
+        matches!(&e, Error::InvalidInput(m) if m.starts_with("chat_template:") && m.contains("syntax error")),
+        "{e}"
+    );
+    body["chat_template"] = json!("{{ raise_exception('no thanks') }}");
+    let e = input(body.clone()).unwrap().render(&server).unwrap_err();
+    assert!(matches!(&e, Error::InvalidInput(m) if m.contains("no thanks")), "{e}");
+    body["chat_template"] = Value::Null;
+    body["chat_template_kwargs"] = json!([1]);
+    assert!(err(body.clone()).contains("chat_template_kwargs must be a JSON object"));
+    body["chat_template_kwargs"] = Value::Null;
+    body["continue_final_message"] = json!(true);
+    assert!(err(body.clone()).contains("continue_final_message is not supported"));
+    body["continue_final_message"] = json!(false);
+    assert!(input(body).is_ok());
 }
