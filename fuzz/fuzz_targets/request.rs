@@ -99,11 +99,19 @@ fn tokenize(body: &str) {
     let Some((input, add_special)) = user_ok(req.to_input(), "tokenize validate") else { return };
     let text = match input {
         TokenizeInput::Prompt(p) => p,
-        TokenizeInput::Chat { messages, add_generation_prompt } => {
-            // Messages that passed validation must render: a failure here is a 500.
-            match f.template.render(&messages, add_generation_prompt) {
+        TokenizeInput::Chat(chat)
+            if chat.chat_template.is_some() || chat.chat_template_kwargs.as_object().is_some_and(|m| !m.is_empty()) =>
+        {
+            // The request's own template or variables may fail: the user's 400.
+            let Some(t) = user_ok(chat.render(&f.template), "tokenize request template") else { return };
+            t
+        }
+        TokenizeInput::Chat(chat) => {
+            // Messages that passed validation must render with the model's
+            // template: a failure here is a 500.
+            match chat.render(&f.template) {
                 Ok(t) => t,
-                Err(e) => panic!("validated messages failed to render: {e}\n{messages}"),
+                Err(e) => panic!("validated messages failed to render: {e}\n{}", chat.messages),
             }
         }
     };

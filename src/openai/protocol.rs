@@ -135,7 +135,8 @@ const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 impl ChatInput {
     /// The prompt text: the messages rendered with the request's own
     /// `chat_template` if it gave one (compiled here; a syntax or render
-    /// error in it is the request's fault, a 400), else with `template`.
+    /// error in it is the request's fault, a 400), else with `template`
+    /// (whose render errors are 400s too when the request gave variables).
     /// `chat_template_kwargs` are extra template variables. A `developer`
     /// message is a `system` one unless the template mentions the
     /// `developer` role itself (vLLM, OpenAI).
@@ -168,7 +169,10 @@ impl ChatInput {
             }
         }
         let out = tmpl.render_with(messages, self.add_generation_prompt, &self.chat_template_kwargs);
-        if from_request {
+        // With the request's own template or variables, a failure is the
+        // request's to fix (a 400); with neither, it is the server's.
+        let kwargs = self.chat_template_kwargs.as_object().is_some_and(|m| !m.is_empty());
+        if from_request || kwargs {
             out.map_err(request_template_error)
         } else {
             out

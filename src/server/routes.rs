@@ -134,11 +134,20 @@ pub(crate) fn handle(state: &State, mut rq: tiny_http::Request) {
             .unwrap_or_else(Reply::error),
         (None, None) => Reply::error(ApiError::new(404, "Not Found", Some("not_found"))),
     };
+    // A whole reply is counted before it is sent, so a client that reads
+    // it and then asks /metrics finds it there; a stream's status is known
+    // only once it has been sent.
     let status = match reply {
-        Reply::Full { status, content_type, headers, body } => send_full(rq, status, content_type, headers, body),
-        Reply::Stream(stream) => send_stream(rq, stream),
+        Reply::Full { status, content_type, headers, body } => {
+            state.metrics.http_request(label, &method, status);
+            send_full(rq, status, content_type, headers, body)
+        }
+        Reply::Stream(stream) => {
+            let status = send_stream(rq, stream);
+            state.metrics.http_request(label, &method, status);
+            status
+        }
     };
-    state.metrics.http_request(label, &method, status);
     let log = state.cfg.request_log;
     if log == super::RequestLog::All || (log == super::RequestLog::Failures && status >= 400) {
         eprintln!("{}", log_line(&super::take_note(), &method, label, status, arrival.elapsed()));
