@@ -51,7 +51,7 @@ pub struct DecodeArgs {
 pub fn decoder_params_in(dir: &Path) -> Result<usize> {
     use crate::model::decoder::Head;
     let family = crate::model::registry::detect(dir)?;
-    let spec = (family.spec)(dir)?;
+    let spec = (family.processor)(dir)?.spec().clone();
     let w = (family.weights)(dir)?;
     let head = match spec.decoder.head {
         Head::None => None,
@@ -231,7 +231,7 @@ mod tests {
     #[test]
     fn the_tiny_checkpoint_holds_what_the_roofline_counts() {
         let dir = crate::model::builtin::materialize().unwrap();
-        let spec = (crate::model::registry::detect(&dir).unwrap().spec)(&dir).unwrap();
+        let spec = crate::model::processor(&dir).unwrap().spec().clone();
         let counted = decoder_params_in(&dir).unwrap();
         assert_eq!(counted, crate::cli::roofline::decoder_step_params(&spec.decoder));
     }

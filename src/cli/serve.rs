@@ -300,7 +300,7 @@ mod tests {
     fn vllm_command_lines_parse() {
         let cli = Cli::parse_from([
             "serve",
-            "llava-hf/llava-1.5-7b-hf",
+            "some-org/some-vlm",
             "--max-model-len",
             "4096",
             "--limit-mm-per-prompt",
@@ -308,7 +308,7 @@ mod tests {
             "--trust-remote-code",
         ]);
         let s = cli.serve;
-        assert_eq!(s.model_tag.as_deref(), Some("llava-hf/llava-1.5-7b-hf"));
+        assert_eq!(s.model_tag.as_deref(), Some("some-org/some-vlm"));
         assert_eq!(
             (s.engine.max_model_len, s.limit_mm_per_prompt),
             (Some(4096), Some(MediaLimits { image: 2, video: 999 }))

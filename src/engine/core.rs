@@ -46,11 +46,6 @@ impl Sequence {
     fn total(&self) -> usize {
         self.input.input_ids.len() + self.output.len()
     }
-
-    fn has_media(&self) -> bool {
-        let i = &self.input;
-        !(i.images.grids.is_empty() && i.image_embeds.is_empty() && i.videos.grids.is_empty())
-    }
 }
 
 #[derive(Default)]
@@ -290,7 +285,7 @@ impl EngineCore {
         let mut work = work;
         for &(sid, _) in &work {
             let Some(s) = self.seqs.0.get(&sid) else { continue };
-            if s.features.is_some() || s.computed >= s.input.input_ids.len() || !s.has_media() {
+            if s.features.is_some() || s.computed >= s.input.input_ids.len() || !s.input.has_media() {
                 continue;
             }
             match self.runner.encode(&s.input) {

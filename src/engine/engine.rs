@@ -212,15 +212,18 @@ pub fn load(cfg: &EngineConfig) -> Result<(Frontend, EngineCore)> {
     let t0 = std::time::Instant::now();
     let dir = &cfg.model_dir;
     let family = registry::detect(dir)?;
-    let spec = (family.spec)(dir)?;
+    // The prompt side first: it is small (config and processor files), and
+    // its spec says whether the task can run before the weights go up.
+    let processor = (family.processor)(dir)?;
+    let spec = processor.spec().clone();
     if cfg.task == Task::Generate && spec.decoder.head == crate::model::decoder::Head::None {
         return Err(Error::Config(format!(
             "{}: this checkpoint has no LM head (a base model); serve it with --task embedding",
             dir.display()
         )));
     }
-    // The tokenizer and processors load on a second thread while the device
-    // opens and the weights go up.
+    // The tokenizer and chat template load on a second thread while the
+    // device opens and the weights go up.
     let (files, model) = std::thread::scope(|s| {
         let files = s.spawn(|| -> Result<_> {
             let tok_dir = cfg.tokenizer_dir.as_deref().unwrap_or(dir);
@@ -231,7 +234,7 @@ pub fn load(cfg: &EngineConfig) -> Result<(Frontend, EngineCore)> {
                 _ => dir,
             };
             let template = ChatTemplate::load_or(template_dir, cfg.chat_template.as_deref(), builtin)?;
-            Ok((tokenizer, template, (family.processor)(dir)?, t0.elapsed()))
+            Ok((tokenizer, template, t0.elapsed()))
         });
         let model = (|| -> Result<_> {
             let dev = Device::choose(&cfg.device)?;
@@ -241,7 +244,7 @@ pub fn load(cfg: &EngineConfig) -> Result<(Frontend, EngineCore)> {
         let files = files.join().unwrap_or_else(|_| Err(Error::Engine("loading the tokenizer panicked".into())));
         (files, model)
     });
-    let (tokenizer, template, processor, t_files) = files?;
+    let (tokenizer, template, t_files) = files?;
     let (model, dev, t_device) = model?;
     let t_weights = t0.elapsed();
     let mut eos = spec.eos_token_id.clone();

@@ -198,7 +198,6 @@ impl Runner {
         let chunks: Vec<SeqChunk> =
             work.iter().map(|w| SeqChunk { blocks: w.blocks, past: w.past, new: w.new }).collect();
         let batch = AttnBatch::new(&dev, &chunks, self.kv.block_size)?;
-        let decoder = self.model.decoder();
         let h = decoder.forward(x, &pos_t, &mut self.kv, &batch, &mut |_, _| {})?;
         let gather = |rows: &[i32]| -> Result<Tensor> {
             let rows_t = Tensor::from_i32(&dev, &[rows.len()], rows)?;

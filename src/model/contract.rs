@@ -142,8 +142,6 @@ pub struct Family {
     pub tasks: &'static str,
     /// Chat template used when the folder has none (said once at start).
     pub chat_template: Option<&'static str>,
-    /// The checkpoint's config, family-neutral.
-    pub spec: fn(&Path) -> Result<ModelSpec>,
     /// The prompt side from a model folder.
     pub processor: fn(&Path) -> Result<Arc<dyn Processor>>,
     /// The device side from a model folder.

@@ -26,7 +26,6 @@ pub static FAMILY: Family = Family {
     examples: &["llava-hf/llava-1.5-7b-hf", "llava-hf/llava-1.5-13b-hf"],
     tasks: "generate, embedding; image",
     chat_template: Some(include_str!("chat_template.jinja")),
-    spec: |dir: &Path| Ok(spec(&LlavaConfig::from_dir(dir)?)),
     processor: processor::LlavaProcessor::from_dir,
     load: load_boxed,
     weights: open_weights,

@@ -14,7 +14,7 @@ use std::path::Path;
 pub use model::Qwen2Vl;
 
 use crate::error::Result;
-use crate::model::contract::{Family, Model, ModelSpec};
+use crate::model::contract::{Family, Model};
 use crate::model::weights::Weights;
 use crate::tensor::Device;
 use config::VisionConfig;
@@ -26,16 +26,10 @@ pub static FAMILY: Family = Family {
     examples: &["Qwen/Qwen2-VL-2B-Instruct", "Qwen/Qwen2-VL-7B-Instruct", "MrLight/dse-qwen2-2b-mrl-v1"],
     tasks: "generate, embedding; image, video",
     chat_template: Some(include_str!("chat_template.jinja")),
-    spec: spec_of,
     processor: inputs::Qwen2VlProcessor::from_dir,
     load: load_boxed,
     weights: |dir: &Path| Weights::open(dir),
 };
-
-fn spec_of(dir: &Path) -> Result<ModelSpec> {
-    let cfg = config::Qwen2VlConfig::from_dir(dir)?;
-    Ok(model::spec(&cfg, inputs::has_lm_head(dir)?))
-}
 
 fn load_boxed(dir: &Path, dev: &Device) -> Result<Box<dyn Model>> {
     Ok(Box::new(Qwen2Vl::load(dir, dev)?))
