@@ -22,6 +22,10 @@
 // v heads are copied by all threads of the block, flat. Every element is read
 // and written by one thread: no barrier.
 //
+// Frequencies: theta^(-i / half) (rope.cuh inv_freq), or, when `table` is not
+// null, the token's row of per-sequence tables with cos and sin scaled by
+// mscale (rope.cu rope_table; Phi-3's longrope).
+//
 // Kernel names: qkv_rope_cache_{f32,bf16}.
 #include "rope.cuh"
 
@@ -38,7 +42,8 @@ __device__ void qkv_rope_cache(T* __restrict__ q,               // (n, heads, d)
                                const int* __restrict__ pos,     // (3, n): temporal, height, width
                                const int* __restrict__ slots,   // (n,) cache row of each token, < 0 to skip
                                int n, int heads, int kv_heads, int half, int s0, int s1, float theta,
-                               int num_slots) {
+                               const float* __restrict__ table,  // (tables, half) or null: see below
+                               int tables, float mscale, int num_slots) {
     const int i = threadIdx.x;  // blockDim.x == half
     const int64_t d = 2 * (int64_t)half, kv_row = kv_heads * d;
     const int64_t width = (heads + 2 * (int64_t)kv_heads) * d;
@@ -48,8 +53,13 @@ __device__ void qkv_rope_cache(T* __restrict__ q,               // (n, heads, d)
         const int slot = slots[t];
         const bool cached = slot >= 0 && slot < num_slots;  // block-uniform
         const T* x = qkv + (int64_t)t * width;
+        // With frequency tables (longrope; sections are then [half, 0, 0]):
+        // the token's table is its position row 1, and cos, sin are scaled.
+        const float f = table ? table_freq(table, tables, pos[n + t], i, half) : freq;
         float s, c;
-        sincosf((float)pos[(int64_t)row * n + t] * freq, &s, &c);
+        sincosf((float)pos[(int64_t)row * n + t] * f, &s, &c);
+        s *= mscale;
+        c *= mscale;
         // q heads, then k heads (as one run of heads + kv_heads rotated heads).
         for (int h = threadIdx.y; h < heads + kv_heads; h += blockDim.y) {
             const int64_t e = h * d + i;  // element i of head h within the row
@@ -84,8 +94,9 @@ __device__ void qkv_rope_cache(T* __restrict__ q,               // (n, heads, d)
     extern "C" __global__ void qkv_rope_cache_##S(T* q, T* k_cache, T* v_cache, const T* qkv,         \
                                                   const T* bias, const int* pos, const int* slots,    \
                                                   int n, int heads, int kv_heads, int half, int s0,   \
-                                                  int s1, float theta, int num_slots) {               \
+                                                  int s1, float theta, const float* table, int tables, \
+                                                  float mscale, int num_slots) {                      \
         qkv_rope_cache<T>(q, k_cache, v_cache, qkv, bias, pos, slots, n, heads, kv_heads, half, s0, s1, \
-                          theta, num_slots);                                                           \
+                          theta, table, tables, mscale, num_slots);                                    \
     }
 FOR_FLOAT_TYPES(QKV_ROPE_KERNELS)

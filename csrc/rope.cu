@@ -1,6 +1,7 @@
 // Rotary position embeddings, applied in place: 1-D RoPE (Qwen2 LM), M-RoPE
-// (Qwen2-VL LM: temporal / height / width sections) and the 2-D RoPE of the
-// Qwen2-VL vision tower. T is bf16 or f32; angles and rotation are in f32.
+// (Qwen2-VL LM: temporal / height / width sections), RoPE from per-sequence
+// frequency tables with a cos/sin scale (Phi-3's longrope) and the 2-D RoPE of
+// the Qwen2-VL vision tower. T is bf16 or f32; angles and rotation are in f32.
 // Mirrors transformers modeling_qwen2_vl.py: Qwen2VLRotaryEmbedding +
 // apply_multimodal_rotary_pos_emb, VisionRotaryEmbedding + rot_pos_emb +
 // apply_rotary_pos_emb_vision (see src/ops/rope.rs for the index mapping).
@@ -21,13 +22,16 @@
 // ----------------------------------------------------------------------------
 // CUDA kernels
 
-// Rotates the pair (i, i + half) of every head of one token by `angle`.
+// Rotates the pair (i, i + half) of every head of one token by `angle`, with
+// cos and sin scaled by `mscale` (1 but for longrope; x * 1.0f is exact).
 // sincosf, not __sincosf: see rope.cuh.
 template <typename T>
 __device__ __forceinline__ void rotate_heads(T* __restrict__ xt,  // (heads, 2 * half): one token
-                                             int heads, int half, int i, float angle) {
+                                             int heads, int half, int i, float angle, float mscale = 1.0f) {
     float s, c;
     sincosf(angle, &s, &c);
+    s *= mscale;
+    c *= mscale;
     const size_t d = 2 * (size_t)half;
     for (int h = threadIdx.y; h < heads; h += blockDim.y) {
         T* xh = xt + (size_t)h * d;
@@ -62,6 +66,20 @@ __device__ void mrope(T* __restrict__ x,            // (tokens, heads, 2 * half)
     rotate_heads<T>(x + t * heads * (2 * (size_t)half), heads, half, i, angle);
 }
 
+// Table RoPE (longrope): a_i = pos[0, t] * table[pos[1, t], i]; cos and sin
+// scaled by mscale.
+template <typename T>
+__device__ void rope_table(T* __restrict__ x,               // (tokens, heads, 2 * half), updated in place
+                           const int* __restrict__ pos,     // (3, tokens): position, table, unused
+                           const float* __restrict__ table, // (tables, half) inverse frequencies
+                           int tables, int tokens, int heads, int half, float mscale) {
+    const int i = threadIdx.x;
+    if (i >= half) return;
+    const size_t t = blockIdx.x;
+    const float angle = (float)pos[t] * table_freq(table, tables, pos[tokens + t], i, half);
+    rotate_heads<T>(x + t * heads * (2 * (size_t)half), heads, half, i, angle, mscale);
+}
+
 // Vision 2-D RoPE, q = half / 2 frequencies theta^(-j / q): i < q rotates by
 // row * inv_freq[i], q <= i < half by col * inv_freq[i - q].
 template <typename T>
@@ -88,6 +106,10 @@ __device__ void vision_rope(T* __restrict__ x,            // (tokens, heads, 2 *
     extern "C" __global__ void mrope_##S(T* x, const int* pos, int tokens, int heads, int half,     \
                                          int s0, int s1, float theta) {                             \
         mrope<T>(x, pos, tokens, heads, half, s0, s1, theta);                                       \
+    }                                                                                               \
+    extern "C" __global__ void rope_table_##S(T* x, const int* pos, const float* table, int tables,  \
+                                              int tokens, int heads, int half, float mscale) {      \
+        rope_table<T>(x, pos, table, tables, tokens, heads, half, mscale);                          \
     }                                                                                               \
     extern "C" __global__ void vision_rope_##S(T* x, const int* pos, int heads, int half,           \
                                                float theta) {                                       \

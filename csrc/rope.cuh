@@ -21,6 +21,16 @@ __device__ __forceinline__ float inv_freq(float theta, int i, int n) {
 // for s0 <= i < s0 + s1, 2 (width) after.
 __device__ __forceinline__ int mrope_row(int i, int s0, int s1) { return i < s0 ? 0 : (i < s0 + s1 ? 1 : 2); }
 
+// Frequency i of a token whose RoPE reads a table of per-sequence inverse
+// frequencies (longrope: a short and a long table, (tables, half) f32, made on
+// the host from the checkpoint's factors): the table is the token's position
+// row 1 (its row 0 gives the angle), clamped into range so bad device data
+// cannot read outside the tables.
+__device__ __forceinline__ float table_freq(const float* __restrict__ table, int tables, int sel, int i, int half) {
+    sel = sel < 0 ? 0 : (sel >= tables ? tables - 1 : sel);
+    return table[(size_t)sel * half + i];
+}
+
 // (a, b) = (x[i], x[i + half]) turned by the angle whose cosine and sine are
 // (c, s): (a c - b s, b c + a s). The fused multiply-adds are written out so
 // that every kernel rounds the same way, whatever the compiler would contract.

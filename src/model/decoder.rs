@@ -20,7 +20,7 @@
 use crate::error::Result;
 use crate::model::layers::Linear;
 use crate::model::weights::Weights;
-use crate::ops::{activation, attention, embedding, gemm, norm, qkv_rope};
+use crate::ops::{activation, attention, embedding, gemm, norm, qkv_rope, rope};
 use crate::tensor::{DType, Device, Tensor};
 
 /// What the decoder needs from the family's text config.
@@ -40,9 +40,40 @@ pub struct DecoderDims {
     pub mrope_section: [usize; 3],
     /// Whether q_proj, k_proj and v_proj have biases (Qwen2: yes; Llama: no).
     pub qkv_bias: bool,
+    /// Longrope frequency scaling (Phi-3), or None for plain RoPE.
+    pub longrope: Option<LongRope>,
     /// The LM head: its own tensor, the token embedding, or none (a base
     /// model saved without head, served for embeddings only).
     pub head: Head,
+}
+
+/// Phi-3's longrope ("su") RoPE scaling: inverse frequencies divided by a
+/// short or a long factor table, cos and sin scaled by `attention_factor`.
+/// Which table a sequence uses is fixed for its whole life by
+/// [`LongRope::table_for`] and travels in its position row 1 (see
+/// [`crate::ops::rope::Freqs::Table`]), so one sequence's KV cache never
+/// mixes tables.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LongRope {
+    pub short_factor: Vec<f32>,
+    pub long_factor: Vec<f32>,
+    /// `original_max_position_embeddings` (4096 for Phi-3.5).
+    pub original_max_positions: usize,
+    /// √(1 + ln s / ln original) with s = max / original positions (HF's
+    /// `attention_factor` default), or the config's own.
+    pub attention_factor: f32,
+}
+
+impl LongRope {
+    /// The table (0 short, 1 long) of a sequence that may grow to `max_len`
+    /// tokens: the short one while it stays within the original length
+    /// (where HF uses it too), the long one from the start otherwise. HF
+    /// switches per forward pass once positions pass the original length,
+    /// which would leave the earlier keys rotated by the other table; vLLM
+    /// picks one table for the whole server from max_model_len.
+    pub fn table_for(&self, max_len: usize) -> i32 {
+        (max_len > self.original_max_positions) as i32
+    }
 }
 
 /// Where the decoder's LM head comes from.
@@ -97,6 +128,8 @@ struct Layer {
 
 pub struct Decoder {
     pub dims: DecoderDims,
+    /// Longrope's inverse-frequency tables (2, head_dim / 2) f32: short, long.
+    rope_tables: Option<Tensor>,
     embed: Tensor, // (vocab, hidden)
     layers: Vec<Layer>,
     norm: Tensor,            // (hidden,)
@@ -280,7 +313,23 @@ impl Decoder {
             Head::Tied if w.contains("lm_head.weight") => Some(w.load(dev, "lm_head.weight", &[dims.vocab, h])?),
             Head::Tied | Head::None => None,
         };
+        let rope_tables = match &dims.longrope {
+            Some(lr) => {
+                let half = hd / 2;
+                crate::ensure_shape!(
+                    lr.short_factor.len() == half && lr.long_factor.len() == half,
+                    "decoder",
+                    "longrope factors have {} and {} values; head dim {hd} needs {half} each",
+                    lr.short_factor.len(),
+                    lr.long_factor.len()
+                );
+                let t = rope::longrope_tables(dims.rope_theta, &[&lr.short_factor, &lr.long_factor]);
+                Some(Tensor::from_f32(dev, &[2, half], &t, DType::F32)?)
+            }
+            None => None,
+        };
         Ok(Self {
+            rope_tables,
             embed: w.load(dev, "model.language_model.embed_tokens.weight", &[dims.vocab, h])?,
             norm: w.load(dev, "model.language_model.norm.weight", &[h])?,
             layers,
@@ -325,6 +374,10 @@ impl Decoder {
             gemm::gemm(&mut qkv, &h, &l.qkv)?;
             let mut q = Tensor::empty(&dev, &[n, d.heads, d.head_dim], dt)?;
             let (sections, theta) = (d.mrope_section, d.rope_theta);
+            let freqs = match (&self.rope_tables, &d.longrope) {
+                (Some(t), Some(lr)) => rope::Freqs::Table { inv_freq: t, mscale: lr.attention_factor },
+                _ => rope::Freqs::Theta(theta),
+            };
             let (kc, vc) = (&mut kv.k[i], &mut kv.v[i]);
             qkv_rope::qkv_rope_cache(
                 &mut q,
@@ -335,7 +388,7 @@ impl Decoder {
                 positions,
                 &batch.slot_mapping,
                 sections,
-                theta,
+                freqs,
             )?;
             let mut a = Tensor::empty(&dev, &[n, d.heads, d.head_dim], dt)?;
             attention::paged_attention(

@@ -10,6 +10,7 @@
 //! reference by construction; the kernel computes the same sequence with the
 //! same roundings and matches the GPU composition bit for bit.
 
+use super::rope::Freqs;
 use super::{activation, expect_dtype, f32s, f32s_mut, float_dtype, kernel, kv_cache, placement, ptr, rope, On};
 use crate::cuda::Arg;
 use crate::ensure_shape;
@@ -23,7 +24,8 @@ use crate::tensor::{DType, Device, Tensor};
 /// q = mrope(qkv_q + b_q); k = mrope(qkv_k + b_k) and v = qkv_v + b_v go to
 /// cache row slot_mapping[t] of k_cache, v_cache (num_blocks, block_size,
 /// kv_heads, head_dim). positions: i32 (3, n), as [`rope::mrope`] takes them,
-/// with its `sections` and `theta`; slot_mapping: i32 (n,), as
+/// with its `sections`, and `freqs`: theta (M-RoPE) or frequency tables
+/// ([`rope::rope_table`]; sections must then be [head_dim / 2, 0, 0]); slot_mapping: i32 (n,), as
 /// [`kv_cache::kv_cache_write`] takes it (< 0 is padding, skipped; past the
 /// cache an error on the CPU, skipped on the GPU). bf16 or f32 on the GPU,
 /// f32 on the CPU.
@@ -37,7 +39,7 @@ pub fn qkv_rope_cache(
     positions: &Tensor,
     slot_mapping: &Tensor,
     sections: [usize; 3],
-    theta: f32,
+    freqs: Freqs,
 ) -> Result<()> {
     const OP: &str = "qkv_rope_cache";
     let qs = q.shape().to_vec();
@@ -54,7 +56,30 @@ pub fn qkv_rope_cache(
     ensure_shape!(d > 0 && d % 2 == 0, OP, "head_dim {d} must be even and positive");
     let sum = sections.iter().sum::<usize>();
     ensure_shape!(sum == d / 2, OP, "sections {sections:?} sum to {sum}, expected head_dim / 2 = {}", d / 2);
-    ensure_shape!(theta.is_finite() && theta > 0.0, OP, "theta must be positive and finite, got {theta}");
+    let (theta, table) = match freqs {
+        Freqs::Theta(theta) => {
+            ensure_shape!(theta.is_finite() && theta > 0.0, OP, "theta must be positive and finite, got {theta}");
+            (theta, None)
+        }
+        Freqs::Table { inv_freq, mscale } => {
+            ensure_shape!(
+                sections == [d / 2, 0, 0],
+                OP,
+                "frequency tables need sections [{}, 0, 0], got {sections:?}",
+                d / 2
+            );
+            let ts = inv_freq.shape();
+            ensure_shape!(
+                ts.len() == 2 && ts[0] >= 1 && ts[1] == d / 2,
+                OP,
+                "inv_freq {ts:?}, expected (tables, head_dim / 2 = {})",
+                d / 2
+            );
+            expect_dtype(OP, inv_freq, DType::F32)?;
+            ensure_shape!(mscale.is_finite(), OP, "mscale must be finite, got {mscale}");
+            (1.0, Some((inv_freq, mscale)))
+        }
+    };
     expect_dtype(OP, positions, DType::I32)?;
     expect_dtype(OP, slot_mapping, DType::I32)?;
     ensure_shape!(positions.shape() == [3, n], OP, "positions {:?}, expected [3, {n}]", positions.shape());
@@ -65,7 +90,9 @@ pub fn qkv_rope_cache(
         OP,
         "too large: {n} tokens of {width} values, k_cache {cs:?}"
     );
-    match placement(OP, &[&*q, &*k_cache, &*v_cache, qkv, bias, positions, slot_mapping])? {
+    let mut all: Vec<&Tensor> = vec![&*q, &*k_cache, &*v_cache, qkv, bias, positions, slot_mapping];
+    all.extend(table.map(|(t, _)| t));
+    match placement(OP, &all)? {
         On::Cpu => {
             let mut x = Tensor::from_f32(&Device::Cpu, &[n, width], f32s(OP, qkv)?, DType::F32)?;
             activation::bias_add(&mut x, bias)?;
@@ -77,8 +104,12 @@ pub fn qkv_rope_cache(
             };
             let (qe, ke) = (heads * d, (heads + kv_heads) * d);
             let (mut qt, mut kt, vt) = (cols(0, qe, heads)?, cols(qe, ke, kv_heads)?, cols(ke, width, kv_heads)?);
-            rope::mrope(&mut qt, positions, sections, theta)?;
-            rope::mrope(&mut kt, positions, sections, theta)?;
+            for x in [&mut qt, &mut kt] {
+                match table {
+                    None => rope::mrope(x, positions, sections, theta)?,
+                    Some((inv_freq, mscale)) => rope::rope_table(x, positions, inv_freq, mscale)?,
+                }
+            }
             kv_cache::kv_cache_write(k_cache, v_cache, &kt, &vt, slot_mapping)?;
             f32s_mut(OP, q)?.copy_from_slice(f32s(OP, &qt)?);
             Ok(())
@@ -107,6 +138,9 @@ pub fn qkv_rope_cache(
                 Arg::I32(sections[0] as i32),
                 Arg::I32(sections[1] as i32),
                 Arg::F32(theta),
+                Arg::Ptr(table.map_or(0, |(t, _)| ptr(t))),
+                Arg::I32(table.map_or(0, |(t, _)| t.shape()[0] as i32)),
+                Arg::F32(table.map_or(1.0, |(_, m)| m)),
                 Arg::I32(num_slots as i32),
             ];
             let grid = (n.min(65535) as u32, 1, 1);
@@ -138,8 +172,18 @@ mod tests {
         let mut q = Tensor::empty(&Device::Cpu, &[n, heads, d], DType::F32).unwrap();
         let (mut kc, mut vc) = (t(&[-1.0; 3 * 4], &[3, 1, kv, d]), t(&[-2.0; 3 * 4], &[3, 1, kv, d]));
         let (pos, slots) = (ints(&[0; 6], &[3, n]), ints(&[2, 0], &[n]));
-        qkv_rope_cache(&mut q, &mut kc, &mut vc, &t(&x, &[n, width]), &t(&b, &[width]), &pos, &slots, [1, 0, 1], 1e4)
-            .unwrap();
+        qkv_rope_cache(
+            &mut q,
+            &mut kc,
+            &mut vc,
+            &t(&x, &[n, width]),
+            &t(&b, &[width]),
+            &pos,
+            &slots,
+            [1, 0, 1],
+            Freqs::Theta(1e4),
+        )
+        .unwrap();
         let biased = |t: usize, c: usize| x[t * width + c] + b[c];
         let q = q.to_f32_vec().unwrap();
         for (tok, c) in (0..n).flat_map(|t| (0..heads * d).map(move |c| (t, c))) {
@@ -166,7 +210,7 @@ mod tests {
             let mut q = Tensor::empty(&Device::Cpu, q, DType::F32).unwrap();
             let numel = cache.iter().product();
             let (mut kc, mut vc) = (t(&vec![0.0; numel], cache), t(&vec![0.0; numel], cache));
-            qkv_rope_cache(&mut q, &mut kc, &mut vc, x, b, pos, slots, sec, 1e4).unwrap_err().to_string()
+            qkv_rope_cache(&mut q, &mut kc, &mut vc, x, b, pos, slots, sec, Freqs::Theta(1e4)).unwrap_err().to_string()
         };
         let (qs, cs) = ([n, heads, d], [2, 2, kv, d]);
         let e = run(&qs, &cs, &t(&vec![0.5; n * 12], &[n, 12]), &b, &pos, &slots, [1, 0, 1]);

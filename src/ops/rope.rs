@@ -1,6 +1,7 @@
 //! Rotary position embeddings, applied in place to q or k laid out
-//! (tokens, heads, head_dim): 1-D RoPE (Qwen2 LM), M-RoPE (Qwen2-VL LM) and
-//! the 2-D RoPE of the Qwen2-VL vision tower. Kernels: csrc/rope.cu.
+//! (tokens, heads, head_dim): 1-D RoPE (Qwen2 LM), M-RoPE (Qwen2-VL LM),
+//! RoPE from per-sequence frequency tables (Phi-3's longrope) and the 2-D
+//! RoPE of the Qwen2-VL vision tower. Kernels: csrc/rope.cu.
 //!
 //! All three use the rotate_half (GPT-NeoX) layout of transformers
 //! `rotate_half` (modeling_qwen2_vl.py): with half = head_dim / 2, element
@@ -37,6 +38,36 @@ fn inv_freqs(theta: f32, n: usize) -> Vec<f32> {
     (0..n).map(|i| (theta as f64).powf(-(i as f64) / n as f64) as f32).collect()
 }
 
+/// Where a decoder's RoPE takes its frequencies from.
+#[derive(Clone, Copy)]
+pub enum Freqs<'a> {
+    /// theta^(−2i/head_dim): the default RoPE (and M-RoPE).
+    Theta(f32),
+    /// Per-sequence tables of inverse frequencies, `inv_freq` f32
+    /// (tables, head_dim / 2), with cos and sin scaled by `mscale`: Phi-3's
+    /// longrope (a short and a long table, [`longrope_tables`]). Token t
+    /// reads table positions[1, t] (clamped into range) and turns by
+    /// positions[0, t] · inv_freq; the M-RoPE sections must be
+    /// [head_dim / 2, 0, 0].
+    Table { inv_freq: &'a Tensor, mscale: f32 },
+}
+
+/// Inverse-frequency tables of longrope (transformers
+/// `_compute_longrope_parameters`, Phi-3's `Phi3SuScaledRotaryEmbedding`):
+/// table k holds 1 / (factors_k[i] · theta^(2i/head_dim)), computed in f64
+/// and rounded to f32 like [`inv_freqs`]. Row-major (tables, head_dim / 2).
+pub fn longrope_tables(theta: f32, factors: &[&[f32]]) -> Vec<f32> {
+    factors
+        .iter()
+        .flat_map(|f| {
+            let half = f.len();
+            f.iter()
+                .enumerate()
+                .map(move |(i, &x)| (1.0 / (x as f64 * (theta as f64).powf(i as f64 / half as f64))) as f32)
+        })
+        .collect()
+}
+
 /// Checks x is (tokens, heads, head_dim) with an even head_dim, theta usable,
 /// positions i32; returns (tokens, heads, half).
 fn check(op: &'static str, x: &Tensor, positions: &Tensor, theta: f32) -> Result<(usize, usize, usize)> {
@@ -53,10 +84,22 @@ fn check(op: &'static str, x: &Tensor, positions: &Tensor, theta: f32) -> Result
 /// The CPU reference: rotates the pair (i, i + half) of every head of token t
 /// by `angle(t, i)`, in f32, one token per rayon task.
 fn rotate_cpu(x: &mut [f32], heads: usize, half: usize, angle: impl Fn(usize, usize) -> f32 + Sync) {
+    rotate_cpu_scaled(x, heads, half, 1.0, angle)
+}
+
+/// As [`rotate_cpu`], with cos and sin scaled by `mscale` (x · 1.0 is exact).
+fn rotate_cpu_scaled(
+    x: &mut [f32],
+    heads: usize,
+    half: usize,
+    mscale: f32,
+    angle: impl Fn(usize, usize) -> f32 + Sync,
+) {
     let d = 2 * half;
     x.par_chunks_mut(heads * d).enumerate().for_each(|(t, xt)| {
         for i in 0..half {
             let (s, c) = angle(t, i).sin_cos();
+            let (s, c) = (s * mscale, c * mscale);
             for xh in xt.chunks_mut(d) {
                 let (a, b) = (xh[i], xh[i + half]);
                 xh[i] = a * c - b * s;
@@ -172,6 +215,55 @@ pub fn mrope(x: &mut Tensor, positions: &Tensor, sections: [usize; 3], theta: f3
                 Arg::I32(s0 as i32),
                 Arg::I32(s1 as i32),
                 Arg::F32(theta),
+            ];
+            gpu.launch(&kernel(OP, dt), (tokens as u32, 1, 1), block_for(OP, half, heads)?, 0, &args)
+        }
+    }
+}
+
+/// RoPE from frequency tables, in place (see [`Freqs::Table`]).
+/// x: (tokens, heads, head_dim), bf16 or f32; positions: i32 (3, tokens),
+/// row 0 the position, row 1 the table; inv_freq: f32 (tables, head_dim / 2).
+///
+/// a_i = pos[0, t] · inv_freq[pos[1, t], i], and x' = x · (cos a · mscale)
+/// + rotate_half(x) · (sin a · mscale): transformers `Phi3RotaryEmbedding`
+/// with rope_type "longrope" (cos and sin times `attention_scaling`) and
+/// `apply_rotary_pos_emb`, with the table fixed per sequence by the caller.
+pub fn rope_table(x: &mut Tensor, positions: &Tensor, inv_freq: &Tensor, mscale: f32) -> Result<()> {
+    const OP: &str = "rope_table";
+    let (tokens, heads, half) = check(OP, x, positions, 1.0)?;
+    ensure_shape!(positions.shape() == [3, tokens], OP, "positions {:?}, expected [3, {tokens}]", positions.shape());
+    expect_dtype(OP, inv_freq, DType::F32)?;
+    let ts = inv_freq.shape();
+    ensure_shape!(
+        ts.len() == 2 && ts[1] == half && ts[0] >= 1,
+        OP,
+        "inv_freq {ts:?}, expected (tables, head_dim / 2 = {half})"
+    );
+    ensure_shape!(mscale.is_finite(), OP, "mscale must be finite, got {mscale}");
+    let tables = ts[0];
+    let on = placement(OP, &[&*x, positions, inv_freq])?;
+    if tokens == 0 || heads == 0 {
+        return Ok(());
+    }
+    match on {
+        On::Cpu => {
+            let (pos, inv) = (i32s(OP, positions)?, super::f32s(OP, inv_freq)?);
+            let table = |t: usize| (pos[tokens + t].clamp(0, tables as i32 - 1)) as usize;
+            rotate_cpu_scaled(f32s_mut(OP, x)?, heads, half, mscale, |t, i| pos[t] as f32 * inv[table(t) * half + i]);
+            Ok(())
+        }
+        On::Cuda(gpu) => {
+            let dt = float_dtype(OP, &[&*x])?;
+            let args = [
+                Arg::Ptr(ptr(x)),
+                Arg::Ptr(ptr(positions)),
+                Arg::Ptr(ptr(inv_freq)),
+                Arg::I32(tables as i32),
+                Arg::I32(tokens as i32),
+                Arg::I32(heads as i32),
+                Arg::I32(half as i32),
+                Arg::F32(mscale),
             ];
             gpu.launch(&kernel(OP, dt), (tokens as u32, 1, 1), block_for(OP, half, heads)?, 0, &args)
         }

@@ -15,13 +15,17 @@
 //! (`qkv_rope`), whose bf16 rounding is the baseline. And bit for bit against
 //! the separate GPU ops it replaces (`qkv_rope.vs_ops`: bias_add on q, k and
 //! v, mrope on q and k, kv_cache_write), which share its rounding and its
-//! rotation (csrc/rope.cuh).
+//! rotation (csrc/rope.cuh). Shapes with `tables` run Phi-3's longrope
+//! instead of M-RoPE: two random inverse-frequency tables, each token's
+//! picked by its position row 1, cos and sin scaled (rope.rs `table64`; the
+//! separate op is `rope_table`).
 
+use kestrel::ops::rope::Freqs;
 use kestrel::ops::{activation, kv_cache, qkv_rope, rope};
 use kestrel::{DType, Device, Tensor};
 
 use crate::harness::*;
-use crate::rope::mrope64;
+use crate::rope::{mrope64, random_tables, table64};
 
 struct Shape {
     n: usize,
@@ -29,6 +33,8 @@ struct Shape {
     kv_heads: usize,
     d: usize,
     sections: [usize; 3],
+    /// Longrope tables instead of theta (sections must be [d / 2, 0, 0]).
+    tables: bool,
 }
 
 /// Distinct slots of a cache with `slots` rows for n tokens; every 4th token padding.
@@ -44,13 +50,33 @@ fn slot_mapping(n: usize, slots: usize, rng: &mut Rng) -> Vec<i32> {
 }
 
 fn run(s: &Shape, gpu: Option<&Device>, rng: &mut Rng) -> Vec<Row> {
-    let Shape { n, heads, kv_heads: kvh, d, sections } = *s;
+    let Shape { n, heads, kv_heads: kvh, d, sections, tables } = *s;
     let (width, row, bs) = (((heads + 2 * kvh) * d), kvh * d, 16);
     let blocks = n.div_ceil(bs) + 2;
     let (qs, cs) = ([n, heads, d], [blocks, bs, kvh, d]);
     let label = format!("n{n} {heads}/{kvh} d{d} {sections:?}");
     let theta = 1e6f32;
-    let pos: Vec<i32> = (0..3 * n).map(|_| rng.below(30000) as i32).collect();
+    let mut pos: Vec<i32> = (0..3 * n).map(|_| rng.below(30000) as i32).collect();
+    let (inv, mscale) = (random_tables(rng, d / 2), (1.0 + 32f64.ln() / 4096f64.ln()).sqrt() as f32);
+    if tables {
+        for t in 0..n {
+            pos[n + t] = rng.below(2) as i32;
+        }
+    }
+    let rot64 = |x: &[f64], h: usize| {
+        if tables {
+            table64(x, h, d, &pos, &inv, mscale as f64)
+        } else {
+            mrope64(x, h, d, &pos, sections, theta as f64)
+        }
+    };
+    let freqs = |dev: &Device| tables.then(|| Tensor::from_f32(dev, &[2, d / 2], &inv, DType::F32).unwrap());
+    fn pick(t: &Option<Tensor>, theta: f32, mscale: f32) -> Freqs<'_> {
+        match t {
+            Some(inv_freq) => Freqs::Table { inv_freq, mscale },
+            None => Freqs::Theta(theta),
+        }
+    }
     let npos = pos.iter().map(|&p| p as usize).max().unwrap_or(0).max(1);
     let map = slot_mapping(n, blocks * bs, rng);
     let mut rows = Vec::new();
@@ -65,8 +91,8 @@ fn run(s: &Shape, gpu: Option<&Device>, rng: &mut Rng) -> Vec<Row> {
             let part =
                 |from: usize, to: usize| -> Vec<f64> { xb.chunks(width).flat_map(|r| r[from..to].to_vec()).collect() };
             let (qe, ke) = (heads * d, (heads + kvh) * d);
-            let q = mrope64(&part(0, qe), heads, d, &pos, sections, theta as f64);
-            let k = mrope64(&part(qe, ke), kvh, d, &pos, sections, theta as f64);
+            let q = rot64(&part(0, qe), heads);
+            let k = rot64(&part(qe, ke), kvh);
             let v = part(ke, width);
             let (mut kc, mut vc) = (widen(&kc0), widen(&vc0));
             for (t, &slot) in map.iter().enumerate().filter(|(_, &s)| s >= 0) {
@@ -86,7 +112,9 @@ fn run(s: &Shape, gpu: Option<&Device>, rng: &mut Rng) -> Vec<Row> {
             };
             let (mut kc, mut vc) = (f(&cs, &kc0), f(&cs, &vc0));
             let (xt, bt, pt, mt) = (f(&[n, width], x), f(&[width], b), i(&[3, n], &pos), i(&[n], &map));
-            qkv_rope::qkv_rope_cache(&mut q, &mut kc, &mut vc, &xt, &bt, &pt, &mt, sections, theta).unwrap();
+            let tab = freqs(dev);
+            qkv_rope::qkv_rope_cache(&mut q, &mut kc, &mut vc, &xt, &bt, &pt, &mt, sections, pick(&tab, theta, mscale))
+                .unwrap();
             [q, kc, vc].iter().flat_map(|t| t.to_f32_vec().unwrap()).collect::<Vec<f32>>()
         };
         let biased64: Vec<f64> =
@@ -121,8 +149,16 @@ fn run(s: &Shape, gpu: Option<&Device>, rng: &mut Rng) -> Vec<Row> {
         let (mut q, mut k, v) =
             (q.reshape(&qs).unwrap(), k.reshape(&[n, kvh, d]).unwrap(), v.reshape(&[n, kvh, d]).unwrap());
         let pt = Tensor::from_i32(g, &[3, n], &pos).unwrap();
-        rope::mrope(&mut q, &pt, sections, theta).unwrap();
-        rope::mrope(&mut k, &pt, sections, theta).unwrap();
+        match freqs(g) {
+            Some(t) => {
+                rope::rope_table(&mut q, &pt, &t, mscale).unwrap();
+                rope::rope_table(&mut k, &pt, &t, mscale).unwrap();
+            }
+            None => {
+                rope::mrope(&mut q, &pt, sections, theta).unwrap();
+                rope::mrope(&mut k, &pt, sections, theta).unwrap();
+            }
+        }
         let (mut kc, mut vc) = (f(&cs, &kc0), f(&cs, &vc0));
         kv_cache::kv_cache_write(&mut kc, &mut vc, &k, &v, &Tensor::from_i32(g, &[n], &map).unwrap()).unwrap();
         let ops: Vec<f32> = [q, kc, vc].iter().flat_map(|t| t.to_f32_vec().unwrap()).collect();
@@ -132,7 +168,9 @@ fn run(s: &Shape, gpu: Option<&Device>, rng: &mut Rng) -> Vec<Row> {
 }
 
 pub fn cases() -> Vec<Case> {
-    let shape = |n, heads, kv_heads, d, sections| Shape { n, heads, kv_heads, d, sections };
+    let shape = |n, heads, kv_heads, d, sections| Shape { n, heads, kv_heads, d, sections, tables: false };
+    let longrope =
+        |n, heads, kv_heads, d: usize| Shape { n, heads, kv_heads, d, sections: [d / 2, 0, 0], tables: true };
     // Qwen2-VL-2B (12/2) and 7B (28/4) at head dim 128 with the real sections;
     // 16/16 of 80 with a split of the same proportions; n from a decode step
     // to a prefill past one block per token row.
@@ -144,11 +182,17 @@ pub fn cases() -> Vec<Case> {
         shape(77, 28, 4, 80, [10, 15, 15]),
         // Head dim 72: 36 frequencies, sections summing to 36.
         shape(77, 8, 2, 72, [8, 14, 14]),
+        // Phi-3.5 (32/32 of 96) with longrope tables, a decode step and a
+        // prefill; GQA and an awkward head dim too.
+        longrope(1, 32, 32, 96),
+        longrope(300, 32, 32, 96),
+        longrope(77, 6, 2, 72),
     ];
     shapes
         .into_iter()
         .map(|s| {
-            let name = format!("qkv_rope n{} {}/{} d{}", s.n, s.heads, s.kv_heads, s.d);
+            let kind = if s.tables { " longrope" } else { "" };
+            let name = format!("qkv_rope{kind} n{} {}/{} d{}", s.n, s.heads, s.kv_heads, s.d);
             Case::new(name, move |gpu, rng| run(&s, gpu, rng))
         })
         .collect()

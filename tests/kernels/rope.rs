@@ -1,4 +1,4 @@
-//! RoPE, M-RoPE, vision 2-D RoPE (all in place).
+//! RoPE, M-RoPE, table RoPE (Phi-3's longrope), vision 2-D RoPE (all in place).
 //!
 //! The ops rotate x in place, so the GPU tensor is the input itself and
 //! cannot be poisoned. An element the kernel forgot to write keeps its input
@@ -73,6 +73,27 @@ pub fn mrope64(x: &[f64], heads: usize, d: usize, pos: &[i32], sections: [usize;
         }
         emb
     })
+}
+
+/// Longrope as transformers' `Phi3RotaryEmbedding` ("longrope"): the
+/// token's table (position row 1) of inverse frequencies, emb = cat(pos ·
+/// inv, pos · inv), cos and sin times `mscale`. `inv` is the f32 table as
+/// the op gets it, widened: (tables, d / 2).
+pub fn table64(x: &[f64], heads: usize, d: usize, pos: &[i32], inv: &[f32], mscale: f64) -> Vec<f64> {
+    let (tokens, half) = (pos.len() / 3, d / 2);
+    let tables = inv.len() / half;
+    let scaled = apply64(x, heads, d, |t| {
+        let sel = (pos[tokens + t].clamp(0, tables as i32 - 1)) as usize;
+        cat2(inv[sel * half..][..half].iter().map(|&f| pos[t] as f64 * f as f64).collect())
+    });
+    // x·cos·m + rot·sin·m = m · (x·cos + rot·sin).
+    scaled.iter().map(|v| v * mscale).collect()
+}
+
+/// Random longrope-like tables: factors in [1, 8), theta 1e4, 2 tables.
+pub fn random_tables(rng: &mut Rng, half: usize) -> Vec<f32> {
+    let f: Vec<Vec<f32>> = (0..2).map(|_| (0..half).map(|_| rng.uniform(1.0, 8.0)).collect()).collect();
+    rope::longrope_tables(1e4, &[&f[0], &f[1]])
 }
 
 /// Vision RoPE as `VisionRotaryEmbedding(d / 2)` + `rot_pos_emb` + `cat(emb, emb)`:
@@ -160,6 +181,27 @@ pub fn cases() -> Vec<Case> {
             let apply = |x: &mut Tensor, p: &Tensor| rope::mrope(x, p, sections, theta).unwrap();
             let r64 = |x: &[f64]| mrope64(x, heads, d, &pos, sections, theta as f64);
             check_op(gpu, rng, "mrope", &label, [tokens, heads, d], (&[3, tokens], &pos), &apply, &r64)
+        }));
+    }
+
+    // Phi-3.5 longrope: head dim 96 (the real one) and awkward ones; row 1
+    // picks the table per token (out-of-range picks are clamped), positions
+    // up to 30000, the real attention factor √(1 + ln 32 / ln 4096).
+    for (tokens, heads, d) in [(1, 32, 96), (37, 3, 96), (300, 2, 64), (77, 5, 72)] {
+        v.push(Case::new(format!("rope_table {tokens}x{heads}x{d}"), move |gpu, rng| {
+            let mut pos = positions(rng, 3 * tokens, 30000);
+            for t in 0..tokens {
+                pos[tokens + t] = [0, 1, 1, 0, -3, 7][rng.below(6)];
+            }
+            let inv = random_tables(rng, d / 2);
+            let mscale = (1.0 + 32f64.ln() / 4096f64.ln()).sqrt();
+            let label = format!("{tokens}x{heads}x{d} 2 tables");
+            let apply = |x: &mut Tensor, p: &Tensor| {
+                let t = Tensor::from_f32(&x.device(), &[2, d / 2], &inv, kestrel::DType::F32).unwrap();
+                rope::rope_table(x, p, &t, mscale as f32).unwrap()
+            };
+            let r64 = |x: &[f64]| table64(x, heads, d, &pos, &inv, mscale as f32 as f64);
+            check_op(gpu, rng, "rope_table", &label, [tokens, heads, d], (&[3, tokens], &pos), &apply, &r64)
         }));
     }
 

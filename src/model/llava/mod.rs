@@ -75,6 +75,7 @@ pub fn spec(c: &LlavaConfig) -> ModelSpec {
             rope_theta: t.rope_theta as f32,
             mrope_section: DecoderDims::rope_1d_sections(t.head_dim),
             qkv_bias: t.attention_bias,
+            longrope: None,
             head: if t.tie_word_embeddings { Head::Tied } else { Head::Own },
         },
         max_position_embeddings: t.max_position_embeddings,

@@ -54,6 +54,7 @@ pub fn decoder_dims(config: &Qwen2VlConfig, has_lm_head: bool) -> DecoderDims {
         rope_theta: t.rope_theta as f32,
         mrope_section: t.mrope_section,
         qkv_bias: true,
+        longrope: None,
         head,
     }
 }
