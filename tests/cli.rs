@@ -132,7 +132,8 @@ fn refused_vllm_flags_exit_with_the_reason() {
         (&["--quantization", "awq"], "bf16/f16/f32 checkpoints only"),
         (&["-tp", "2"], "one GPU per process"),
         (&["--kv-cache-dtype", "fp8"], "activation dtype"),
-        (&["--mm-processor-kwargs", r#"{"max_pixels": 1}"#], "not wired"),
+        (&["--mm-processor-kwargs", r#"{"num_crops": 4}"#], "not a setting of Qwen2-VL's processor"),
+        (&["--mm-processor-kwargs", "[4]"], "expected a JSON object"),
         (&["Qwen/not-a-local-folder", "--revision", "main"], "downloads nothing"),
     ] {
         let err = refused(args, &[]);

@@ -51,7 +51,7 @@ pub struct DecodeArgs {
 pub fn decoder_params_in(dir: &Path) -> Result<usize> {
     use crate::model::decoder::Head;
     let family = crate::model::registry::detect(dir)?;
-    let spec = (family.processor)(dir)?.spec().clone();
+    let spec = (family.processor)(dir, &Default::default())?.spec().clone();
     let w = (family.weights)(dir)?;
     let head = match spec.decoder.head {
         Head::None => None,

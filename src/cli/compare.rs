@@ -54,7 +54,7 @@ fn view(dt: Dtype, shape: Vec<usize>, bytes: &[u8]) -> Result<TensorView<'_>> {
 pub fn run(args: &CompareArgs) -> Result<()> {
     let dev = device(&args.device)?;
     let t0 = std::time::Instant::now();
-    let off = Offline::load(&args.model, &dev, None)?;
+    let off = Offline::load(&args.model, &dev, None, &Default::default())?;
     let model = off.model.as_ref();
     eprintln!("loaded {} in {:.1} s", args.model.display(), t0.elapsed().as_secs_f64());
     let cases_path = args.golden.join("cases.json");

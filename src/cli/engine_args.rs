@@ -47,6 +47,11 @@ pub struct EngineArgs {
     /// Hosts that http(s) media URLs may name (default: any).
     #[arg(long, num_args = 1.., value_delimiter = ',')]
     pub allowed_media_domains: Option<Vec<String>>,
+    /// Settings over the model's processor config, as JSON (per family:
+    /// Qwen2-VL `min_pixels`/`max_pixels`, Phi-3.5-vision `num_crops`;
+    /// LLaVA none). Unknown keys are refused.
+    #[arg(long, value_name = "JSON")]
+    pub mm_processor_kwargs: Option<String>,
     /// Let http(s) media URLs reach loopback, private and link-local addresses
     /// (default: only public addresses; cloud metadata endpoints are always refused).
     #[arg(long)]
@@ -75,8 +80,19 @@ impl EngineArgs {
             cpu_kv_cache_bytes: (space * (1u64 << 30) as f64) as usize,
             chat_template: self.chat_template.clone(),
             enforce_eager: self.enforce_eager,
+            mm_processor_kwargs: self.processor_kwargs()?,
             ..d
         })
+    }
+
+    /// `--mm-processor-kwargs` as a JSON object (empty when absent).
+    pub fn processor_kwargs(&self) -> Result<crate::model::ProcessorKwargs> {
+        let Some(j) = &self.mm_processor_kwargs else { return Ok(Default::default()) };
+        let bad = |m: String| crate::Error::InvalidInput(format!("--mm-processor-kwargs: {m}"));
+        match serde_json::from_str::<serde_json::Value>(j).map_err(|e| bad(format!("not valid JSON ({e})")))? {
+            serde_json::Value::Object(o) => Ok(o),
+            other => Err(bad(format!("expected a JSON object such as {{\"num_crops\": 4}}, got {other}"))),
+        }
     }
 
     /// Where request media may come from: these flags, and the fetch

@@ -66,14 +66,19 @@ pub struct Offline {
 }
 
 impl Offline {
-    pub fn load(dir: &Path, dev: &Device, chat_template: Option<&str>) -> Result<Self> {
+    pub fn load(
+        dir: &Path,
+        dev: &Device,
+        chat_template: Option<&str>,
+        kwargs: &crate::model::ProcessorKwargs,
+    ) -> Result<Self> {
         let family = registry::detect(dir)?;
         let builtin = family.chat_template.map(|t| (family.name, t));
         Ok(Self {
             model: (family.load)(dir, dev)?,
             tokenizer: Tokenizer::from_dir(dir)?,
-            template: ChatTemplate::load_or(dir, chat_template, builtin)?,
-            processor: (family.processor)(dir)?,
+            template: ChatTemplate::load_or(dir, chat_template, builtin)?.with_string_content(family.placeholder),
+            processor: (family.processor)(dir, kwargs)?,
         })
     }
 
@@ -112,7 +117,7 @@ pub fn run(args: &GenerateArgs) -> Result<String> {
     };
     let dir = model_dir(&args.model)?;
     let dev = device(&args.engine.device)?;
-    let off = Offline::load(&dir, &dev, args.engine.chat_template.as_deref())?;
+    let off = Offline::load(&dir, &dev, args.engine.chat_template.as_deref(), &args.engine.processor_kwargs()?)?;
     let mut media = Vec::new();
     let mut content = Vec::new();
     for path in &args.images {

@@ -107,10 +107,6 @@ pub struct VllmFlags {
     /// Refused unless MODEL is a local folder: Kestrel downloads nothing.
     #[arg(long)]
     pub code_revision: Option<String>,
-    /// Processor overrides as JSON: only `{}` is accepted; others are refused
-    /// (per-request processor overrides are not wired yet).
-    #[arg(long, value_name = "JSON")]
-    pub mm_processor_kwargs: Option<String>,
     /// Refused: Kestrel has no prefix cache yet.
     #[arg(long, overrides_with = "no_enable_prefix_caching")]
     pub enable_prefix_caching: bool,
@@ -193,21 +189,6 @@ impl VllmFlags {
                     "{flag} needs MODEL to be a local folder: Kestrel downloads nothing, and a model from \
                      the Hugging Face cache is served at the snapshot refs/main names"
                 ));
-            }
-        }
-        if let Some(j) = &self.mm_processor_kwargs {
-            let v: serde_json::Value =
-                serde_json::from_str(j).map_err(|e| Error::InvalidInput(format!("--mm-processor-kwargs: {e}")))?;
-            match v.as_object() {
-                Some(o) if o.is_empty() => {}
-                Some(_) => {
-                    return refuse(
-                        "--mm-processor-kwargs is not supported: processor overrides are not wired into \
-                         Kestrel's processors yet (only {} is accepted)"
-                            .into(),
-                    )
-                }
-                None => return refuse("--mm-processor-kwargs: expected a JSON object".into()),
             }
         }
         if self.enable_prefix_caching {
@@ -299,15 +280,6 @@ mod tests {
             let e = refusal(&[f, "main"], false, false);
             assert!(e.contains(f) && e.contains("downloads nothing"), "{e}");
         }
-    }
-
-    #[test]
-    fn mm_processor_kwargs_only_empty() {
-        ok(&["--mm-processor-kwargs", "{}"], true, false);
-        ok(&["--mm-processor-kwargs", " { } "], true, false);
-        assert!(refusal(&["--mm-processor-kwargs", r#"{"max_pixels": 100}"#], true, false).contains("not wired"));
-        assert!(refusal(&["--mm-processor-kwargs", "[1]"], true, false).contains("JSON object"));
-        assert!(refusal(&["--mm-processor-kwargs", "{"], true, false).contains("--mm-processor-kwargs"));
     }
 
     #[test]

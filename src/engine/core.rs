@@ -159,7 +159,10 @@ impl EngineCore {
         if self.reqs.contains_key(&id) {
             return Err(Error::InvalidInput(format!("request id {id} is already running")));
         }
-        let Request { input, params } = req;
+        let Request { mut input, params } = req;
+        if let Some(lr) = &self.runner().model.decoder().dims.longrope {
+            input.set_rope_table(lr.table_for(input.input_ids.len() + params.max_tokens));
+        }
         let input = Arc::new(input);
         let mut live = Vec::with_capacity(params.n);
         for index in 0..params.n {
@@ -198,6 +201,10 @@ impl EngineCore {
         check_embed_fits(input.input_ids.len(), self.cfg.max_model_len, self.cfg.scheduler.max_num_batched_tokens)?;
         if self.reqs.contains_key(&id) {
             return Err(Error::InvalidInput(format!("request id {id} is already running")));
+        }
+        let mut input = input;
+        if let Some(lr) = &self.runner().model.decoder().dims.longrope {
+            input.set_rope_table(lr.table_for(input.input_ids.len()));
         }
         let input = Arc::new(input);
         let sid = self.next_seq;

@@ -52,6 +52,8 @@ pub struct EngineConfig {
     /// Tokenizer folder instead of `model_dir` (vLLM's `--tokenizer`); the
     /// chat template comes from it when it holds one.
     pub tokenizer_dir: Option<PathBuf>,
+    /// `--mm-processor-kwargs`: settings over the processor config.
+    pub mm_processor_kwargs: crate::model::ProcessorKwargs,
 }
 
 impl Default for EngineConfig {
@@ -71,6 +73,7 @@ impl Default for EngineConfig {
             pooling: None,
             enforce_eager: false,
             tokenizer_dir: None,
+            mm_processor_kwargs: Default::default(),
         }
     }
 }
@@ -214,7 +217,7 @@ pub fn load(cfg: &EngineConfig) -> Result<(Frontend, EngineCore)> {
     let family = registry::detect(dir)?;
     // The prompt side first: it is small (config and processor files), and
     // its spec says whether the task can run before the weights go up.
-    let processor = (family.processor)(dir)?;
+    let processor = (family.processor)(dir, &cfg.mm_processor_kwargs)?;
     let spec = processor.spec().clone();
     if cfg.task == Task::Generate && spec.decoder.head == crate::model::decoder::Head::None {
         return Err(Error::Config(format!(
@@ -228,12 +231,16 @@ pub fn load(cfg: &EngineConfig) -> Result<(Frontend, EngineCore)> {
         let files = s.spawn(|| -> Result<_> {
             let tok_dir = cfg.tokenizer_dir.as_deref().unwrap_or(dir);
             let tokenizer = Arc::new(Tokenizer::from_dir(tok_dir)?);
-            let builtin = family.chat_template.map(|t| (family.name, t));
+            let builtin = match (cfg.task, family.embedding_template) {
+                (Task::Embed, Some(t)) => Some((family.embedding_template_name, t)),
+                _ => family.chat_template.map(|t| (family.name, t)),
+            };
             let template_dir = match &cfg.tokenizer_dir {
                 Some(t) if crate::text::chat_template::find_in_dir(t)?.is_some() => t.as_path(),
                 _ => dir,
             };
-            let template = ChatTemplate::load_or(template_dir, cfg.chat_template.as_deref(), builtin)?;
+            let template = ChatTemplate::load_or(template_dir, cfg.chat_template.as_deref(), builtin)?
+                .with_string_content(family.placeholder);
             Ok((tokenizer, template, t0.elapsed()))
         });
         let model = (|| -> Result<_> {

@@ -127,6 +127,11 @@ pub trait Model: Send {
     }
 }
 
+/// vLLM's `--mm-processor-kwargs`: settings over the folder's processor
+/// config (e.g. Qwen2-VL's `min_pixels`/`max_pixels`, Phi-3.5-vision's
+/// `num_crops`). Each family refuses keys it does not know.
+pub type ProcessorKwargs = serde_json::Map<String, serde_json::Value>;
+
 /// A model family: how to recognise its checkpoints and load them.
 pub struct Family {
     /// Short name (`qwen2_vl`), as `kestrel info` lists it.
@@ -142,8 +147,15 @@ pub struct Family {
     pub tasks: &'static str,
     /// Chat template used when the folder has none (said once at start).
     pub chat_template: Option<&'static str>,
-    /// The prompt side from a model folder.
-    pub processor: fn(&Path) -> Result<Arc<dyn Processor>>,
+    /// Template for `--task embedding` when the folder has none (the
+    /// family's embedding model's prompt format), and its name for the log.
+    pub embedding_template: Option<&'static str>,
+    pub embedding_template_name: &'static str,
+    /// The prompt text of the n-th image (1-based), which a template
+    /// written for string content gets in place of an image part.
+    pub placeholder: crate::text::chat_template::Placeholder,
+    /// The prompt side from a model folder, with `--mm-processor-kwargs`.
+    pub processor: fn(&Path, &ProcessorKwargs) -> Result<Arc<dyn Processor>>,
     /// The device side from a model folder.
     pub load: fn(&Path, &Device) -> Result<Box<dyn Model>>,
     /// The checkpoint with this family's name map (canonical names:

@@ -35,6 +35,8 @@ pub struct PreparedInput {
     pub positions: Vec<i32>,
     /// Position of decode token t is t + rope_delta (0 for 1-D RoPE).
     pub rope_delta: i64,
+    /// Longrope's table for this sequence (see [`Self::set_rope_table`]).
+    pub rope_table: Option<i32>,
     /// The images given as pixels; `image_embeds` the ones given as features.
     pub images: Pixels,
     pub image_embeds: Vec<ImageEmbeds>,
@@ -50,6 +52,7 @@ impl PreparedInput {
             positions: (0..3).flat_map(|_| 0..n).collect(),
             input_ids,
             rope_delta: 0,
+            rope_table: None,
             images: Pixels::default(),
             image_embeds: Vec::new(),
             videos: Pixels::default(),
@@ -71,14 +74,25 @@ impl PreparedInput {
     }
 
     /// Position of token t on `axis` (0 temporal, 1 height, 2 width): the
-    /// prompt's own, then t + rope_delta for generated tokens.
+    /// prompt's own, then t + rope_delta for generated tokens. With a
+    /// longrope table set, row 1 holds the table for every token.
     pub fn position(&self, axis: usize, t: usize) -> i32 {
         let n = self.input_ids.len();
-        if t < n {
-            self.positions[axis * n + t]
-        } else {
-            decode_position(t, self.rope_delta) as i32
+        match self.rope_table {
+            Some(table) if axis == 1 => table,
+            _ if t < n => self.positions[axis * n + t],
+            _ => decode_position(t, self.rope_delta) as i32,
         }
+    }
+
+    /// Fixes the longrope table of this sequence (0 short, 1 long;
+    /// [`crate::model::decoder::LongRope::table_for`]): it goes in position
+    /// row 1 of every token, prompt and generated, which the 1-D RoPE of a
+    /// longrope decoder reads as its table (row 0 gives the angle).
+    pub fn set_rope_table(&mut self, table: i32) {
+        let n = self.input_ids.len();
+        self.positions[n..2 * n].fill(table);
+        self.rope_table = Some(table);
     }
 }
 

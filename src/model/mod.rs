@@ -10,13 +10,14 @@ pub mod decoder;
 pub mod inputs;
 pub mod layers;
 pub mod llava;
+pub mod phi3v;
 pub mod qwen2_vl;
 pub mod registry;
 pub mod seq;
 pub mod vision;
 pub mod weights;
 
-pub use contract::{Family, Model, ModelSpec, Processor};
+pub use contract::{Family, Model, ModelSpec, Processor, ProcessorKwargs};
 
 use std::path::Path;
 use std::sync::Arc;
@@ -29,7 +30,12 @@ pub fn load(dir: &Path, dev: &Device) -> Result<Box<dyn Model>> {
     (registry::detect(dir)?.load)(dir, dev)
 }
 
-/// The prompt side of the model folder `dir`.
+/// The prompt side of the model folder `dir`, as its files configure it.
 pub fn processor(dir: &Path) -> Result<Arc<dyn Processor>> {
-    (registry::detect(dir)?.processor)(dir)
+    processor_with(dir, &ProcessorKwargs::new())
+}
+
+/// The prompt side with `--mm-processor-kwargs` over the folder's files.
+pub fn processor_with(dir: &Path, kwargs: &ProcessorKwargs) -> Result<Arc<dyn Processor>> {
+    (registry::detect(dir)?.processor)(dir, kwargs)
 }

@@ -10,7 +10,7 @@ use super::contract::Family;
 use crate::error::{Error, Result};
 
 /// Every family, in the order `kestrel info` lists them.
-pub static FAMILIES: &[&Family] = &[&super::qwen2_vl::FAMILY, &super::llava::FAMILY];
+pub static FAMILIES: &[&Family] = &[&super::qwen2_vl::FAMILY, &super::llava::FAMILY, &super::phi3v::FAMILY];
 
 /// The family of the checkpoint whose config.json is `config`.
 pub fn family_of(config: &Value) -> Result<&'static Family> {

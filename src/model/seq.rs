@@ -47,27 +47,52 @@ pub fn embed_prompt(m: &dyn Model, input: &PreparedInput, observe: &mut dyn FnMu
     Ok(x)
 }
 
+/// The longrope table of a sequence that may grow to `max_len` tokens: the
+/// one the input fixed, else the decoder's choice for that length (None
+/// without longrope).
+pub fn rope_table(m: &dyn Model, input: &PreparedInput, max_len: usize) -> Option<i32> {
+    let lr = m.decoder().dims.longrope.as_ref()?;
+    Some(input.rope_table.unwrap_or_else(|| lr.table_for(max_len)))
+}
+
 /// Runs the prompt into `cache`; returns the final-normed hidden states of
-/// every prompt token (n, hidden).
+/// every prompt token (n, hidden). A longrope decoder uses the input's
+/// table, or the one for the prompt's own length (what HF's single forward
+/// over the prompt uses).
 pub fn prefill(
     m: &dyn Model,
     input: &PreparedInput,
     cache: &mut SeqCache,
     observe: &mut dyn FnMut(&str, &Tensor),
 ) -> Result<Tensor> {
+    prefill_with(m, input, rope_table(m, input, input.input_ids.len()), cache, observe)
+}
+
+fn prefill_with(
+    m: &dyn Model,
+    input: &PreparedInput,
+    table: Option<i32>,
+    cache: &mut SeqCache,
+    observe: &mut dyn FnMut(&str, &Tensor),
+) -> Result<Tensor> {
     let x = embed_prompt(m, input, observe)?;
     let n = input.input_ids.len();
-    let pos = Tensor::from_i32(m.device(), &[3, n], &input.positions)?;
+    let mut positions = input.positions.clone();
+    if let Some(t) = table {
+        positions[n..2 * n].fill(t);
+    }
+    let pos = Tensor::from_i32(m.device(), &[3, n], &positions)?;
     forward_seq(m, x, &pos, cache, observe)
 }
 
-/// One decode step: `token` at sequence index `cache.len`; returns its
-/// final-normed hidden state (1, hidden).
-pub fn decode(m: &dyn Model, token: u32, rope_delta: i64, cache: &mut SeqCache) -> Result<Tensor> {
+/// One decode step: `token` at sequence index `cache.len`, with the
+/// sequence's longrope table if any; returns its final-normed hidden state
+/// (1, hidden).
+pub fn decode(m: &dyn Model, token: u32, rope_delta: i64, table: Option<i32>, cache: &mut SeqCache) -> Result<Tensor> {
     let ids = Tensor::from_i32(m.device(), &[1], &[token as i32])?;
     let x = m.decoder().embed(&ids)?;
     let p = decode_position(cache.len, rope_delta) as i32;
-    let pos = Tensor::from_i32(m.device(), &[3, 1], &[p, p, p])?;
+    let pos = Tensor::from_i32(m.device(), &[3, 1], &[p, table.unwrap_or(p), p])?;
     forward_seq(m, x, &pos, cache, &mut |_, _| {})
 }
 
@@ -87,10 +112,13 @@ fn forward_seq(
 }
 
 /// Greedy decoding of up to `max_new` tokens, stopping after any of `stop`.
+/// A longrope decoder keeps one table for the whole sequence, chosen for
+/// n + max_new tokens (as the engine does).
 pub fn generate_greedy(m: &dyn Model, input: &PreparedInput, max_new: usize, stop: &[u32]) -> Result<Vec<u32>> {
     let n = input.input_ids.len();
     let mut cache = new_cache(m, n + max_new)?;
-    let h = prefill(m, input, &mut cache, &mut |_, _| {})?;
+    let table = rope_table(m, input, n + max_new);
+    let h = prefill_with(m, input, table, &mut cache, &mut |_, _| {})?;
     let mut last = Tensor::empty(m.device(), &[1, m.decoder().dims.hidden], h.dtype())?;
     last.copy_rows_from(0, &h, n - 1, 1)?;
     let mut out = Vec::new();
@@ -103,7 +131,7 @@ pub fn generate_greedy(m: &dyn Model, input: &PreparedInput, max_new: usize, sto
         if stop.contains(&tok) || out.len() == max_new {
             break;
         }
-        last = decode(m, tok, input.rope_delta, &mut cache)?;
+        last = decode(m, tok, input.rope_delta, table, &mut cache)?;
     }
     Ok(out)
 }

@@ -122,6 +122,84 @@ pub fn parse_fixed_image_embeds(bytes: &[u8], tokens: usize, hidden: usize) -> R
     Ok(values.chunks_exact(tokens * hidden).take(images).map(<[f32]>::to_vec).collect())
 }
 
+/// Tensor name of the per-image sizes a sized encoder needs (vLLM's
+/// `image_sizes` for Phi-3-vision, MiniCPM-V's `image_size_list`).
+pub const SIZES: &str = "image_sizes";
+
+/// One `Media::ImageEmbeds` per image of a file holding `image_embeds`
+/// ((Σ tokens, hidden) or (images, tokens, hidden)) and `image_sizes`
+/// ((images, 2) or (2,), i64 or i32, [height, width] as the family's
+/// processor reports them), for encoders whose token count follows from the
+/// size: `layout` maps a size to the item's grid and token count, or says
+/// why the size is unusable.
+pub fn parse_sized_image_embeds(
+    bytes: &[u8],
+    hidden: usize,
+    layout: impl Fn([usize; 2]) -> std::result::Result<([usize; 3], usize), String>,
+) -> Result<Vec<Media>> {
+    let bad = |msg: String| Error::InvalidInput(format!("image_embeds file: {msg}"));
+    let st = SafeTensors::deserialize(bytes).map_err(|e| bad(format!("not a valid safetensors file ({e})")))?;
+    let tensor = |name: &str| {
+        st.tensor(name).map_err(|_| {
+            let mut have = st.names();
+            have.sort();
+            bad(format!("it has no tensor `{name}` (it has: {})", have.join(", ")))
+        })
+    };
+    let (embeds, sizes) = (tensor(EMBEDS)?, tensor(SIZES)?);
+    let flat: Vec<usize> = match sizes.dtype() {
+        Dtype::I64 => {
+            sizes.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()).max(0) as usize).collect()
+        }
+        Dtype::I32 => {
+            sizes.data().chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()).max(0) as usize).collect()
+        }
+        other => return Err(bad(format!("{SIZES} must be i64 or i32, got {other:?}"))),
+    };
+    match *sizes.shape() {
+        [2] | [_, 2] => {}
+        ref s => return Err(bad(format!("{SIZES} must be (images, 2) or (2,), got shape {s:?}"))),
+    }
+    let mut items = Vec::with_capacity(flat.len() / 2);
+    for hw in flat.chunks_exact(2) {
+        items.push(layout([hw[0], hw[1]]).map_err(|m| bad(format!("{SIZES}: {m}")))?);
+    }
+    let (rows, width) = match *embeds.shape() {
+        [rows, width] => (rows, width),
+        [n, per, width] => {
+            if n != items.len() {
+                return Err(bad(format!("{EMBEDS} holds {n} images but {SIZES} has {} sizes", items.len())));
+            }
+            if let Some((i, (_, t))) = items.iter().enumerate().find(|(_, (_, t))| *t != per) {
+                return Err(bad(format!(
+                    "{EMBEDS} has {per} tokens per image, but image {i}'s size needs {t}; images of different \
+                     sizes go in the 2-D (tokens, hidden) layout"
+                )));
+            }
+            (n * per, width)
+        }
+        ref s => {
+            return Err(bad(format!("{EMBEDS} must be (tokens, hidden) or (images, tokens, hidden), got shape {s:?}")))
+        }
+    };
+    if width != hidden {
+        return Err(bad(format!("{EMBEDS} rows have {width} values; the model's hidden size is {hidden}")));
+    }
+    let need: usize = items.iter().map(|(_, t)| t).sum();
+    if rows != need {
+        return Err(bad(format!("{EMBEDS} has {rows} rows, but the {} image sizes need {need}", items.len())));
+    }
+    let values = to_f32(embeds.dtype(), embeds.data()).map_err(bad)?;
+    let mut out = Vec::with_capacity(items.len());
+    let mut start = 0;
+    for (grid, t) in items {
+        let end = start + t * hidden;
+        out.push(Media::ImageEmbeds { values: values[start..end].to_vec(), grid });
+        start = end;
+    }
+    Ok(out)
+}
+
 /// `image_grid_thw` as [t, h, w] triples: shape (images, 3) or (3,).
 fn read_grids(dtype: Dtype, shape: &[usize], data: &[u8]) -> std::result::Result<Vec<[usize; 3]>, String> {
     let n = match *shape {

@@ -144,8 +144,12 @@ impl ChatInput {
         let own;
         let (tmpl, from_request) = match &self.chat_template {
             Some(src) => {
-                own = ChatTemplate::new(src.as_str(), "request chat_template", template.special_tokens().clone())
+                let t = ChatTemplate::new(src.as_str(), "request chat_template", template.special_tokens().clone())
                     .map_err(request_template_error)?;
+                own = match template.placeholder() {
+                    Some(ph) => t.with_string_content(ph),
+                    None => t,
+                };
                 (&own, true)
             }
             None => (template, false),

@@ -38,6 +38,10 @@ use crate::error::{Error, Result};
 use crate::text::pycompat;
 use crate::text::tokenizer::SpecialTokens;
 
+/// A family's text for its n-th image (1-based, counted across the
+/// conversation) in a prompt: `<|image_n|>`, `<image>`, ….
+pub type Placeholder = fn(usize) -> String;
+
 /// A compiled chat template plus the special-token variables it sees.
 pub struct ChatTemplate {
     env: Environment<'static>,
@@ -46,6 +50,10 @@ pub struct ChatTemplate {
     origin: String,
     source: String,
     special: SpecialTokens,
+    /// The family's placeholder (see [`Self::with_string_content`]).
+    placeholder: Option<Placeholder>,
+    /// Whether content lists are flattened with it before rendering.
+    string_content: bool,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -62,7 +70,7 @@ impl ChatTemplate {
         let origin = origin.into();
         let mut env = hf_environment()?;
         env.add_template_owned(origin.clone(), source.clone()).map_err(template_error)?;
-        Ok(ChatTemplate { env, origin, source, special })
+        Ok(ChatTemplate { env, origin, source, special, placeholder: None, string_content: false })
     }
 
     /// The model folder's own template (see [`find_in_dir`] for the order),
@@ -108,6 +116,29 @@ impl ChatTemplate {
         }
     }
 
+    /// Makes content lists render with a template written for string
+    /// content, as vLLM's "string" content format does: when the template
+    /// never loops over a message's content, each list becomes one string,
+    /// the placeholders of its images (numbered across the conversation)
+    /// that its text does not already hold, each on its own line, then its
+    /// text parts joined by newlines. Templates that loop over content get
+    /// the parts as they are.
+    pub fn with_string_content(mut self, placeholder: Placeholder) -> Self {
+        self.placeholder = Some(placeholder);
+        self.string_content = !iterates_content(&self.source);
+        self
+    }
+
+    /// Whether content lists are flattened (see [`Self::with_string_content`]).
+    pub fn flattens_content(&self) -> bool {
+        self.string_content
+    }
+
+    /// The family placeholder this template was given, if any.
+    pub fn placeholder(&self) -> Option<Placeholder> {
+        self.placeholder
+    }
+
     /// Render a conversation: `messages` is the JSON array of messages
     /// (`{"role": ..., "content": string | [parts]}`), as in the OpenAI API.
     pub fn render(&self, messages: &serde_json::Value, add_generation_prompt: bool) -> Result<String> {
@@ -124,7 +155,14 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         kwargs: &serde_json::Value,
     ) -> Result<String> {
-        let messages = normalize_messages(messages)?;
+        let flat;
+        let messages = match self.placeholder.filter(|_| self.string_content) {
+            Some(ph) => {
+                flat = flatten_content(messages, ph);
+                normalize_messages(&flat)?
+            }
+            None => normalize_messages(messages)?,
+        };
         let mut ctx: Vec<(String, Value)> = Vec::new();
         for (name, tok) in self.special.named() {
             ctx.push((name.to_owned(), Value::from(tok)));
@@ -336,6 +374,53 @@ fn hf_environment() -> Result<Environment<'static>> {
 
 // ---------------------------------------------------------------------------
 // Messages: HF's clean-up, then JSON -> template values in the JSON's order.
+
+/// Whether a template loops over message content (`{% for … in
+/// message['content'] %}` or `….content`): vLLM's test for its "openai"
+/// content format. Templates that do not see content only as a string.
+pub fn iterates_content(source: &str) -> bool {
+    let mut rest = source;
+    while let Some(i) = rest.find("{%") {
+        let block = &rest[i + 2..];
+        let end = block.find("%}").unwrap_or(block.len());
+        let stmt = block[..end].trim_start_matches(['-', '+']).trim();
+        if let Some(body) = stmt.strip_prefix("for ") {
+            if body.split(" in ").nth(1).is_some_and(|it| it.contains("content")) {
+                return true;
+            }
+        }
+        rest = &block[end..];
+    }
+    false
+}
+
+/// Content lists to strings (see [`ChatTemplate::with_string_content`]).
+fn flatten_content(messages: &serde_json::Value, placeholder: Placeholder) -> serde_json::Value {
+    use serde_json::Value as J;
+    let J::Array(list) = messages else { return messages.clone() };
+    let mut images = 0;
+    let out = list.iter().map(|m| {
+        let Some(J::Array(parts)) = m.get("content") else { return m.clone() };
+        let mut texts = Vec::new();
+        let mut tags = Vec::new();
+        for p in parts {
+            let kind = p.get("type").and_then(J::as_str).unwrap_or("");
+            if kind == "text" {
+                texts.push(p.get("text").and_then(J::as_str).unwrap_or("").to_owned());
+            } else if kind.starts_with("image") {
+                images += 1;
+                tags.push(placeholder(images));
+            }
+        }
+        let text = texts.join("\n");
+        let mut lines: Vec<String> = tags.into_iter().filter(|t| !text.contains(t.as_str())).collect();
+        lines.push(text);
+        let mut m = m.clone();
+        m["content"] = J::String(lines.join("\n"));
+        m
+    });
+    J::Array(out.collect())
+}
 
 /// `_normalize_chat_messages` + the processor's `image_url` rewrite +
 /// `_alias_reasoning_fields`.
@@ -600,5 +685,41 @@ mod tests {
             "[<s>][E][][True]"
         );
         assert!(matches!(t.render_with(&m, false, &json!([1])), Err(Error::InvalidInput(_))));
+    }
+
+    /// A template that prints content as a string (Phi-3.5-vision's
+    /// published one) gets content lists flattened with the family's
+    /// placeholders, as vLLM does; the built-in list-aware template renders
+    /// the same text; a template that loops over content is left alone.
+    #[test]
+    fn string_content_templates_get_placeholders() {
+        let published = "{% for message in messages %}{{'<|' + message['role'] + '|>' + '\n' + message['content'] \
+                         + '<|end|>\n' }}{% endfor %}{% if add_generation_prompt and messages[-1]['role'] != \
+                         'assistant' %}{{- '<|assistant|>\n' -}}{% endif %}";
+        let ph: Placeholder = |n| format!("<|image_{n}|>");
+        let t = ChatTemplate::new(published, "p", SpecialTokens::default()).unwrap().with_string_content(ph);
+        assert!(t.flattens_content());
+        let url = json!({"url": "http://x/a.png"});
+        let m = json!([
+            {"role": "user", "content": [
+                {"type": "image_url", "image_url": url}, {"type": "image_url", "image_url": url},
+                {"type": "text", "text": "Compare"}, {"type": "text", "text": "them."}]},
+            {"role": "assistant", "content": "Two cats."},
+            {"role": "user", "content": [{"type": "text", "text": "And <|image_3|>?"}, {"type": "image_url", "image_url": url}]}
+        ]);
+        let want = "<|user|>\n<|image_1|>\n<|image_2|>\nCompare\nthem.<|end|>\n<|assistant|>\nTwo cats.<|end|>\n\
+                    <|user|>\nAnd <|image_3|>?<|end|>\n<|assistant|>\n";
+        assert_eq!(t.render(&m, true).unwrap(), want);
+        let builtin =
+            ChatTemplate::new(include_str!("../model/phi3v/chat_template.jinja"), "b", SpecialTokens::default())
+                .unwrap()
+                .with_string_content(ph);
+        assert!(!builtin.flattens_content());
+        let m2 = json!([{"role": "user", "content": [
+            {"type": "image_url", "image_url": url}, {"type": "text", "text": "Compare"}]}]);
+        assert_eq!(builtin.render(&m2, true).unwrap(), t.render(&m2, true).unwrap());
+        assert!(iterates_content("{%- for c in message.content -%}{{ c }}{% endfor %}"));
+        assert!(iterates_content("{% for part in message['content'] %}{% endfor %}"));
+        assert!(!iterates_content("{% for message in messages %}{{ message['content'] }}{% endfor %}"));
     }
 }

@@ -208,7 +208,14 @@ impl LlavaProcessor {
         Ok(Self { spec: super::spec(&config), config, image })
     }
 
-    pub fn from_dir(dir: &Path) -> Result<Arc<dyn Processor>> {
+    /// LLaVA's processor has no setting vLLM passes through
+    /// `--mm-processor-kwargs`; any key is refused.
+    pub fn from_dir(dir: &Path, kwargs: &crate::model::ProcessorKwargs) -> Result<Arc<dyn Processor>> {
+        if let Some(k) = kwargs.keys().next() {
+            return Err(Error::InvalidInput(format!(
+                "--mm-processor-kwargs: `{k}` is not a setting of LLaVA-1.5's processor (it takes none)"
+            )));
+        }
         Ok(Arc::new(Self::new(LlavaConfig::from_dir(dir)?, dir)?))
     }
 

@@ -25,6 +25,40 @@ pub struct Processors {
 }
 
 impl Processors {
+    /// `--mm-processor-kwargs` over the files: `min_pixels`, `max_pixels`.
+    pub fn apply_kwargs(&mut self, kwargs: &crate::model::ProcessorKwargs) -> Result<()> {
+        for (key, v) in kwargs {
+            let n = v.as_u64().filter(|&n| n > 0).map(|n| n as usize);
+            let n = match key.as_str() {
+                "min_pixels" | "max_pixels" => n.ok_or_else(|| {
+                    Error::InvalidInput(format!("--mm-processor-kwargs: `{key}` must be a positive integer, got {v}"))
+                })?,
+                other => {
+                    return Err(Error::InvalidInput(format!(
+                        "--mm-processor-kwargs: `{other}` is not a setting of Qwen2-VL's processor \
+                         (it takes `min_pixels` and `max_pixels`)"
+                    )))
+                }
+            };
+            for p in [&mut self.image, &mut self.video] {
+                if key == "min_pixels" {
+                    p.min_pixels = n;
+                } else {
+                    p.max_pixels = n;
+                }
+            }
+        }
+        for p in [&self.image, &self.video] {
+            if p.min_pixels > p.max_pixels {
+                return Err(Error::InvalidInput(format!(
+                    "--mm-processor-kwargs: min_pixels {} exceeds max_pixels {}",
+                    p.min_pixels, p.max_pixels
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// From a model folder, as transformers' AutoProcessor finds them: images
     /// from preprocessor_config.json; videos from video_preprocessor_config.json,
     /// else from preprocessor_config.json over the video class defaults.
@@ -168,7 +202,16 @@ pub fn prepare_prompt(
         cfg.video_token_id,
         cfg.vision_start_token_id,
     )?;
-    Ok(PreparedInput { prompt: expanded, input_ids, positions, rope_delta, images, image_embeds, videos })
+    Ok(PreparedInput {
+        prompt: expanded,
+        input_ids,
+        positions,
+        rope_delta,
+        rope_table: None,
+        images,
+        image_embeds,
+        videos,
+    })
 }
 
 /// The prompt side of Qwen2-VL: its config, processors and spec.
@@ -179,10 +222,14 @@ pub struct Qwen2VlProcessor {
 }
 
 impl Qwen2VlProcessor {
-    pub fn from_dir(dir: &std::path::Path) -> Result<Arc<dyn Processor>> {
+    /// `kwargs` (`--mm-processor-kwargs`) may set `min_pixels` and
+    /// `max_pixels` of the image and video processors, as vLLM passes them.
+    pub fn from_dir(dir: &std::path::Path, kwargs: &crate::model::ProcessorKwargs) -> Result<Arc<dyn Processor>> {
         let config = Qwen2VlConfig::from_dir(dir)?;
         let spec = super::model::spec(&config, has_lm_head(dir)?);
-        Ok(Arc::new(Self { processors: Processors::from_dir(dir)?, config, spec }))
+        let mut processors = Processors::from_dir(dir)?;
+        processors.apply_kwargs(kwargs)?;
+        Ok(Arc::new(Self { processors, config, spec }))
     }
 }
 

@@ -142,7 +142,7 @@ impl Qwen2Vl {
 
     /// One decode step (see [`seq::decode`]).
     pub fn decode(&self, token: u32, rope_delta: i64, cache: &mut SeqCache) -> Result<Tensor> {
-        seq::decode(self, token, rope_delta, cache)
+        seq::decode(self, token, rope_delta, None, cache)
     }
 
     /// Greedy decoding of up to `max_new` tokens, stopping after any of `stop`.
