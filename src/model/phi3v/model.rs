@@ -89,7 +89,6 @@ pub fn gather_rows(out: &mut Vec<i32>, base: usize, crops: [usize; 2], side: usi
 impl Phi3V {
     pub fn load(dir: &Path, dev: &Device) -> Result<Self> {
         let config = Phi3VConfig::from_dir(dir)?;
-        let image_token_id = super::processor::image_token_id(dir, &config)?;
         let w = super::open_weights(dir)?;
         let dims = clip_dims(&config)?;
         let run = dims.layers_for(config.layer_idx)?;
@@ -110,7 +109,7 @@ impl Phi3V {
             VisionAct::Gelu,
             true,
         )?;
-        let spec = super::spec(&config, image_token_id);
+        let spec = super::processor::spec_in(dir, &config)?;
         let text = Decoder::load(&w, dev, spec.decoder.clone())?;
         if let Device::Cuda(gpu) = dev {
             gpu.end_staging()?;
@@ -133,6 +132,7 @@ impl Phi3V {
         let n = patches.len() / d.patch_dim();
         let pt = Tensor::from_f32(&self.device, &[n, d.patch_dim()], &patches, dt)?;
         let h = self.vision.forward(&pt, observe)?; // (views · (side² + 1), C)
+        observe("vision.features", &h);
         let rows = h.shape()[0];
         let mut table = Tensor::empty(&self.device, &[rows + 8, d.hidden], dt)?;
         table.copy_rows_from(0, &h, 0, rows)?;

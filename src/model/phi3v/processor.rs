@@ -42,19 +42,22 @@ pub fn tokens_for(side: usize, crops: [usize; 2]) -> usize {
     (h * w + 1) * side * side + 1 + (h + 1) * side
 }
 
+/// The id of added token `content` in the folder's tokenizer.json.
+fn added_token(dir: &Path, content: &str) -> Option<u32> {
+    let s = std::fs::read_to_string(dir.join("tokenizer.json")).ok()?;
+    let v: Value = serde_json::from_str(&s).ok()?;
+    v.get("added_tokens")?
+        .as_array()?
+        .iter()
+        .find(|t| t.get("content").and_then(Value::as_str) == Some(content))
+        .and_then(|t| t.get("id")?.as_u64())
+        .map(|i| i as u32)
+}
+
 /// `<|image|>`'s id in the folder's tokenizer.json (its added tokens), or
 /// the published id when the tokenizer does not name it.
 pub fn image_token_id(dir: &Path, c: &Phi3VConfig) -> Result<u32> {
-    let path = dir.join("tokenizer.json");
-    let from_file = std::fs::read_to_string(&path).ok().and_then(|s| {
-        let v: Value = serde_json::from_str(&s).ok()?;
-        v.get("added_tokens")?
-            .as_array()?
-            .iter()
-            .find(|t| t.get("content").and_then(Value::as_str) == Some("<|image|>"))
-            .and_then(|t| t.get("id")?.as_u64())
-    });
-    let id = from_file.map_or(PUBLISHED_IMAGE_TOKEN_ID, |i| i as u32);
+    let id = added_token(dir, "<|image|>").unwrap_or(PUBLISHED_IMAGE_TOKEN_ID);
     if id as usize >= c.text_config.vocab_size {
         return Err(Error::Config(format!(
             "the image placeholder `<|image|>` (id {id}) is outside the vocabulary ({}); the tokenizer \
@@ -63,6 +66,20 @@ pub fn image_token_id(dir: &Path, c: &Phi3VConfig) -> Result<u32> {
         )));
     }
     Ok(id)
+}
+
+/// The model's facts with the folder's tokenizer: `<|image|>`'s id, and
+/// `<|end|>` among the stop tokens. The published generation_config.json
+/// stops on `</s>` (2) only, but the model ends its turns with `<|end|>`, as
+/// its template writes them.
+pub fn spec_in(dir: &Path, c: &Phi3VConfig) -> Result<ModelSpec> {
+    let mut spec = super::spec(c, image_token_id(dir, c)?);
+    if let Some(end) = added_token(dir, "<|end|>") {
+        if !spec.eos_token_id.contains(&end) {
+            spec.eos_token_id.push(end);
+        }
+    }
+    Ok(spec)
 }
 
 /// preprocessor_config.json of `Phi3VImageProcessor`, with
@@ -131,7 +148,7 @@ impl Phi3VProcessor {
     pub fn new(dir: &Path, kwargs: &serde_json::Map<String, Value>) -> Result<Self> {
         let config = Phi3VConfig::from_dir(dir)?;
         let hd = HdConfig::read(dir, kwargs)?;
-        let spec = super::spec(&config, image_token_id(dir, &config)?);
+        let spec = spec_in(dir, &config)?;
         Ok(Self { config, hd, spec })
     }
 
