@@ -5,7 +5,8 @@ random checkpoint, the way vLLM's `check_logprobs_close` does.
     python3 tools/compare_hf_logits.py GOLDEN_DIR OURS_DIR [--json OUT]
 
 GOLDEN_DIR: from tools/make_tiny_qwen2vl.py (--config 2b|7b, or --logits-dump)
-or tools/make_tiny_llava.py (--config 7b --logits-dump, or tiny --logits-dump):
+or tools/make_tiny_llava.py (--config 7b --logits-dump, or tiny --logits-dump)
+or tools/phi3v_compare.py (--config real, or tiny; its reference in place of HF):
 per case, HF's greedy continuation (f32 model) and the logits predicting
 each of its tokens, from the f32 model and from the same weights in bf16.
 OURS_DIR: from `kestrel compare-hf`: our logits on HF's tokens

@@ -6,14 +6,20 @@
 #             (tools/make_tiny_llava.py --config 7b --logits-dump)
 #   llavatiny the tiny LLaVA through the same path (a check of this script:
 #             DEVICE=cpu KESTREL_BIN=target/debug/kestrel runs it anywhere)
+#   phi3v     microsoft/Phi-3.5-vision-instruct: CLIP ViT-L/14-336 + Phi-3-mini
+#             (4.2 B), longrope (tools/phi3v_compare.py --config real; the
+#             reference is tools/phi3v_reference.py, remote code has no
+#             transformers class)
+#   phi3vtiny the tiny Phi-3.5-vision through the same path
 #
-#   tools/gpu_compare.sh OUTDIR [2b] [7b] [llava7b]     (default: 2b 7b)
+#   tools/gpu_compare.sh OUTDIR [2b] [7b] [llava7b] [phi3v]     (default: 2b 7b)
 #   KEEP=1 tools/gpu_compare.sh OUTDIR llava7b          keeps the checkpoint
 #
 # Needs .device/kestrel (tools/gpu_suite.sh build), carried over; the Qwen
 # shapes also need the real Qwen tokenizer in .cache/qwen-tokenizer
-# (tools/fetch_qwen_tokenizer.sh; LLaVA's is made by the script). torch and
-# transformers come with the GPU host. For each shape: builds the random
+# (tools/fetch_qwen_tokenizer.sh; LLaVA's and Phi-3.5-V's are made by the
+# scripts). torch and transformers come with the GPU host (phi3v also needs
+# torchvision). For each shape: builds the random
 # checkpoint (bf16) at /tmp/kestrel-random-SHAPE and HF's f32 greedy
 # continuation plus its teacher-forced f32 and bf16 logits, runs `kestrel
 # compare-hf` on the GPU, and judges with tools/compare_hf_logits.py (the
@@ -24,7 +30,7 @@
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-out="${1:?usage: [KEEP=1] tools/gpu_compare.sh OUTDIR [2b] [7b] [llava7b]}"
+out="${1:?usage: [KEEP=1] tools/gpu_compare.sh OUTDIR [2b] [7b] [llava7b] [phi3v]}"
 shift
 configs=("${@:-2b 7b}")
 mkdir -p "$out"
@@ -49,7 +55,9 @@ for cfg in ${configs[@]}; do
   2b | 7b) make=(tools/make_tiny_qwen2vl.py "$m" --config "$cfg" --tokenizer "$tok") ;;
   llava7b) make=(tools/make_tiny_llava.py "$m" --config 7b --logits-dump --device "$dev") ;;
   llavatiny) make=(tools/make_tiny_llava.py "$m" --config tiny --logits-dump --device "$dev") ;;
-  *) echo "unknown shape $cfg (expected 2b, 7b, llava7b or llavatiny)"; rc=1; continue ;;
+  phi3v) make=(tools/phi3v_compare.py "$m" --config real --device "$dev") ;;
+  phi3vtiny) make=(tools/phi3v_compare.py "$m" --config tiny --device "$dev" --max-new-tokens 8) ;;
+  *) echo "unknown shape $cfg (expected 2b, 7b, llava7b, llavatiny, phi3v or phi3vtiny)"; rc=1; continue ;;
   esac
   PYTHONUNBUFFERED=1 python3 "${make[@]}" >"$out/hf-$cfg.log" 2>&1 ||
     { echo "HF side failed:"; tail -20 "$out/hf-$cfg.log"; rc=1; rm -rf "$m"; continue; }

@@ -487,7 +487,12 @@ class Phi3VReference(nn.Module):
         with torch.device(device):
             model = cls(cfg)  # built for real (not on "meta"): the non-persistent buffers are set up
         model.load_checkpoint({k: v.to(device) for k, v in tensors.items()})
-        return model.to(dtype).eval()
+        model = model.to(dtype)
+        # The rotary tables stay f32, as in a model that transformers loads in
+        # bf16 from disk (a cast would round inv_freq to bf16: REFERENCE.md).
+        rot = model.lm.model.rotary_emb
+        model.lm.model.rotary_emb = type(rot)(model.lm.config).to(device)
+        return model.eval()
 
     def embed(self, input_ids, images, image_token_id=None):
         """input_ids (n,) with the images' placeholders (negative ids, or
