@@ -10,6 +10,7 @@ pub mod decoder;
 pub mod inputs;
 pub mod layers;
 pub mod llava;
+pub mod phi3v;
 pub mod qwen2_vl;
 pub mod registry;
 pub mod seq;
