@@ -18,13 +18,17 @@
 //! integer arithmetic) for the two passes; it matches torch bit for bit
 //! (tests/preprocess.rs, and a sweep of 614 random sizes run once).
 //!
-//! It is the same filter as PIL's `Image.resize` BICUBIC (a separable Keys
-//! cubic, a = -0.5, support widened by the downscale factor) with two
-//! differences: torch's weights are int16 with a per-axis precision where PIL
-//! uses int32 with 22 bits (±1 level on ~0.2–0.9% of values, measured), and
-//! torch always runs the horizontal pass first while Pillow 13 runs the
-//! vertical one first when the height shrinks and the width grows; the uint8
-//! clamp between the passes then differs by up to ~20 levels on sharp edges.
+//! It is the same filter as PIL's `Image.resize` (a separable triangle or
+//! Keys cubic, a = -0.5, support widened by the downscale factor: the same
+//! f64 weights, bounds and centres, term for term, for a resize of the whole
+//! image), and `resize_rgb8_with(.., ResizeKernel::Pil)` is the PIL variant
+//! (libImaging `Resample.c`, Pillow 13.0; bit for bit against Pillow in
+//! src/model/phi3v/hd_tests.rs). They differ twice: torch's weights are
+//! int16 with a per-axis precision where PIL uses int32 with 22 bits (±1
+//! level on ~0.2–0.9% of values, measured), and Pillow 13 runs the vertical
+//! pass first when the height shrinks and the width does not, where torch
+//! always starts with the horizontal one; the uint8 clamp between the passes
+//! then differs by up to ~20 levels on sharp edges.
 
 use std::io::Cursor;
 
@@ -217,6 +221,19 @@ fn composite_on_white(rgb: [u8; 3], a: u8) -> [u8; 3] {
     })
 }
 
+/// Whose integer arithmetic an antialiased resize reproduces (see the module
+/// notes for how the two differ).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResizeKernel {
+    /// torch's uint8 `interpolate(..., antialias=True)`: int16 weights with
+    /// a per-axis precision, the horizontal pass first.
+    Torch,
+    /// Pillow's `Image.resize` (`ImagingResample`): int32 weights with 22
+    /// fractional bits, the vertical pass first when the height shrinks and
+    /// the width does not.
+    Pil,
+}
+
 /// Filter of an antialiased resize, by its PIL name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResizeFilter {
@@ -246,7 +263,11 @@ impl ResizeFilter {
 
     /// ATen `HelperInterpLinear::aa_filter` / `HelperInterpCubic::aa_filter`
     /// (a = -0.5), evaluated in the same order so the f64 weights match bit
-    /// for bit.
+    /// for bit. Pillow's `bilinear_filter` is the same expression, and its
+    /// `bicubic_filter` writes the outer lobe `(((x - 5) x + 8) x - 4) a`,
+    /// which with a = -0.5 rounds identically (each step of ATen's spelling
+    /// is Pillow's scaled by -0.5, and scaling by a power of two commutes
+    /// with rounding), so one `eval` serves both kernels.
     fn eval(self, x: f64) -> f64 {
         let x = x.abs();
         match self {
@@ -272,22 +293,29 @@ impl ResizeFilter {
 }
 
 /// One axis of a separable resize: for output index i, taps
-/// `start[i] .. start[i] + len[i]` of the input with int16 weights
-/// `weights[i * ksize ..][.. len[i]]`, fixed point with `precision` bits.
+/// `start[i] .. start[i] + len[i]` of the input with integer weights
+/// `weights[i * ksize ..][.. len[i]]`, fixed point with `precision` bits
+/// (int16 values for torch, int32 for PIL; both accumulate in i32).
 struct AxisPlan {
     start: Vec<usize>, // (out,)
     len: Vec<usize>,   // (out,)
     ksize: usize,
-    weights: Vec<i16>, // (out, ksize)
+    weights: Vec<i32>, // (out, ksize)
     precision: u32,
 }
 
 impl AxisPlan {
-    /// ATen `_compute_index_ranges_int16_weights` with antialias=true,
-    /// align_corners=false and no explicit scale factor (torchvision passes a
-    /// size), i.e. `_compute_indices_min_size_weights_aa` in f64 and a
-    /// precision chosen so the largest weight fits in int16.
-    fn new(in_size: usize, out_size: usize, filter: ResizeFilter) -> Self {
+    /// The f64 weights are ATen `_compute_indices_min_size_weights_aa` with
+    /// antialias=true, align_corners=false and no explicit scale factor
+    /// (torchvision passes a size), which is also Pillow's
+    /// `precompute_coeffs` for a box of the whole image: the same scale,
+    /// support, centre, bounds and normalisation, term for term.
+    ///
+    /// To fixed point: torch (`_compute_index_ranges_int16_weights`) picks the
+    /// largest precision ≤ 22 at which the biggest weight fits in int16;
+    /// Pillow (`normalize_coeffs_8bpc`) always uses PRECISION_BITS =
+    /// 32 - 8 - 2 = 22 in int32. Both round half away from zero.
+    fn new(in_size: usize, out_size: usize, filter: ResizeFilter, kernel: ResizeKernel) -> Self {
         let scale = in_size as f64 / out_size as f64;
         let half = filter.interp_size() as f64 * 0.5;
         let support = if scale >= 1.0 { half * scale } else { half };
@@ -320,20 +348,30 @@ impl AxisPlan {
             len.push(n);
         }
 
-        let mut precision = 0u32;
-        while precision < 22 {
-            let next = (0.5 + wt_max * f64::from(1u32 << (precision + 1))) as i32;
-            if next >= 1 << 15 {
-                break;
+        let precision = match kernel {
+            ResizeKernel::Pil => 22,
+            ResizeKernel::Torch => {
+                let mut precision = 0u32;
+                while precision < 22 {
+                    let next = (0.5 + wt_max * f64::from(1u32 << (precision + 1))) as i32;
+                    if next >= 1 << 15 {
+                        break;
+                    }
+                    precision += 1;
+                }
+                precision
             }
-            precision += 1;
-        }
+        };
         let one = f64::from(1u32 << precision);
         let weights = wf
             .iter()
             .map(|&w| {
                 let v = w * one;
-                (if v < 0.0 { (-0.5 + v) as i32 } else { (0.5 + v) as i32 }) as i16
+                let fixed = if v < 0.0 { (-0.5 + v) as i32 } else { (0.5 + v) as i32 };
+                match kernel {
+                    ResizeKernel::Torch => i32::from(fixed as i16),
+                    ResizeKernel::Pil => fixed,
+                }
             })
             .collect();
         Self { start, len, ksize, weights, precision }
@@ -341,7 +379,7 @@ impl AxisPlan {
 
     /// First input index and the weights of output `i`.
     #[inline]
-    fn taps(&self, i: usize) -> (usize, &[i16]) {
+    fn taps(&self, i: usize) -> (usize, &[i32]) {
         (self.start[i], &self.weights[i * self.ksize..][..self.len[i]])
     }
 
@@ -352,7 +390,8 @@ impl AxisPlan {
     }
 
     /// An accumulator back to a sample: drop the fixed point and clamp
-    /// (`ImagingResample*Convolution8u`'s last step).
+    /// (ATen's `std::clamp(output >> weights_precision, 0, 255)`, Pillow's
+    /// `clip8`).
     #[inline]
     fn to_u8(&self, acc: i32) -> u8 {
         (acc >> self.precision).clamp(0, 255) as u8
@@ -372,7 +411,7 @@ fn resize_rows(src: &[u8], in_w: usize, plan: &AxisPlan, dst: &mut [u8]) {
             let mut acc = [plan.bias(); 3];
             for (tap, &wk) in row[start * 3..].chunks_exact(3).zip(w) {
                 for (a, &v) in acc.iter_mut().zip(tap) {
-                    *a += i32::from(v) * i32::from(wk);
+                    *a += i32::from(v) * wk;
                 }
             }
             for (p, &a) in px.iter_mut().zip(&acc) {
@@ -395,7 +434,7 @@ fn resize_columns(src: &[u8], row_len: usize, plan: &AxisPlan, dst: &mut [u8]) {
             let mut acc = [plan.bias(); LANES];
             for (row, &wk) in rows.chunks_exact(row_len).zip(w) {
                 for (a, &v) in acc.iter_mut().zip(&row[j * LANES..][..out.len()]) {
-                    *a += i32::from(v) * i32::from(wk);
+                    *a += i32::from(v) * wk;
                 }
             }
             for (o, &a) in out.iter_mut().zip(&acc) {
@@ -410,25 +449,42 @@ fn resize_columns(src: &[u8], row_len: usize, plan: &AxisPlan, dst: &mut [u8]) {
 /// pass into a uint8 buffer, then a vertical pass; an axis whose size does
 /// not change is skipped. Rows are spread over rayon's pool.
 pub fn resize_rgb8(src: &RgbImage, width: u32, height: u32, filter: ResizeFilter) -> Result<RgbImage> {
+    resize_rgb8_with(src, width, height, filter, ResizeKernel::Torch)
+}
+
+/// `resize_rgb8` with `kernel`'s arithmetic: `ResizeKernel::Pil` is
+/// Pillow 13's `Image.resize(size, filter)` on an RGB image (no box, no
+/// `reducing_gap`), whose `ImagingResampleInner` runs the vertical pass
+/// first when the height shrinks and the width does not.
+pub fn resize_rgb8_with(
+    src: &RgbImage,
+    width: u32,
+    height: u32,
+    filter: ResizeFilter,
+    kernel: ResizeKernel,
+) -> Result<RgbImage> {
     let (in_w, in_h) = (src.width() as usize, src.height() as usize);
     let (out_w, out_h) = (width as usize, height as usize);
     if in_w == 0 || in_h == 0 || out_w == 0 || out_h == 0 {
         return Err(Error::InvalidInput(format!("cannot resize a {in_w}x{in_h} image to {out_w}x{out_h}")));
     }
-    let horizontal = (out_w != in_w).then(|| {
-        let mut dst = vec![0u8; in_h * out_w * 3]; // (in_h, out_w, 3)
-        resize_rows(src.as_raw(), in_w, &AxisPlan::new(in_w, out_w, filter), &mut dst);
+    let horizontal = |cur: &[u8], rows: usize| {
+        let mut dst = vec![0u8; rows * out_w * 3]; // (rows, out_w, 3)
+        resize_rows(cur, in_w, &AxisPlan::new(in_w, out_w, filter, kernel), &mut dst);
         dst
-    });
-    let out = match (horizontal, out_h != in_h) {
-        (horizontal, true) => {
-            let cur = horizontal.as_deref().unwrap_or(src.as_raw()); // (in_h, out_w, 3)
-            let mut dst = vec![0u8; out_h * out_w * 3]; // (out_h, out_w, 3)
-            resize_columns(cur, out_w * 3, &AxisPlan::new(in_h, out_h, filter), &mut dst);
-            dst
-        }
-        (Some(horizontal), false) => horizontal,
-        (None, false) => src.as_raw().clone(),
+    };
+    let vertical = |cur: &[u8], cols: usize| {
+        let mut dst = vec![0u8; out_h * cols * 3]; // (out_h, cols, 3)
+        resize_columns(cur, cols * 3, &AxisPlan::new(in_h, out_h, filter, kernel), &mut dst);
+        dst
+    };
+    let vertical_first = kernel == ResizeKernel::Pil && out_w >= in_w && out_h < in_h;
+    let out = match (out_w != in_w, out_h != in_h) {
+        (false, false) => src.as_raw().clone(),
+        (true, false) => horizontal(src.as_raw(), in_h),
+        (false, true) => vertical(src.as_raw(), in_w),
+        (true, true) if vertical_first => horizontal(&vertical(src.as_raw(), in_w), out_h),
+        (true, true) => vertical(&horizontal(src.as_raw(), in_h), out_w),
     };
     Ok(RgbImage::from_raw(width, height, out).expect("buffer size matches dimensions"))
 }
@@ -617,39 +673,49 @@ mod tests {
 
     /// The straightforward resize: every output sample sums its taps by
     /// index, as the code before the row-wise passes did. It shares the plan
-    /// (the weights, which the HF goldens pin) and checks the fast loops.
-    fn resize_reference(src: &RgbImage, width: u32, height: u32, filter: ResizeFilter) -> RgbImage {
+    /// (the weights, which the HF and Pillow goldens pin) and checks the fast
+    /// loops and the pass order.
+    fn resize_reference(
+        src: &RgbImage,
+        width: u32,
+        height: u32,
+        filter: ResizeFilter,
+        kernel: ResizeKernel,
+    ) -> RgbImage {
         let sample = |plan: &AxisPlan, i: usize, at: &dyn Fn(usize) -> u8| {
             let (start, w) = plan.taps(i);
-            let acc = (0..w.len()).fold(plan.bias(), |acc, k| acc + i32::from(at(start + k)) * i32::from(w[k]));
+            let acc = (0..w.len()).fold(plan.bias(), |acc, k| acc + i32::from(at(start + k)) * w[k]);
             plan.to_u8(acc)
         };
-        let (in_w, in_h) = (src.width() as usize, src.height() as usize);
+        let (mut w, mut h) = (src.width() as usize, src.height() as usize);
         let (out_w, out_h) = (width as usize, height as usize);
         let mut cur = src.as_raw().clone();
-        if out_w != in_w {
-            let plan = AxisPlan::new(in_w, out_w, filter);
-            let mut next = vec![0u8; in_h * out_w * 3];
-            for y in 0..in_h {
-                for x in 0..out_w {
-                    for c in 0..3 {
-                        next[(y * out_w + x) * 3 + c] = sample(&plan, x, &|k| cur[(y * in_w + k) * 3 + c]);
+        let vertical_first = kernel == ResizeKernel::Pil && out_w >= w && out_h < h;
+        for pass in if vertical_first { ["v", "h"] } else { ["h", "v"] } {
+            if pass == "h" && out_w != w {
+                let plan = AxisPlan::new(w, out_w, filter, kernel);
+                let mut next = vec![0u8; h * out_w * 3];
+                for y in 0..h {
+                    for x in 0..out_w {
+                        for c in 0..3 {
+                            next[(y * out_w + x) * 3 + c] = sample(&plan, x, &|k| cur[(y * w + k) * 3 + c]);
+                        }
                     }
                 }
+                (cur, w) = (next, out_w);
             }
-            cur = next;
-        }
-        if out_h != in_h {
-            let plan = AxisPlan::new(in_h, out_h, filter);
-            let mut next = vec![0u8; out_h * out_w * 3];
-            for y in 0..out_h {
-                for x in 0..out_w {
-                    for c in 0..3 {
-                        next[(y * out_w + x) * 3 + c] = sample(&plan, y, &|k| cur[(k * out_w + x) * 3 + c]);
+            if pass == "v" && out_h != h {
+                let plan = AxisPlan::new(h, out_h, filter, kernel);
+                let mut next = vec![0u8; out_h * w * 3];
+                for y in 0..out_h {
+                    for x in 0..w {
+                        for c in 0..3 {
+                            next[(y * w + x) * 3 + c] = sample(&plan, y, &|k| cur[(k * w + x) * 3 + c]);
+                        }
                     }
                 }
+                (cur, h) = (next, out_h);
             }
-            cur = next;
         }
         RgbImage::from_raw(width, height, cur).unwrap()
     }
@@ -660,7 +726,8 @@ mod tests {
         // Noise, so bicubic overshoots and the clamp is exercised. Sizes:
         // primes, one-pixel sides, each axis up, down and unchanged, heavy
         // downscales (hundreds of taps), rows longer and shorter than a run
-        // of the vertical pass, and the height shrinking as the width grows.
+        // of the vertical pass, and the height shrinking as the width grows
+        // (Pillow's vertical-first order).
         for (iw, ih, ow, oh) in [
             (37, 23, 58, 11),
             (1, 1, 5, 3),
@@ -676,19 +743,46 @@ mod tests {
                 image::Rgb([v as u8, (v >> 8) as u8, (v >> 16) as u8])
             });
             for filter in [ResizeFilter::Bicubic, ResizeFilter::Bilinear] {
-                let want = resize_reference(&img, ow, oh, filter);
-                assert_eq!(resize_rgb8(&img, ow, oh, filter).unwrap(), want, "{iw}x{ih} -> {ow}x{oh} {filter:?}");
+                for kernel in [ResizeKernel::Torch, ResizeKernel::Pil] {
+                    let want = resize_reference(&img, ow, oh, filter, kernel);
+                    let got = resize_rgb8_with(&img, ow, oh, filter, kernel).unwrap();
+                    assert_eq!(got, want, "{iw}x{ih} -> {ow}x{oh} {filter:?} {kernel:?}");
+                }
             }
         }
     }
 
     #[test]
+    fn pil_differs_from_torch_only_by_rounding_and_order() {
+        // Same f64 weights: on a smooth image (no clamping between the
+        // passes) the two kernels agree to a level; on noise with the
+        // height shrinking as the width grows, the pass order shows.
+        let smooth = RgbImage::from_fn(97, 61, |x, y| image::Rgb([(x * 2) as u8, (y * 4) as u8, (x + y) as u8]));
+        let noise = {
+            let mut rng = Rng::from_seed(5);
+            RgbImage::from_fn(40, 90, |_, _| image::Rgb([(rng.next_u64() as u8) & 0xf0; 3]))
+        };
+        let (a, b) = (
+            resize_rgb8_with(&smooth, 150, 40, ResizeFilter::Bicubic, ResizeKernel::Torch).unwrap(),
+            resize_rgb8_with(&smooth, 150, 40, ResizeFilter::Bicubic, ResizeKernel::Pil).unwrap(),
+        );
+        let max = a.as_raw().iter().zip(b.as_raw()).map(|(&p, &q)| p.abs_diff(q)).max().unwrap();
+        assert!(max <= 1, "{max}");
+        let (a, b) = (
+            resize_rgb8_with(&noise, 70, 31, ResizeFilter::Bicubic, ResizeKernel::Torch).unwrap(),
+            resize_rgb8_with(&noise, 70, 31, ResizeFilter::Bicubic, ResizeKernel::Pil).unwrap(),
+        );
+        let max = a.as_raw().iter().zip(b.as_raw()).map(|(&p, &q)| p.abs_diff(q)).max().unwrap();
+        assert!(max > 1, "{max}");
+    }
+
+    #[test]
     fn int16_weights_sum_to_one() {
         for (i, o) in [(640, 644), (100, 28), (1000, 56), (20, 56), (1024, 1036)] {
-            let plan = AxisPlan::new(i, o, ResizeFilter::Bicubic);
+            let plan = AxisPlan::new(i, o, ResizeFilter::Bicubic, ResizeKernel::Torch);
             assert!(plan.precision > 8 && plan.precision <= 22);
             for x in 0..o {
-                let s: i32 = plan.weights[x * plan.ksize..][..plan.len[x]].iter().map(|&w| w as i32).sum();
+                let s: i32 = plan.weights[x * plan.ksize..][..plan.len[x]].iter().sum();
                 let one = 1i32 << plan.precision;
                 assert!((s - one).abs() <= plan.len[x] as i32, "{i}->{o} at {x}: {s} vs {one}");
             }
