@@ -185,7 +185,7 @@ fn llava_loads_the_published_and_the_transformers_5_name_layouts_alike() {
         |_| {},
     );
     let logits = |dir: &Path| {
-        let off = kestrel::cli::generate::Offline::load(dir, &Device::Cpu, None).unwrap();
+        let off = kestrel::cli::generate::Offline::load(dir, &Device::Cpu, None, &Default::default()).unwrap();
         let input = off
             .prepare_chat(
                 &user(serde_json::json!([{"type": "image"}, {"type": "text", "text": "hi"}])),

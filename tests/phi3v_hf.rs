@@ -110,7 +110,8 @@ fn tiny_phi3v_matches_the_reference_stage_by_stage() {
         let input = fe.prepare_chat(&messages, &media).unwrap();
         let ids: Vec<f32> = input.input_ids.iter().map(|&i| i as f32).collect();
         assert_eq!(ids, g["input_ids"].1, "{name}: input ids");
-        let grids: Vec<f32> = input.images.grids.iter().flat_map(|g| [g[1] * 336, g[2] * 336]).map(|v| v as f32).collect();
+        let grids: Vec<f32> =
+            input.images.grids.iter().flat_map(|g| [g[1] * 336, g[2] * 336]).map(|v| v as f32).collect();
         assert_eq!(grids, g.get("image_sizes").map_or(vec![], |t| t.1.clone()), "{name}: image sizes");
         if let Some((_, hf_rows)) = g.get("pixel_values.row_sums") {
             let (r, c) = plane_sums(&input.images.values);
@@ -169,9 +170,7 @@ fn tiny_phi3v_matches_the_reference_stage_by_stage() {
 #[test]
 fn vlm2vec_embeddings_match_the_reference() {
     let cfg = EngineConfig {
-        chat_template: Some(
-            model_dir().join("../../../src/model/phi3v/vlm2vec_template.jinja").display().to_string(),
-        ),
+        chat_template: Some(model_dir().join("../../../src/model/phi3v/vlm2vec_template.jinja").display().to_string()),
         ..engine_config(Task::Embed)
     };
     let (fe, mut core) = load(&cfg).unwrap();
@@ -208,7 +207,8 @@ fn vlm2vec_embeddings_match_the_reference() {
 fn hd_preprocessing_matches_the_reference() {
     let g = golden_file("preprocess");
     for e in cases()["preprocess"]["entries"].as_array().unwrap() {
-        let (i, file, crops) = (e["index"].as_u64().unwrap(), e["file"].as_str().unwrap(), e["num_crops"].as_u64().unwrap());
+        let (i, file, crops) =
+            (e["index"].as_u64().unwrap(), e["file"].as_str().unwrap(), e["num_crops"].as_u64().unwrap());
         let img = image(file);
         let out = hd::hd_transform(&img, crops as usize).unwrap();
         let size: Vec<f32> = out.size.iter().map(|&v| v as f32).collect();

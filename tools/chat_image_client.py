@@ -3,13 +3,18 @@
 server, the way vLLM's docs send one: with the official `openai` package when
 it is installed, else with the standard library (urllib) and the same JSON.
 
-    python3 tools/chat_image_client.py BASE_URL IMAGE [--prompt TEXT] [--max-tokens 32]
-                                       [--model NAME] [--no-stream]
+    python3 tools/chat_image_client.py BASE_URL IMAGE [IMAGE ...] [--prompt TEXT] [--max-tokens 32]
+                                       [--model NAME] [--no-stream] [--embeddings]
 
 BASE_URL is the server root (http://127.0.0.1:8000). The model name is the
 first one /v1/models lists unless --model is given. Sends the request once
 plain and once streamed (stream_options.include_usage) and prints both
 answers with their token counts; exits 1 if either is empty or fails.
+Several images go in one message, in order, before the text (vLLM's
+multi-image example). With --embeddings it instead posts the message to
+/v1/embeddings as vLLM's guide does for VLM2Vec (`requests.post` with
+`messages`; urllib here), then the text alone and the image alone, and
+prints each vector's size, norm and first values.
 """
 import argparse
 import base64
@@ -25,9 +30,28 @@ def data_url(path):
         return f"data:{mime};base64,{base64.b64encode(f.read()).decode()}"
 
 
-def messages(image, prompt):
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image)}},
-                                         {"type": "text", "text": prompt}]}]
+def messages(images, prompt):
+    parts = [{"type": "image_url", "image_url": {"url": data_url(i)}} for i in images]
+    if prompt:
+        parts.append({"type": "text", "text": prompt})
+    return [{"role": "user", "content": parts}]
+
+
+def embeddings(args):
+    base = args.base_url.rstrip("/")
+    model = args.model or json.load(urllib.request.urlopen(base + "/v1/models", timeout=60))["data"][0]["id"]
+    print(f"model: {model} (POST /v1/embeddings with messages)")
+    ok = True
+    for kind, imgs, text in [("image + text", args.image, args.prompt), ("text only", [], args.prompt),
+                             ("image only", args.image[:1], "")]:
+        body = {"model": model, "messages": messages(imgs, text), "encoding_format": "float"}
+        r = json.load(post(base + "/v1/embeddings", body))
+        v = r["data"][0]["embedding"]
+        norm = sum(x * x for x in v) ** 0.5
+        print(f"{kind}: {len(v)} values, norm {norm:.6f}, prompt tokens {r['usage']['prompt_tokens']}, "
+              f"first {[round(x, 5) for x in v[:4]]}")
+        ok &= len(v) > 0 and abs(norm - 1) < 1e-3
+    return ok
 
 
 def with_openai(args, msgs):
@@ -88,12 +112,15 @@ def with_urllib(args, msgs):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("base_url")
-    ap.add_argument("image")
+    ap.add_argument("image", nargs="+")
     ap.add_argument("--prompt", default="What is shown in this image?")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--model")
     ap.add_argument("--no-stream", dest="stream", action="store_false")
+    ap.add_argument("--embeddings", action="store_true")
     args = ap.parse_args()
+    if args.embeddings:
+        sys.exit(0 if embeddings(args) else 1)
     msgs = messages(args.image, args.prompt)
     try:
         import openai  # noqa: F401

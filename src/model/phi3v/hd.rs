@@ -127,6 +127,14 @@ pub fn hd_size(width: usize, height: usize, num_crops: usize) -> Result<[usize; 
     Ok(HdPlan::new(width, height, num_crops)?.size())
 }
 
+/// The size (width, height) `HD_transform` resizes a `width` x `height`
+/// image to before padding, in the image's own orientation (the resize
+/// itself runs on the transposed image when it is taller than wide).
+pub fn resized_size(width: usize, height: usize, num_crops: usize) -> Result<(usize, usize)> {
+    let p = HdPlan::new(width, height, num_crops)?;
+    Ok(if p.transposed { (p.new_h, p.new_w) } else { (p.new_w, p.new_h) })
+}
+
 /// Placeholder tokens of an image whose padded HD size is `size` = [h, w]
 /// (`calc_num_image_tokens`): 144 per crop and for the global view, one
 /// separator after each of the 12 token rows of every crop row and of the

@@ -102,7 +102,8 @@ impl HdConfig {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Value::Object(Default::default()),
             Err(e) => return Err(Error::Io { path: path.display().to_string(), source: e }),
         };
-        for (key, want) in [("image_mean", hd::CLIP_MEAN), ("image_std", hd::CLIP_STD)] {
+        use crate::model::qwen2_vl::processor::{CLIP_MEAN, CLIP_STD};
+        for (key, want) in [("image_mean", CLIP_MEAN), ("image_std", CLIP_STD)] {
             if let Some(v) = file.get(key) {
                 let got: Vec<f64> =
                     v.as_array().map(|a| a.iter().filter_map(Value::as_f64).collect()).unwrap_or_default();
@@ -288,12 +289,12 @@ impl Processor for Phi3VProcessor {
     }
 
     fn resize_target(&self, width: usize, height: usize) -> Result<Option<(usize, usize, ResizeFilter)>> {
-        let (w, h) = hd::resized_size(width, height, self.hd.num_crops);
+        let (w, h) = hd::resized_size(width, height, self.hd.num_crops)?;
         Ok(((w, h) != (width, height)).then_some((w, h, ResizeFilter::Bilinear)))
     }
 
     fn image_grid(&self, width: usize, height: usize) -> Result<[usize; 3]> {
-        let [h, w] = hd::hd_size(width, height, self.hd.num_crops);
+        let [h, w] = hd::hd_size(width, height, self.hd.num_crops)?;
         Ok([1, h / hd::CROP, w / hd::CROP])
     }
 
