@@ -145,7 +145,7 @@ if want serve-bench; then
 fi
 if want hf; then
   echo "== hf: tools/hf_phi3v_latency.py --batch 1,8 (the reference, bf16)"
-  PYTHONUNBUFFERED=1 python3 tools/hf_phi3v_latency.py "$model" --batch 1,8 --device "$dev" \
+  PYTHONUNBUFFERED=1 python3 tools/hf_phi3v_latency.py "$model" --batch 1,8 --device "$dev" </dev/null \
     --input-len "$in_len" --output-len "$out_len" 2>&1 | grep -v -E "^Loading weights|it/s\]$|Missing validation" |
     tee "$out/hf.txt"
   record hf "${PIPESTATUS[0]}"

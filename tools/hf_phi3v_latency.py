@@ -42,7 +42,7 @@ def main():
     args = ap.parse_args()
     t0 = time.time()
     model = ref.Phi3VReference.from_pretrained(args.model, dtype=torch.bfloat16, device=args.device)
-    tok = AutoTokenizer.from_pretrained(args.model)
+    tok = AutoTokenizer.from_pretrained(args.model, trust_remote_code=False)
     tok.padding_side = "left"
     image_token = tok.convert_tokens_to_ids("<|image|>")
     card = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
