@@ -397,7 +397,7 @@ impl Client {
                     tmp.display()
                 )));
             }
-            eprintln!("kestrel: downloading {name}: {why}; retrying from byte {have}");
+            progress.note(&format!("kestrel: downloading {name}: {why}; retrying from byte {have}"));
             std::thread::sleep(Duration::from_millis(250 << failures.min(5)));
         }
         file.sync_all().map_err(io)?;

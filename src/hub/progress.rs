@@ -89,6 +89,15 @@ impl Progress {
         self.report(false);
     }
 
+    /// A line of its own (a retry), under the bar when one is drawn.
+    pub fn note(&mut self, msg: &str) {
+        match self.mode {
+            ProgressMode::Quiet => {}
+            ProgressMode::Bar => eprintln!("\r\x1b[K{msg}"),
+            ProgressMode::Lines => eprintln!("{msg}"),
+        }
+    }
+
     /// `n` bytes thrown away (a server that ignored the Range request).
     pub fn rewind(&mut self, n: u64) {
         self.done = self.done.saturating_sub(n);
