@@ -159,6 +159,19 @@ fn a_dropped_connection_resumes_with_a_range_request() {
 }
 
 #[test]
+fn a_server_that_ignores_range_gets_the_file_afresh() {
+    let b =
+        Behaviour { drop_once: Some(("model.safetensors".into(), 300_000)), ignore_range: true, ..Default::default() };
+    let (hub, home) = (hub(b), temp_home("norange"));
+    let dir = resolve_with(&config(&hub, &home), "org/tiny", None, Want::Model).unwrap();
+    assert_snapshot(&hub, &home, &dir, COMMIT);
+    let cdn: Vec<_> = hub.log().into_iter().filter(|r| r.path.starts_with("/cdn/")).collect();
+    assert_eq!(cdn.len(), 2, "{cdn:?}");
+    assert_eq!(cdn[1].headers.get("range").map(String::as_str), Some("bytes=300000-"));
+    std::fs::remove_dir_all(&home).unwrap();
+}
+
+#[test]
 fn a_corrupt_file_is_refused_and_kept_out_of_the_cache() {
     let b = Behaviour { corrupt: Some("model.safetensors".into()), ..Default::default() };
     let (hub, home) = (hub(b), temp_home("corrupt"));

@@ -94,7 +94,11 @@ impl RepoCache {
         let linked = std::os::unix::fs::symlink(&target, &pointer);
         #[cfg(not(unix))]
         let linked = std::fs::copy(self.blob(etag), &pointer).map(|_| ());
-        linked.map_err(|e| io(&pointer, e))
+        match linked {
+            // Another process linked it first, to the same blob.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && pointer.exists() => Ok(()),
+            other => other.map_err(|e| io(&pointer, e)),
+        }
     }
 
     /// Writes `refs/<revision>` = `commit` (nothing for a commit itself),

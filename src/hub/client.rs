@@ -264,7 +264,13 @@ impl Client {
         let url = format!("{}/{repo}/resolve/{commit}/{}", self.endpoint, encode(&f.name, true));
         let (etag, size) = match (&f.etag, f.size) {
             (Some(e), Some(s)) => (e.clone(), s),
-            _ => self.head(&url, repo, commit, &f.name)?,
+            _ => {
+                let (etag, size) = self.head(&url, repo, commit, &f.name)?;
+                if f.size.is_none() {
+                    progress.add_total(size);
+                }
+                (etag, size)
+            }
         };
         // The ETag names a file in blobs/: nothing but a plain name.
         if etag.is_empty() || !etag.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
@@ -289,125 +295,158 @@ impl Client {
         local.link(commit, &f.name, &etag)
     }
 
-    /// Fills `tmp` to `size` bytes from `url`, resuming from what it holds,
-    /// retrying a failed transfer (each time from where it stopped), then
-    /// checks the whole file against `etag`. A file that fails the check is
-    /// deleted.
+    /// Fills `tmp` to the target's size, resuming from what it holds and
+    /// retrying a failed transfer from where it stopped, then checks the
+    /// whole file against the ETag. A file that fails the check is deleted.
     fn download(&self, t: &Target, tmp: &Path, progress: &mut Progress) -> Result<()> {
-        let Target { url, repo, commit, name, etag, size } = *t;
-        let io = |source: std::io::Error| Error::Io { path: tmp.display().to_string(), source };
-        if let Some(parent) = tmp.parent() {
-            std::fs::create_dir_all(parent)
-                .map_err(|source| Error::Io { path: parent.display().to_string(), source })?;
-        }
-        let mut file = std::fs::File::options().create(true).append(true).open(tmp).map_err(io)?;
-        let mut have = file.metadata().map_err(io)?.len();
-        if have > size {
-            file.set_len(0).map_err(io)?;
-            have = 0;
-        }
-        let mut check = Check::new(etag, size);
-        if have > 0 {
-            // Resuming: the bytes already there count toward the hash.
-            let mut prefix = std::fs::File::open(tmp).map_err(io)?.take(have);
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                let n = prefix.read(&mut buf).map_err(io)?;
-                if n == 0 {
-                    break;
-                }
-                check.update(&buf[..n]);
-            }
-            progress.advance(have);
-        }
-        let mut failures = 0;
+        let mut part = Partial::open(t, tmp, progress)?;
         let mut buf = vec![0u8; 256 << 10];
-        while have < size {
-            let mut req = self.get(&self.agent, url);
-            if have > 0 {
-                req = req.header("Range", format!("bytes={have}-"));
-            }
-            let why = match req.call() {
-                Err(e) => format!("{e}"),
-                Ok(resp) => {
-                    let status = resp.status().as_u16();
-                    match status {
-                        200 | 206 => {
-                            let starts_at = |r: &str| {
-                                r.strip_prefix("bytes ").and_then(|r| r.split('-').next()) == Some(&have.to_string())
-                            };
-                            let resumed = status == 206 && header(&resp, "content-range").is_none_or(starts_at);
-                            if !resumed && have > 0 {
-                                // The server sent the whole file (or another range): start over.
-                                file.set_len(0).map_err(io)?;
-                                progress.rewind(have);
-                                (have, check) = (0, Check::new(etag, size));
-                            }
-                            let before = have;
-                            let mut body = resp.into_body().into_reader();
-                            let mut err = None;
-                            loop {
-                                match body.read(&mut buf) {
-                                    Ok(0) => break,
-                                    Ok(n) => {
-                                        if have + n as u64 > size {
-                                            let _ = std::fs::remove_file(tmp);
-                                            return Err(Error::Hub(format!(
-                                                "model {repo}: {name}: the server sent more than the Hub's size \
-                                                 of {size} bytes; the download was discarded"
-                                            )));
-                                        }
-                                        file.write_all(&buf[..n]).map_err(io)?;
-                                        check.update(&buf[..n]);
-                                        have += n as u64;
-                                        progress.advance(n as u64);
-                                    }
-                                    Err(e) => {
-                                        err = Some(e.to_string());
-                                        break;
-                                    }
-                                }
-                            }
-                            if have > before {
-                                failures = 0;
-                            }
-                            match err {
-                                None if have == size => break,
-                                None => format!("the connection closed at byte {have} of {size}"),
-                                Some(e) => format!("{e} at byte {have} of {size}"),
-                            }
-                        }
-                        // The partial file is not a prefix the server can extend.
-                        416 => {
-                            file.set_len(0).map_err(io)?;
-                            progress.rewind(have);
-                            (have, check) = (0, Check::new(etag, size));
-                            "the server refused the resume range".into()
-                        }
-                        408 | 429 | 500..=599 => format!("HTTP {status}"),
-                        _ => return Err(self.status_error(&resp, repo, commit, name)),
-                    }
-                }
-            };
-            failures += 1;
+        let mut failures = 0;
+        while part.have < t.size {
+            let before = part.have;
+            let Some(why) = self.attempt(t, &mut part, progress, &mut buf)? else { break };
+            // A try that brought bytes resets the count: only a stuck transfer gives up.
+            failures = if part.have > before { 1 } else { failures + 1 };
             if failures >= self.attempts {
                 return Err(Error::Hub(format!(
-                    "model {repo}: downloading {name} failed {failures} times in a row ({why}); the {have} bytes \
-                     fetched are kept in {} and the next run resumes from them",
+                    "model {}: downloading {} failed {failures} times in a row ({why}); the {} bytes fetched are \
+                     kept in {} and the next run resumes from them",
+                    t.repo,
+                    t.name,
+                    part.have,
                     tmp.display()
                 )));
             }
-            progress.note(&format!("kestrel: downloading {name}: {why}; retrying from byte {have}"));
+            progress.note(&format!("kestrel: downloading {}: {why}; retrying from byte {}", t.name, part.have));
             std::thread::sleep(Duration::from_millis(250 << failures.min(5)));
         }
-        file.sync_all().map_err(io)?;
-        let kind = check.kind;
-        if let Some(got) = check.finish().filter(|h| h != etag) {
+        part.file.sync_all().map_err(|e| part.io(e))?;
+        let kind = part.check.kind;
+        if let Some(got) = part.check.finish().filter(|h| h != t.etag) {
             let _ = std::fs::remove_file(tmp);
             return Err(Error::Hub(format!(
-                "model {repo}: {name} failed its {kind} check (the Hub says {etag}, the {size} bytes received hash \
-                 to {got}); the download was discarded and nothing was put in the cache"
+                "model {}: {} failed its {kind} check (the Hub says {}, the {} bytes received hash to {got}); the \
+                 download was discarded and nothing was put in the cache",
+                t.repo, t.name, t.etag, t.size
             )));
+        }
+        Ok(())
+    }
+
+    /// One request for the rest of the file: Ok(None) once it is all
+    /// there, Ok(Some(why)) when another try may do better.
+    fn attempt(
+        &self,
+        t: &Target,
+        part: &mut Partial,
+        progress: &mut Progress,
+        buf: &mut [u8],
+    ) -> Result<Option<String>> {
+        let mut req = self.get(&self.agent, t.url);
+        if part.have > 0 {
+            req = req.header("Range", format!("bytes={}-", part.have));
+        }
+        let resp = match req.call() {
+            Ok(r) => r,
+            Err(e) => return Ok(Some(e.to_string())),
+        };
+        match resp.status().as_u16() {
+            // The whole file, Range or not.
+            200 => part.restart(t, progress)?,
+            206 => {
+                let start = header(&resp, "content-range")
+                    .and_then(|r| r.strip_prefix("bytes "))
+                    .and_then(|r| r.split('-').next())
+                    .map(|s| s.trim().parse::<u64>().ok());
+                if start.is_some_and(|s| s != Some(part.have)) {
+                    part.restart(t, progress)?;
+                    return Ok(Some("the server answered another range".into()));
+                }
+            }
+            // The partial file is no prefix the server can extend.
+            416 => {
+                part.restart(t, progress)?;
+                return Ok(Some("the server refused the resume range".into()));
+            }
+            s @ (408 | 429 | 500..=599) => return Ok(Some(format!("HTTP {s}"))),
+            _ => return Err(self.status_error(&resp, t.repo, t.commit, t.name)),
+        }
+        let mut body = resp.into_body().into_reader();
+        loop {
+            let n = match body.read(buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) => return Ok(Some(format!("{e} at byte {} of {}", part.have, t.size))),
+            };
+            if part.have + n as u64 > t.size {
+                let _ = std::fs::remove_file(part.path);
+                return Err(Error::Hub(format!(
+                    "model {}: {}: the server sent more than the Hub's size of {} bytes; the download was discarded",
+                    t.repo, t.name, t.size
+                )));
+            }
+            part.write(&buf[..n], progress)?;
+        }
+        Ok((part.have < t.size).then(|| format!("the connection closed at byte {} of {}", part.have, t.size)))
+    }
+}
+
+/// A download in progress: `blobs/<etag>.incomplete`, how much of it is
+/// there, and the hash of those bytes.
+struct Partial<'a> {
+    path: &'a Path,
+    file: std::fs::File,
+    have: u64,
+    check: Check,
+}
+
+impl<'a> Partial<'a> {
+    /// Opens (or creates) the partial file; the bytes already there count
+    /// toward the hash and the progress.
+    fn open(t: &Target, path: &'a Path, progress: &mut Progress) -> Result<Partial<'a>> {
+        let io = |source: std::io::Error| Error::Io { path: path.display().to_string(), source };
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(io)?;
+        }
+        let file = std::fs::File::options().create(true).append(true).open(path).map_err(io)?;
+        let mut part = Partial { path, file, have: 0, check: Check::new(t.etag, t.size) };
+        let have = part.file.metadata().map_err(io)?.len();
+        if have > t.size {
+            part.file.set_len(0).map_err(io)?;
+            return Ok(part);
+        }
+        let mut prefix = std::fs::File::open(path).map_err(io)?.take(have);
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = prefix.read(&mut buf).map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            part.check.update(&buf[..n]);
+            part.have += n as u64;
+        }
+        progress.advance(part.have);
+        Ok(part)
+    }
+
+    fn io(&self, source: std::io::Error) -> Error {
+        Error::Io { path: self.path.display().to_string(), source }
+    }
+
+    fn write(&mut self, bytes: &[u8], progress: &mut Progress) -> Result<()> {
+        self.file.write_all(bytes).map_err(|e| self.io(e))?;
+        self.check.update(bytes);
+        self.have += bytes.len() as u64;
+        progress.advance(bytes.len() as u64);
+        Ok(())
+    }
+
+    /// Empties the file (appends then start at 0).
+    fn restart(&mut self, t: &Target, progress: &mut Progress) -> Result<()> {
+        if self.have > 0 {
+            self.file.set_len(0).map_err(|e| self.io(e))?;
+            progress.rewind(self.have);
+            (self.have, self.check) = (0, Check::new(t.etag, t.size));
         }
         Ok(())
     }

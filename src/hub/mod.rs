@@ -160,7 +160,7 @@ pub fn resolve_with(cfg: &HubConfig, spec: &str, revision: Option<&str>, want: W
     if given.is_dir() {
         return Ok(given.to_path_buf());
     }
-    let Some(repo) = RepoId::parse(spec).filter(|_| !spec.starts_with('.')) else {
+    let Some(repo) = RepoId::parse(spec) else {
         return Err(Error::InvalidInput(format!(
             "model {spec:?}: no such folder (nor a Hugging Face id, which reads org/name)"
         )));

@@ -78,6 +78,11 @@ impl Progress {
         }
     }
 
+    /// `n` bytes more to fetch than `start` was told (a size learnt late).
+    pub fn add_total(&mut self, n: u64) {
+        self.total += n;
+    }
+
     /// Now fetching `name`.
     pub fn file(&mut self, name: &str) {
         name.clone_into(&mut self.file);

@@ -103,6 +103,8 @@ pub struct Behaviour {
     pub corrupt: Option<String>,
     /// The listing gives names only (as without `?blobs=true`).
     pub bare_listing: bool,
+    /// Range headers are ignored: every answer is the whole file, 200.
+    pub ignore_range: bool,
 }
 
 struct State {
@@ -275,6 +277,7 @@ fn send_file(
     let len = bytes.len();
     let start = req
         .get("range")
+        .filter(|_| !st.behaviour.ignore_range)
         .and_then(|r| r.strip_prefix("bytes="))
         .and_then(|r| r.strip_suffix('-'))
         .and_then(|n| n.parse::<usize>().ok());
