@@ -34,7 +34,6 @@ pub struct PreprocessArgs {
     /// Runs per stage; the median is reported.
     #[arg(long, default_value_t = 15)]
     pub repeats: usize,
-    /// The model whose processor runs.
     #[command(flatten)]
     pub model: crate::cli::model_args::ModelArgs,
     /// A preprocessor_config.json to use instead of the folder's (e.g.

@@ -475,7 +475,7 @@ struct RooflineInputs {
 
 impl RooflineInputs {
     /// Some when --copy-gbps and --gemm-tflops are given (they require each
-    /// other); --model must then name the folder served.
+    /// other); --model must then name the model served.
     fn from_args(args: &ServeBenchArgs) -> Result<Option<Self>> {
         let (Some(copy_gbps), Some(gemm_tflops)) = (args.copy_gbps, args.gemm_tflops) else { return Ok(None) };
         let Some(model) = &args.model else {

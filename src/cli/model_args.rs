@@ -18,7 +18,12 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    /// The model folder (`model_dir`); a note when --revision cannot apply.
     pub fn dir(&self) -> Result<PathBuf> {
+        let folder = self.model.as_deref().is_none_or(|m| std::path::Path::new(m).is_dir());
+        if self.revision.is_some() && folder {
+            eprintln!("kestrel: note: --revision has no effect: the model is a local folder, used as it is");
+        }
         model_dir(self.model.as_deref(), self.revision.as_deref())
     }
 }
