@@ -54,6 +54,10 @@ pub enum Error {
     /// request that can never fit, device failure mid-step).
     #[error("engine: {0}")]
     Engine(String),
+    /// A model could not be had from the Hugging Face Hub or its local
+    /// cache: not found, refused, offline, a failed or corrupt download.
+    #[error("{0}")]
+    Hub(String),
 }
 
 /// `Err(Error::Shape)` unless `cond` holds; the message is built only on failure.

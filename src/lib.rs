@@ -5,6 +5,7 @@
 //! - `dtype`  element types (below `cuda` and `tensor`, which both use them)
 //! - `tensor` a minimal tensor over host (f32/i32) or device memory
 //! - `sampling` the sampling math (OpenAI/vLLM semantics) that `ops` and `engine` share
+//! - `hub`    model ids: the Hugging Face cache, downloads into it
 //! - `model`  the model contract, the registry of families and their code
 //! - `ops`    every op with a CPU f32 reference and a CUDA launcher
 //! - `openai` OpenAI-compatible request/response bodies and media loading
@@ -15,6 +16,7 @@ pub mod cuda;
 pub mod dtype;
 pub mod engine;
 pub mod error;
+pub mod hub;
 pub mod ops;
 pub mod sampling;
 pub mod tensor;

@@ -134,11 +134,17 @@ fn refused_vllm_flags_exit_with_the_reason() {
         (&["--kv-cache-dtype", "fp8"], "activation dtype"),
         (&["--mm-processor-kwargs", r#"{"num_crops": 4}"#], "not a setting of Qwen2-VL's processor"),
         (&["--mm-processor-kwargs", "[4]"], "expected a JSON object"),
-        (&["Qwen/not-a-local-folder", "--revision", "main"], "downloads nothing"),
     ] {
         let err = refused(args, &[]);
         assert!(err.contains("kestrel serve: ") && err.contains(why), "{args:?}: {err}");
     }
+    // A Hub id offline and not in the cache (tests/hub_download.rs downloads).
+    let home = std::env::temp_dir().join(format!("kestrel-cli-hf-{}", std::process::id()));
+    let cache = home.join("hub");
+    let env = [("HF_HOME", home.to_str().unwrap()), ("HF_HUB_CACHE", cache.to_str().unwrap()), ("HF_HUB_OFFLINE", "1")];
+    let err = refused(&["Qwen/not-in-the-cache", "--revision", "main"], &env);
+    assert!(err.contains("kestrel serve: model Qwen/not-in-the-cache is not in the Hugging Face cache"), "{err}");
+    assert!(err.contains("HF_HUB_OFFLINE") && err.contains(cache.to_str().unwrap()), "{err}");
 }
 
 #[test]

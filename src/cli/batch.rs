@@ -71,13 +71,12 @@ pub struct Summary {
 /// Runs every request of `input` on a new engine and writes the results to
 /// `output`. Errors only for what stops the whole batch (unreadable input,
 /// unwritable output, model that does not load).
-pub fn run(args: &EngineArgs, model: &Option<std::path::PathBuf>, input: &Path, output: &Path) -> Result<Summary> {
+pub fn run(args: &EngineArgs, dir: &Path, input: &Path, output: &Path) -> Result<Summary> {
     let text =
         std::fs::read_to_string(input).map_err(|e| Error::Io { path: input.display().to_string(), source: e })?;
     let lines = parse_lines(&text);
     let fetcher = MediaFetcher::new(args.fetch_settings()?)?;
-    let dir = crate::cli::generate::model_dir(model)?;
-    let engine = Engine::start(args.engine_config(dir)?)?;
+    let engine = Engine::start(args.engine_config(dir.to_path_buf())?)?;
     let results = run_lines(&engine, &fetcher, &lines);
 
     let run_id = format!("{:x}", SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos()));

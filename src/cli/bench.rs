@@ -24,9 +24,8 @@ use crate::multimodal::Media;
 
 #[derive(clap::Args, Debug)]
 pub struct ThroughputArgs {
-    /// Model folder (default: the built-in tiny model).
-    #[arg(long)]
-    pub model: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub model: crate::cli::model_args::ModelArgs,
     #[command(flatten)]
     pub engine: crate::cli::engine_args::EngineArgs,
     /// Requests in flight; a comma-separated list runs each in turn.
@@ -83,7 +82,7 @@ struct Sample {
 }
 
 pub fn throughput(args: &ThroughputArgs) -> Result<String> {
-    let dir = crate::cli::generate::model_dir(&args.model)?;
+    let dir = args.model.dir()?;
     let ceilings = crate::cli::bench_kernels::ceilings_for(&args.engine.device, args.copy_gbps, args.gemm_tflops)?;
     let t0 = Instant::now();
     let engine = Engine::start(args.engine.engine_config(dir)?)?;

@@ -26,9 +26,8 @@ use crate::model::weights::{EMBED_TOKENS, LM_HEAD, TEXT_PREFIX};
 
 #[derive(clap::Args, Debug)]
 pub struct DecodeArgs {
-    /// Model folder (default: the built-in tiny model).
-    #[arg(long)]
-    pub model: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub model: crate::cli::model_args::ModelArgs,
     #[command(flatten)]
     pub engine: EngineArgs,
     /// Sequences decoding together; a comma-separated list runs each in turn.
@@ -89,7 +88,7 @@ pub fn decode(args: &DecodeArgs) -> Result<String> {
     if args.output_len < 3 {
         return Err(Error::InvalidInput("--output-len must be at least 3 to leave a decode window".into()));
     }
-    let dir = crate::cli::generate::model_dir(&args.model)?;
+    let dir = args.model.dir()?;
     let copy_gbps = match args.copy_gbps {
         Some(c) => Some(c),
         None => crate::cli::bench_kernels::copy_ceiling_for(&args.engine.device)?,

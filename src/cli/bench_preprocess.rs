@@ -34,9 +34,8 @@ pub struct PreprocessArgs {
     /// Runs per stage; the median is reported.
     #[arg(long, default_value_t = 15)]
     pub repeats: usize,
-    /// The model folder whose processor runs (default: the built-in model).
-    #[arg(long)]
-    pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub model: crate::cli::model_args::ModelArgs,
     /// A preprocessor_config.json to use instead of the folder's (e.g.
     /// benches/configs/qwen2_vl_2b_preprocessor_config.json, the published
     /// Qwen2-VL bounds: min_pixels 3136, max_pixels 12845056).
@@ -112,7 +111,7 @@ fn parse_size(s: &str) -> Result<(u32, u32)> {
 /// `--preprocessor-config` in place of the folder's own: the folder's
 /// config.json and that file, side by side in a scratch folder.
 fn processor_for(args: &PreprocessArgs) -> Result<std::sync::Arc<dyn crate::model::Processor>> {
-    let dir = crate::cli::generate::model_dir(&args.model)?;
+    let dir = args.model.dir()?;
     let Some(file) = &args.preprocessor_config else { return crate::model::processor(&dir) };
     let io = |p: &std::path::Path, e: std::io::Error| Error::Io { path: p.display().to_string(), source: e };
     let scratch = std::env::temp_dir().join(format!("kestrel-bench-preprocess-{}", std::process::id()));

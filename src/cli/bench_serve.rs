@@ -39,10 +39,10 @@ pub struct ServeBenchArgs {
     /// run, with --model and the flags after `--`, and stop it after.
     #[arg(long)]
     pub launch: bool,
-    /// Model folder: what --launch serves, and whose config.json and
-    /// preprocessor_config.json the roofline reads.
+    /// Model folder or Hugging Face id: what --launch serves, and whose
+    /// config.json and preprocessor_config.json the roofline reads.
     #[arg(long)]
-    pub model: Option<PathBuf>,
+    pub model: Option<String>,
     /// Model name sent in requests (default: the first of /v1/models).
     #[arg(long)]
     pub served_model_name: Option<String>,
@@ -475,15 +475,15 @@ struct RooflineInputs {
 
 impl RooflineInputs {
     /// Some when --copy-gbps and --gemm-tflops are given (they require each
-    /// other); --model must then name the folder served.
+    /// other); --model must then name the model served.
     fn from_args(args: &ServeBenchArgs) -> Result<Option<Self>> {
         let (Some(copy_gbps), Some(gemm_tflops)) = (args.copy_gbps, args.gemm_tflops) else { return Ok(None) };
-        let Some(dir) = &args.model else {
+        let Some(model) = &args.model else {
             return Err(Error::InvalidInput(
-                "the roofline (--copy-gbps, --gemm-tflops) needs --model, the folder served".into(),
+                "the roofline (--copy-gbps, --gemm-tflops) needs --model, the model served".into(),
             ));
         };
-        let processor = crate::model::processor(dir)?;
+        let processor = crate::model::processor(&crate::cli::model_args::model_dir(Some(model), None)?)?;
         let vision_flops = match args.image_size.0 {
             Some((w, h)) => processor.vision_flops(processor.image_grid(w as usize, h as usize)?),
             None => 0.0,

@@ -6,7 +6,7 @@
 //! starts.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -20,9 +20,10 @@ use crate::error::{Error, Result};
 
 #[derive(clap::Args, Debug)]
 pub struct StartupArgs {
-    /// Model folder (default: the built-in tiny model).
+    /// Model folder or Hugging Face id, passed to `kestrel serve` (default:
+    /// the built-in tiny model).
     #[arg(long)]
-    pub model: Option<PathBuf>,
+    pub model: Option<String>,
     /// Server starts to time.
     #[arg(long, default_value_t = 3)]
     pub repeat: usize,
@@ -46,7 +47,7 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts `kestrel serve [MODEL] --host 127.0.0.1 --port 0 ARGS` (this
     /// binary) and waits up to `timeout` for its ready line, which names the port.
-    pub fn launch(model: Option<&Path>, serve_args: &[String], timeout: Duration) -> Result<ServerProcess> {
+    pub fn launch(model: Option<&str>, serve_args: &[String], timeout: Duration) -> Result<ServerProcess> {
         let exe = std::env::current_exe().map_err(|source| Error::Io { path: "the kestrel binary".into(), source })?;
         let mut cmd = Command::new(exe);
         cmd.arg("serve");

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use crate::cli::{batch, engine_args::EngineArgs};
+use crate::cli::{batch, engine_args::EngineArgs, model_args::ModelArgs};
 use crate::error::{Error, Result};
 use std::path::Path;
 use std::sync::Arc;
@@ -17,9 +17,8 @@ use crate::text::{chat_template::ChatTemplate, tokenizer::Tokenizer};
 
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
-    /// Model folder as downloaded from Hugging Face (default: the built-in tiny model).
-    #[arg(long)]
-    pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// An image file (PNG, JPEG, WebP, GIF, BMP); repeat for several, in order.
     #[arg(long = "image")]
     pub images: Vec<PathBuf>,
@@ -45,14 +44,6 @@ pub struct GenerateArgs {
 /// Picks the device: `cuda` must work, `auto` falls back to the CPU (and says so).
 pub fn device(choice: &str) -> Result<Device> {
     Device::choose(choice)
-}
-
-/// The model folder to use: the one given, or the built-in model.
-pub fn model_dir(arg: &Option<PathBuf>) -> Result<PathBuf> {
-    match arg {
-        Some(p) => Ok(p.clone()),
-        None => crate::model::builtin::materialize(),
-    }
 }
 
 /// A model folder loaded for one-off use (no engine): the model on `dev`,
@@ -103,7 +94,7 @@ impl Offline {
 /// What `kestrel generate` prints: the answer, or a batch's summary.
 pub fn run(args: &GenerateArgs) -> Result<String> {
     if let (Some(input), Some(output)) = (&args.batch, &args.output) {
-        let s = batch::run(&args.engine, &args.model, input, output)?;
+        let s = batch::run(&args.engine, &args.model.dir()?, input, output)?;
         return Ok(format!(
             "{} requests: {} succeeded, {} failed; results in {}",
             s.total,
@@ -115,7 +106,7 @@ pub fn run(args: &GenerateArgs) -> Result<String> {
     let Some(prompt) = &args.prompt else {
         return Err(Error::InvalidInput("give --prompt (or --batch with --output)".into()));
     };
-    let dir = model_dir(&args.model)?;
+    let dir = args.model.dir()?;
     let dev = device(&args.engine.device)?;
     let off = Offline::load(&dir, &dev, args.engine.chat_template.as_deref(), &args.engine.processor_kwargs()?)?;
     let mut media = Vec::new();

@@ -12,6 +12,7 @@ pub mod bench_startup;
 pub mod compare;
 pub mod engine_args;
 pub mod generate;
+pub mod model_args;
 pub mod roofline;
 pub mod serve;
 pub mod vllm_flags;

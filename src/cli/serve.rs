@@ -8,16 +8,18 @@
 //! refused with the reason (`cli::vllm_flags`).
 //!
 //! MODEL is a model folder, or a Hugging Face id (`Qwen/Qwen2-VL-2B-Instruct`)
-//! already in the local Hugging Face cache; nothing is downloaded. Without
-//! it, the built-in tiny model is served.
+//! taken from the local Hugging Face cache or downloaded into it at
+//! `--revision` (`hub`). Without it, the built-in tiny model is served.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::cli::engine_args::EngineArgs;
+use crate::cli::model_args::model_dir;
 use crate::cli::vllm_flags::{self, DtypeArg, VllmFlags};
 use crate::engine::{Engine, EngineConfig, Pooling, Task};
 use crate::error::{Error, Result};
+use crate::hub;
 use crate::multimodal::fetch::MediaFetcher;
 use crate::server::shutdown::Signals;
 use crate::server::{bind, MediaLimits, Server, ServerConfig, DEFAULT_MAX_BODY_BYTES};
@@ -28,8 +30,8 @@ pub const API_KEY_ENV: [&str; 2] = [vllm_flags::ENV_ALIASES[0].0, vllm_flags::EN
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
-    /// Model folder, or a Hugging Face id found in the local Hugging Face cache
-    /// (default: the built-in tiny model).
+    /// Model folder, or a Hugging Face id (org/name) taken from the local
+    /// Hugging Face cache or downloaded into it (default: the built-in tiny model).
     #[arg(value_name = "MODEL", conflicts_with = "model")]
     pub model_tag: Option<String>,
     /// The model, as a flag (vLLM's older spelling).
@@ -154,31 +156,17 @@ fn parse_secs(s: &str) -> std::result::Result<Duration, String> {
     }
 }
 
-/// The model folder for MODEL: a folder as given, else a Hugging Face id
-/// resolved in the local cache (`$HF_HUB_CACHE`, `$HF_HOME/hub`, or
-/// `~/.cache/huggingface/hub`), at the snapshot `refs/main` names.
-pub fn resolve_model(model: &str) -> Result<PathBuf> {
-    let given = PathBuf::from(model);
-    if given.is_dir() {
-        return Ok(given);
-    }
-    let looks_like_id = !model.starts_with('/') && !model.starts_with('.') && model.split('/').count() == 2;
-    if looks_like_id {
-        let hub = std::env::var_os("HF_HUB_CACHE")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HF_HOME").map(|h| PathBuf::from(h).join("hub")))
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub")));
-        if let Some(repo) = hub.map(|h| h.join(format!("models--{}", model.replace('/', "--")))) {
-            let rev = std::fs::read_to_string(repo.join("refs/main")).ok();
-            if let Some(snapshot) = rev.map(|r| repo.join("snapshots").join(r.trim())).filter(|p| p.is_dir()) {
-                return Ok(snapshot);
-            }
-        }
-    }
-    Err(Error::InvalidInput(format!(
-        "model {model:?}: no such folder{}; Kestrel downloads nothing (fetch it first, e.g. `huggingface-cli download {model}`)",
-        if looks_like_id { ", and not in the local Hugging Face cache" } else { "" }
-    )))
+/// The tokenizer folder, when it is not MODEL's own: `--tokenizer` (a
+/// folder, or a Hub id at `--tokenizer-revision`), or MODEL's tokenizer
+/// files at `--tokenizer-revision` when MODEL is a Hub id.
+fn tokenizer_dir(model: Option<&str>, vllm: &VllmFlags) -> Result<Option<PathBuf>> {
+    let rev = vllm.tokenizer_revision.as_deref();
+    let spec = match (&vllm.tokenizer, model) {
+        (Some(t), _) => t.as_str(),
+        (None, Some(m)) if rev.is_some() && !std::path::Path::new(m).is_dir() => m,
+        _ => return Ok(None),
+    };
+    hub::resolve_with(&hub::HubConfig::from_env(), spec, rev, hub::Want::Tokenizer).map(Some)
 }
 
 /// Default HTTP workers: enough to keep `max_num_seqs` requests in the
@@ -189,14 +177,22 @@ fn default_workers(max_num_seqs: usize) -> usize {
     (max_num_seqs + 2 * cores).min(1024)
 }
 
+/// The limits on each client connection.
+fn cfg_connection(args: &ServeArgs) -> tiny_http::Limits {
+    tiny_http::Limits {
+        head_timeout: args.http_header_timeout,
+        body_timeout: args.http_body_timeout,
+        write_timeout: args.http_body_timeout,
+        max_connections: args.max_connections.max(1),
+        ..Default::default()
+    }
+}
+
 /// Loads the model, listens, prints the ready line and serves until SIGTERM
 /// or SIGINT, then stops gracefully (`Server::shutdown`).
 pub fn run(args: &ServeArgs) -> Result<()> {
     let model = args.model_tag.clone().or_else(|| args.model.clone());
-    let (dir, root) = match &model {
-        Some(m) => (resolve_model(m)?, m.clone()),
-        None => (crate::model::builtin::materialize()?, crate::model::builtin::NAME.to_owned()),
-    };
+    let root = model.clone().unwrap_or_else(|| crate::model::builtin::NAME.to_owned());
     let task = match args.task {
         TaskArg::Generate => Task::Generate,
         TaskArg::Embedding => Task::Embed,
@@ -217,8 +213,14 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     for w in notes.into_iter().chain(vllm_flags::env_warnings(|k| std::env::var(k).ok())) {
         eprintln!("{w}");
     }
-    let mut engine_cfg =
-        EngineConfig { task, pooling, tokenizer_dir: args.vllm.tokenizer.clone(), ..args.engine.engine_config(dir)? };
+    let fetcher = MediaFetcher::new(args.engine.fetch_settings()?)?;
+    // Listen first, so a taken port fails before the model is fetched and loads.
+    let http = bind(&args.host, args.port, cfg_connection(args))?;
+    let dir = model_dir(model.as_deref(), args.vllm.revision.as_deref())?;
+    let tokenizer_dir = tokenizer_dir(model.as_deref(), &args.vllm)?;
+    // After the download: until here Ctrl-C stops at once (a partial file resumes next time).
+    let mut signals = Signals::install()?;
+    let mut engine_cfg = EngineConfig { task, pooling, tokenizer_dir, ..args.engine.engine_config(dir)? };
     // vLLM serves a model under the name it was given on the command line.
     if engine_cfg.model_name.is_none() && model.is_some() {
         engine_cfg.model_name = Some(root.clone());
@@ -235,21 +237,11 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         max_queue: args.max_queue,
         max_body_bytes: DEFAULT_MAX_BODY_BYTES,
         model_root: root,
-        connection: tiny_http::Limits {
-            head_timeout: args.http_header_timeout,
-            body_timeout: args.http_body_timeout,
-            write_timeout: args.http_body_timeout,
-            max_connections: args.max_connections.max(1),
-            ..Default::default()
-        },
+        connection: cfg_connection(args),
         engine_iteration_timeout: args.engine_iteration_timeout,
         default_seed: args.vllm.seed,
         request_log: args.vllm.request_log(),
     };
-    let mut signals = Signals::install()?;
-    let fetcher = MediaFetcher::new(args.engine.fetch_settings()?)?;
-    // Listen first, so a taken port fails before the model loads.
-    let http = bind(&args.host, args.port, cfg.connection.clone())?;
     let engine = Engine::start(engine_cfg)?;
     let (name, device) = (engine.frontend().model_name.clone(), engine.frontend().device.clone());
     let server = Server::new(http, engine, fetcher, cfg);
@@ -322,15 +314,5 @@ mod tests {
         assert_eq!(s.api_key.as_deref(), Some("k"));
         assert!(Cli::try_parse_from(["serve", "a", "--model", "b"]).is_err());
         assert!(Cli::try_parse_from(["serve", "--task", "classify"]).is_err());
-    }
-
-    #[test]
-    fn models_resolve_from_folders_or_the_hf_cache() {
-        let e = resolve_model("/no/such/model").unwrap_err().to_string();
-        assert!(e.contains("no such folder") && !e.contains("cache"), "{e}");
-        let e = resolve_model("nobody-has/this-model-kestrel-test").unwrap_err().to_string();
-        assert!(e.contains("not in the local Hugging Face cache"), "{e}");
-        let dir = std::env::temp_dir();
-        assert_eq!(resolve_model(dir.to_str().unwrap()).unwrap(), dir);
     }
 }

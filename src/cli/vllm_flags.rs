@@ -7,7 +7,7 @@
 //! Also here: vLLM's environment variables that alias Kestrel's
 //! (`env_alias`); Kestrel's own wins when both are set.
 
-use std::path::PathBuf;
+use std::path::Path;
 
 use crate::error::{Error, Result};
 
@@ -92,19 +92,22 @@ pub struct VllmFlags {
     /// request order. Without it, unseeded requests draw fresh entropy.
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Tokenizer folder instead of the model's (tokenizer.json and its
-    /// tokenizer_config.json); the chat template is taken from it when it has
-    /// one, else from the model folder.
-    #[arg(long, value_name = "DIR")]
-    pub tokenizer: Option<PathBuf>,
-    /// Refused unless MODEL is a local folder: Kestrel downloads nothing
-    /// (with a folder, as in vLLM, it has no effect; a note says so).
+    /// Tokenizer folder or Hugging Face id instead of the model's
+    /// (tokenizer.json and its tokenizer_config.json); the chat template is
+    /// taken from it when it has one, else from the model.
+    #[arg(long, value_name = "DIR_OR_ID")]
+    pub tokenizer: Option<String>,
+    /// Branch, tag or commit of a Hugging Face MODEL (default: main). With
+    /// a local folder it has no effect, as in vLLM (a note says so).
     #[arg(long)]
     pub revision: Option<String>,
-    /// Refused unless MODEL is a local folder: Kestrel downloads nothing.
+    /// Branch, tag or commit of the tokenizer: of --tokenizer when it is a
+    /// Hugging Face id, else of MODEL's tokenizer files (default: main).
+    /// With a local folder it has no effect (a note says so).
     #[arg(long)]
     pub tokenizer_revision: Option<String>,
-    /// Refused unless MODEL is a local folder: Kestrel downloads nothing.
+    /// Accepted without effect (a note says so): Kestrel runs no code from
+    /// the model repo.
     #[arg(long)]
     pub code_revision: Option<String>,
     /// Refused: Kestrel has no prefix cache yet.
@@ -176,20 +179,15 @@ impl VllmFlags {
             }
             _ => {}
         }
-        for (flag, v) in [
-            ("--revision", &self.revision),
-            ("--tokenizer-revision", &self.tokenizer_revision),
-            ("--code-revision", &self.code_revision),
-        ] {
-            if v.is_some() && model_is_folder {
-                notes.push(format!("kestrel: note: {flag} has no effect: MODEL is a local folder, served as it is"));
-            }
-            if v.is_some() && !model_is_folder {
-                return refuse(format!(
-                    "{flag} needs MODEL to be a local folder: Kestrel downloads nothing, and a model from \
-                     the Hugging Face cache is served at the snapshot refs/main names"
-                ));
-            }
+        let tokenizer_is_folder = self.tokenizer.as_ref().map_or(model_is_folder, |t| Path::new(t).is_dir());
+        if self.revision.is_some() && model_is_folder {
+            notes.push("kestrel: note: --revision has no effect: MODEL is a local folder, served as it is".into());
+        }
+        if self.tokenizer_revision.is_some() && tokenizer_is_folder {
+            notes.push("kestrel: note: --tokenizer-revision has no effect: the tokenizer is a local folder".into());
+        }
+        if self.code_revision.is_some() {
+            notes.push("kestrel: note: --code-revision has no effect: Kestrel runs no code from the model repo".into());
         }
         if self.enable_prefix_caching {
             return refuse("--enable-prefix-caching is not supported: Kestrel has no prefix cache yet".into());
@@ -273,13 +271,20 @@ mod tests {
     }
 
     #[test]
-    fn revisions_need_a_local_folder() {
+    fn revisions_apply_to_hub_ids_and_say_when_they_do_not() {
         for f in ["--revision", "--tokenizer-revision", "--code-revision"] {
             let notes = parse(&[f, "main"]).check_notes(true, false).unwrap();
             assert!(notes.len() == 1 && notes[0].contains(f) && notes[0].contains("no effect"), "{notes:?}");
-            let e = refusal(&[f, "main"], false, false);
-            assert!(e.contains(f) && e.contains("downloads nothing"), "{e}");
         }
+        for f in ["--revision", "--tokenizer-revision"] {
+            assert_eq!(parse(&[f, "v1"]).check_notes(false, false).unwrap(), Vec::<String>::new());
+        }
+        // A folder tokenizer takes no revision, whatever MODEL is.
+        let tmp = std::env::temp_dir();
+        let notes = parse(&["--tokenizer", tmp.to_str().unwrap(), "--tokenizer-revision", "v1"]);
+        assert!(notes.check_notes(false, false).unwrap()[0].contains("tokenizer is a local folder"));
+        let notes = parse(&["--code-revision", "v1"]).check_notes(false, false).unwrap();
+        assert!(notes[0].contains("runs no code"), "{notes:?}");
     }
 
     #[test]
@@ -333,7 +338,7 @@ mod tests {
     #[test]
     fn seed_and_tokenizer_parse() {
         let f = parse(&["--seed", "42", "--tokenizer", "/t"]);
-        assert_eq!((f.seed, f.tokenizer), (Some(42), Some(PathBuf::from("/t"))));
+        assert_eq!((f.seed, f.tokenizer.as_deref()), (Some(42), Some("/t")));
         ok(&["--seed", "42"], true, true);
     }
 

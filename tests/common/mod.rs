@@ -1,6 +1,7 @@
 //! Helpers shared by integration test files (`mod common;` in each).
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod fake_hub;
 pub mod golden;
 
 use std::io::{BufRead, BufReader, Write};
