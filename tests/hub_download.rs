@@ -94,7 +94,7 @@ fn fresh_download_then_the_cache_alone() {
     assert!(log.iter().all(|r| r.headers.get("authorization").is_none()), "a token was sent: {log:?}");
     // The model loads and answers.
     let dev = kestrel::Device::Cpu;
-    let off = kestrel::cli::generate::Offline::load(&dir, &dev, None).unwrap();
+    let off = kestrel::cli::generate::Offline::load(&dir, &dev, None, &Default::default()).unwrap();
     let input = off.prepare_chat(&serde_json::json!([{"role": "user", "content": "hi"}]), &[]).unwrap();
     let out = kestrel::model::seq::generate_greedy(off.model.as_ref(), &input, 2, &[]).unwrap();
     assert_eq!(out.len(), 2);
