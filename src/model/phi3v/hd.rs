@@ -25,8 +25,11 @@
 //!    to num_crops + 1 rows so images stack into a batch; that padding
 //!    carries nothing and is left to whoever batches.
 //!
-//! The image arrives as RGB8: `decode_rgb8` has already done what `convert_to_rgb`
-//! and `convert("RGB")` do.
+//! The image arrives as RGB8, `decode_rgb8`'s output, which stands for the
+//! original's `convert_to_rgb` + `convert("RGB")`. For opaque images they
+//! are the same; a transparent one is composited onto white there, as
+//! transformers ≥ 5.24 does, where the transformers 4.x this code was
+//! written against dropped the alpha channel.
 
 use std::borrow::Cow;
 
@@ -104,7 +107,7 @@ impl HdPlan {
         let new_h = (new_w as f64 / ratio) as usize; // Python int(): truncation
         if new_h == 0 {
             return Err(Error::InvalidInput(format!(
-                "the image is {width}x{height}: too elongated for Phi-3-vision's {new_w}-pixel crops row"
+                "the image is {width}x{height}: too elongated; scaled to {new_w} pixels long it has no rows left"
             )));
         }
         Ok(Self { transposed, new_w, new_h, padded_h: new_h.div_ceil(CROP) * CROP })
@@ -250,7 +253,7 @@ impl CubicAxis {
 /// `t0·w0 + t1·w1` into fma(t0, w0, t1·w1) and each further `+= t·w` into an
 /// fma (measured against torch 2.11 on an AVX-512 CPU: bit for bit, where
 /// plain multiply-add differs in the last bit on a third of the outputs).
-#[inline]
+#[inline(always)]
 fn dot4(v: [f32; 4], w: [f32; 4]) -> f32 {
     let acc = v[0].mul_add(w[0], v[1] * w[1]);
     let acc = v[2].mul_add(w[2], acc);
@@ -261,17 +264,60 @@ fn dot4(v: [f32; 4], w: [f32; 4]) -> f32 {
 /// `hd`, (h, w, 3) uint8) resized to 336² by ATen's non-antialiased bicubic
 /// on f32 (`upsample_generic_Nd_kernel_impl<2, HelperInterpCubic>`): for
 /// each output, the four taps along x summed for each of four rows, those
-/// sums summed along y, all in f32 (`dot4`). Writes `out` (3, 336, 336).
+/// sums summed along y, all in f32 (`dot4`). Writes `out` (3, 336, 336),
+/// one row of one channel per task.
 fn global_view(hd: &[u8], h: usize, w: usize, table: &[[f32; 256]; 3], out: &mut [f32]) {
     let (ys, xs) = (CubicAxis::new(h, CROP), CubicAxis::new(w, CROP));
     out.par_chunks_mut(CROP).enumerate().for_each(|(r, line)| {
         let (c, oy) = (r / CROP, r % CROP);
         let rows = ys.idx[oy].map(|y| &hd[y * w * 3..][..w * 3]);
-        for (o, (xi, xw)) in line.iter_mut().zip(xs.idx.iter().zip(&xs.wts)) {
-            let t = rows.map(|row| dot4(xi.map(|x| table[c][usize::from(row[x * 3 + c])]), *xw));
-            *o = dot4(t, ys.wts[oy]);
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has FMA, checked just above.
+            return unsafe { global_row_fma(rows, &table[c], c, &xs, ys.wts[oy], line) };
         }
+        global_row(rows, &table[c], c, &xs, ys.wts[oy], line)
     });
+}
+
+/// One output row of channel `c` of the global view from its four input
+/// rows (`rows`, RGB8) and their weights `wy`; `levels` maps the channel's
+/// uint8 samples to normalized values.
+#[inline(always)]
+fn global_row(rows: [&[u8]; 4], levels: &[f32; 256], c: usize, xs: &CubicAxis, wy: [f32; 4], line: &mut [f32]) {
+    // No closures here: `global_row_fma` needs all of this inlined into it
+    // to get the FMA instructions, and dev builds do not inline closures.
+    #[inline(always)]
+    fn taps(row: &[u8], levels: &[f32; 256], c: usize, xi: [usize; 4], wx: [f32; 4]) -> f32 {
+        let at = |k: usize| levels[usize::from(row[xi[k] * 3 + c])];
+        dot4([at(0), at(1), at(2), at(3)], wx)
+    }
+    for (ox, o) in line.iter_mut().enumerate() {
+        let (xi, wx) = (xs.idx[ox], xs.wts[ox]);
+        let t = [
+            taps(rows[0], levels, c, xi, wx),
+            taps(rows[1], levels, c, xi, wx),
+            taps(rows[2], levels, c, xi, wx),
+            taps(rows[3], levels, c, xi, wx),
+        ];
+        *o = dot4(t, wy);
+    }
+}
+
+/// `global_row` compiled with FMA, so each `mul_add` is one instruction
+/// rather than a call to libm's `fmaf`; the result is the same (both are
+/// the correctly rounded fused multiply-add), ~10× faster.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+unsafe fn global_row_fma(
+    rows: [&[u8]; 4],
+    levels: &[f32; 256],
+    c: usize,
+    xs: &CubicAxis,
+    wy: [f32; 4],
+    line: &mut [f32],
+) {
+    global_row(rows, levels, c, xs, wy, line)
 }
 
 #[cfg(test)]

@@ -242,24 +242,30 @@ fn a_single_crop_is_its_own_global_view() {
 #[test]
 #[ignore]
 fn timing() {
+    fn each<T>(mut f: impl FnMut() -> T) -> std::time::Duration {
+        std::hint::black_box(f());
+        let (start, reps) = (std::time::Instant::now(), 20);
+        for _ in 0..reps {
+            std::hint::black_box(f());
+        }
+        start.elapsed() / reps
+    }
     let img = RgbImage::from_fn(1024, 768, |x, y| image::Rgb([(x * 3) as u8, (y * 5) as u8, (x ^ y) as u8]));
     for n in [4, 16] {
-        hd_transform(&img, n).unwrap();
-        let start = std::time::Instant::now();
-        let reps = 10;
-        for _ in 0..reps {
-            std::hint::black_box(hd_transform(&img, n).unwrap());
-        }
-        let each = start.elapsed() / reps;
-        let t0 = std::time::Instant::now();
+        let all = each(|| hd_transform(&img, n).unwrap());
         let hd = hd_image(&img, n).unwrap();
-        let resize = t0.elapsed();
-        let t1 = std::time::Instant::now();
+        let resize = each(|| hd_image(&img, n).unwrap());
         let mut global = vec![0f32; 3 * CROP * CROP];
-        global_view(hd.as_raw(), hd.height() as usize, hd.width() as usize, &level_table(), &mut global);
+        let table = level_table();
+        let view = each(|| global_view(hd.as_raw(), hd.height() as usize, hd.width() as usize, &table, &mut global));
+        let size = [hd.height(), hd.width()];
         println!(
-            "1024x768, num_crops {n}: hd_transform {each:?} (resize + pad {resize:?}, global view {:?})",
-            t1.elapsed()
+            "1024x768 -> {size:?}, num_crops {n}: hd_transform {all:?} (resize + pad {resize:?}, global view {view:?})"
         );
+        let (w, h) = (size[1], 1008u32.min(size[0]));
+        for kernel in [ResizeKernel::Torch, ResizeKernel::Pil] {
+            let t = each(|| resize_rgb8_with(&img, w, h, ResizeFilter::Bilinear, kernel).unwrap());
+            println!("  resize_rgb8_with to {w}x{h} {kernel:?}: {t:?}");
+        }
     }
 }
