@@ -1,8 +1,10 @@
-//! Media: fetching it safely, decoding images, precomputed embeddings.
+//! Media: fetching it safely, decoding images and video files, precomputed
+//! embeddings.
 
 pub mod embeds;
 pub mod fetch;
 pub mod image;
+pub mod video;
 
 /// One media item of a prompt, in the order its placeholder appears, as the
 /// request carried it (decoded, not yet preprocessed).

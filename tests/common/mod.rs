@@ -3,6 +3,7 @@
 
 pub mod fake_hub;
 pub mod golden;
+pub mod mp4;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
