@@ -12,16 +12,15 @@ use std::path::Path;
 use crate::error::{Error, Result};
 
 /// vLLM's names for the environment variables Kestrel reads: (ours, vLLM's).
-pub const ENV_ALIASES: [(&str, &str); 2] =
-    [("KESTREL_API_KEY", "VLLM_API_KEY"), ("KESTREL_IMAGE_FETCH_TIMEOUT", "VLLM_IMAGE_FETCH_TIMEOUT")];
+pub const ENV_ALIASES: [(&str, &str); 3] = [
+    ("KESTREL_API_KEY", "VLLM_API_KEY"),
+    ("KESTREL_IMAGE_FETCH_TIMEOUT", "VLLM_IMAGE_FETCH_TIMEOUT"),
+    ("KESTREL_VIDEO_FETCH_TIMEOUT", "VLLM_VIDEO_FETCH_TIMEOUT"),
+];
 
 /// vLLM variables Kestrel has no counterpart for; a warning names each one
-/// set, so none is silently ignored.
-pub const ENV_UNSUPPORTED: [(&str, &str); 1] = [(
-    "VLLM_VIDEO_FETCH_TIMEOUT",
-    "Kestrel fetches video frames as images, under the one media timeout \
-     (KESTREL_IMAGE_FETCH_TIMEOUT / VLLM_IMAGE_FETCH_TIMEOUT)",
-)];
+/// set, so none is silently ignored. (None today.)
+pub const ENV_UNSUPPORTED: [(&str, &str); 0] = [];
 
 /// The value of `ours`, else of its vLLM alias: (the variable read, its value).
 pub fn env_alias(ours: &str) -> Option<(&'static str, String)> {
@@ -352,8 +351,10 @@ mod tests {
         let both = env(&[("VLLM_IMAGE_FETCH_TIMEOUT", "3"), ("KESTREL_IMAGE_FETCH_TIMEOUT", "7")]);
         assert_eq!(env_alias_with(o, v, both), Some((o, "7".into())));
         assert_eq!(env_alias_with(o, v, env(&[])), None);
-        let w = env_warnings(env(&[("VLLM_VIDEO_FETCH_TIMEOUT", "3")]));
-        assert!(w.len() == 1 && w[0].contains("VLLM_VIDEO_FETCH_TIMEOUT"), "{w:?}");
+        // The video timeout is an alias now, so no longer warned about.
+        let (o, v) = ("KESTREL_VIDEO_FETCH_TIMEOUT", "VLLM_VIDEO_FETCH_TIMEOUT");
+        assert_eq!(env_alias_with(o, v, env(&[("VLLM_VIDEO_FETCH_TIMEOUT", "3")])), Some((v, "3".into())));
+        assert!(env_warnings(env(&[("VLLM_VIDEO_FETCH_TIMEOUT", "3")])).is_empty());
         assert!(env_warnings(env(&[])).is_empty());
     }
 }

@@ -39,6 +39,7 @@ use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver
 use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
 
 use crate::error::{Error, Result};
+use crate::multimodal::video::{VideoLimits, VideoSampling};
 
 pub mod policy;
 
@@ -50,6 +51,15 @@ pub const TIMEOUT_ENV: &str = "KESTREL_IMAGE_FETCH_TIMEOUT";
 pub const DEFAULT_MAX_BYTES: usize = 32 << 20;
 /// Redirects followed before a fetch fails.
 pub const MAX_REDIRECTS: usize = 3;
+/// Default deadline for fetching a video file (vLLM's
+/// `VLLM_VIDEO_FETCH_TIMEOUT` default).
+pub const DEFAULT_VIDEO_TIMEOUT: Duration = Duration::from_secs(30);
+/// Environment variable holding the video fetch deadline in seconds.
+pub const VIDEO_TIMEOUT_ENV: &str = "KESTREL_VIDEO_FETCH_TIMEOUT";
+/// Default cap on the bytes of one video file (vLLM has none): about a
+/// minute of 1080p phone video. A data URL is also bounded by the request
+/// body cap.
+pub const DEFAULT_VIDEO_MAX_BYTES: usize = 128 << 20;
 
 /// Where media may come from and how much of it.
 #[derive(Clone, Debug)]
@@ -68,6 +78,14 @@ pub struct FetchSettings {
     /// non-public addresses (`--allow-private-media-urls`); cloud metadata
     /// endpoints stay refused (see `policy`).
     pub allow_private_addresses: bool,
+    /// Deadline for fetching one video file (`video_url`).
+    pub video_timeout: Duration,
+    /// Most bytes one video file may have.
+    pub video_max_bytes: usize,
+    /// Which frames of a video file are kept (`--media-io-kwargs`).
+    pub video_sampling: VideoSampling,
+    /// Bounds on decoding one video file.
+    pub video_limits: VideoLimits,
 }
 
 impl Default for FetchSettings {
@@ -79,31 +97,42 @@ impl Default for FetchSettings {
             max_bytes: DEFAULT_MAX_BYTES,
             allowed_domains: None,
             allow_private_addresses: false,
+            video_timeout: DEFAULT_VIDEO_TIMEOUT,
+            video_max_bytes: DEFAULT_VIDEO_MAX_BYTES,
+            video_sampling: VideoSampling::default(),
+            video_limits: VideoLimits::default(),
         }
     }
 }
 
 impl FetchSettings {
-    /// The defaults, with the timeout from `KESTREL_IMAGE_FETCH_TIMEOUT`,
-    /// else vLLM's `VLLM_IMAGE_FETCH_TIMEOUT` (seconds, fractions allowed).
+    /// The defaults, with the timeouts from `KESTREL_IMAGE_FETCH_TIMEOUT`
+    /// and `KESTREL_VIDEO_FETCH_TIMEOUT`, else vLLM's
+    /// `VLLM_IMAGE_FETCH_TIMEOUT` / `VLLM_VIDEO_FETCH_TIMEOUT` (seconds,
+    /// fractions allowed).
     pub fn from_env() -> Result<Self> {
         let mut s = FetchSettings::default();
-        if let Some((name, v)) = crate::cli::vllm_flags::env_alias(TIMEOUT_ENV) {
-            s.timeout = parse_timeout(&v)
-                .map_err(|_| Error::InvalidInput(format!("{name}={v:?}: expected a positive number of seconds")))?;
+        for (env, slot) in [(TIMEOUT_ENV, &mut s.timeout), (VIDEO_TIMEOUT_ENV, &mut s.video_timeout)] {
+            if let Some((name, v)) = crate::cli::vllm_flags::env_alias(env) {
+                *slot = parse_timeout(&v).ok_or_else(|| {
+                    Error::InvalidInput(format!("{name}={v:?}: expected a positive number of seconds"))
+                })?;
+            }
         }
         Ok(s)
     }
 }
 
 /// A timeout in seconds, as `KESTREL_IMAGE_FETCH_TIMEOUT` holds it.
-fn parse_timeout(v: &str) -> Result<Duration> {
-    v.trim()
-        .parse::<f64>()
-        .ok()
-        .filter(|t| t.is_finite() && *t > 0.0)
-        .and_then(|t| Duration::try_from_secs_f64(t).ok())
-        .ok_or_else(|| Error::InvalidInput(format!("{TIMEOUT_ENV}={v:?}: expected a positive number of seconds")))
+fn parse_timeout(v: &str) -> Option<Duration> {
+    v.trim().parse::<f64>().ok().filter(|t| t.is_finite() && *t > 0.0).and_then(|t| Duration::try_from_secs_f64(t).ok())
+}
+
+/// How long one fetch may take and how many bytes it may bring.
+#[derive(Clone, Copy)]
+struct Budget {
+    timeout: Duration,
+    max_bytes: usize,
 }
 
 /// Fetches media bytes under `FetchSettings`. Cheap to share between threads
@@ -156,15 +185,25 @@ impl MediaFetcher {
     /// `file:///abs/path` or `/abs/path` (the last two only under the allowed
     /// local root).
     pub fn fetch(&self, url: &str) -> Result<Vec<u8>> {
+        self.fetch_within(url, Budget { timeout: self.settings.timeout, max_bytes: self.settings.max_bytes })
+    }
+
+    /// `fetch` for a video file: the video timeout and byte cap.
+    pub fn fetch_video(&self, url: &str) -> Result<Vec<u8>> {
+        let s = &self.settings;
+        self.fetch_within(url, Budget { timeout: s.video_timeout, max_bytes: s.video_max_bytes })
+    }
+
+    fn fetch_within(&self, url: &str, budget: Budget) -> Result<Vec<u8>> {
         if url.trim().is_empty() {
             return Err(Error::InvalidInput("the media URL is empty".into()));
         }
         let scheme = url.split_once(':').map(|(s, _)| s.to_ascii_lowercase());
         match scheme.as_deref() {
-            Some("http" | "https") => self.fetch_http(url),
-            Some("data") => self.fetch_data(url),
-            Some("file") => self.fetch_local(&file_url_path(url)?, url),
-            _ if url.starts_with('/') => self.fetch_local(Path::new(url), url),
+            Some("http" | "https") => self.fetch_http(url, budget),
+            Some("data") => self.fetch_data(url, budget.max_bytes),
+            Some("file") => self.fetch_local(&file_url_path(url)?, url, budget.max_bytes),
+            _ if url.starts_with('/') => self.fetch_local(Path::new(url), url, budget.max_bytes),
             _ => Err(Error::InvalidInput(format!(
                 "media URL {}: unsupported; use an http(s):// URL, a data:<mime>;base64, URL, \
                  or a file:// URL or absolute path (with --allowed-local-media-path)",
@@ -173,10 +212,10 @@ impl MediaFetcher {
         }
     }
 
-    fn fetch_http(&self, url: &str) -> Result<Vec<u8>> {
+    fn fetch_http(&self, url: &str, budget: Budget) -> Result<Vec<u8>> {
         let bad = |msg: String| Error::InvalidInput(format!("media URL {}: {msg}", shown(url)));
         let failed = |msg: String| Error::MediaFetch(format!("media URL {}: {msg}", shown(url)));
-        let timeout = self.settings.timeout;
+        let timeout = budget.timeout;
         let timed_out = || failed(format!("timed out after {} s", timeout.as_secs_f64()));
         let deadline = Instant::now() + timeout;
         let mut current = url.to_string();
@@ -215,7 +254,7 @@ impl MediaFetcher {
                 let reason = status.canonical_reason().unwrap_or("");
                 return Err(failed(format!("the server answered HTTP {} {reason}", status.as_u16())));
             }
-            let cap = self.settings.max_bytes;
+            let cap = budget.max_bytes;
             let too_big = || bad(format!("the response is larger than the {} allowed", bytes(cap)));
             if resp.body().content_length().is_some_and(|n| n > cap as u64) {
                 return Err(too_big());
@@ -243,7 +282,7 @@ impl MediaFetcher {
         }
     }
 
-    fn fetch_data(&self, url: &str) -> Result<Vec<u8>> {
+    fn fetch_data(&self, url: &str, cap: usize) -> Result<Vec<u8>> {
         let bad = |msg: String| Error::InvalidInput(format!("data URL {}: {msg}", shown(url)));
         let (header, payload) =
             url["data:".len()..].split_once(',').ok_or_else(|| bad("expected data:<mime>;base64,<data>".into()))?;
@@ -257,7 +296,6 @@ impl MediaFetcher {
                 shown(media_type)
             )));
         }
-        let cap = self.settings.max_bytes;
         let max_len = cap.div_ceil(3).saturating_mul(4);
         if payload.len() > max_len {
             return Err(bad(format!(
@@ -280,7 +318,7 @@ impl MediaFetcher {
 
     /// Reads `path` if it resolves, through `..` and symlinks, to a regular
     /// file under the allowed root. `url` is what the user sent, for messages.
-    fn fetch_local(&self, path: &Path, url: &str) -> Result<Vec<u8>> {
+    fn fetch_local(&self, path: &Path, url: &str, cap: usize) -> Result<Vec<u8>> {
         let Some(root) = &self.local_root else {
             return Err(Error::InvalidInput(format!(
                 "media URL {}: local media paths are not allowed; start kestrel with --allowed-local-media-path <dir>",
@@ -315,7 +353,6 @@ impl MediaFetcher {
         if !meta.is_file() {
             return Err(not_regular());
         }
-        let cap = self.settings.max_bytes;
         let too_big = || bad(&format!("is larger than the {} allowed", bytes(cap)));
         if meta.len() > cap as u64 {
             return Err(too_big());

@@ -104,7 +104,7 @@ fn timeout_parses_seconds() {
     assert_eq!(parse_timeout("5").unwrap(), Duration::from_secs(5));
     assert_eq!(parse_timeout(" 0.25 ").unwrap(), Duration::from_millis(250));
     for bad in ["0", "-1", "soon", "inf", ""] {
-        assert!(parse_timeout(bad).unwrap_err().to_string().contains(TIMEOUT_ENV), "{bad}");
+        assert!(parse_timeout(bad).is_none(), "{bad}");
     }
 }
 
