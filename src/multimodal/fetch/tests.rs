@@ -67,6 +67,18 @@ fn data_urls_are_capped_before_decoding() {
 }
 
 #[test]
+fn videos_have_their_own_byte_cap() {
+    let f = fetcher(FetchSettings { max_bytes: 30, video_max_bytes: 60, ..Default::default() });
+    let url = format!("data:video/mp4;base64,{}", base64::engine::general_purpose::STANDARD.encode([7u8; 45]));
+    assert!(err(f.fetch(&url)).contains("more than the 40 bytes allowed"));
+    assert_eq!(f.fetch_video(&url).unwrap().len(), 45);
+    let big = format!("data:video/mp4;base64,{}", base64::engine::general_purpose::STANDARD.encode([7u8; 61]));
+    assert!(err(f.fetch_video(&big)).contains("may be at most 60 bytes"));
+    let d = FetchSettings::default();
+    assert_eq!((d.video_timeout, d.video_max_bytes), (DEFAULT_VIDEO_TIMEOUT, 128 << 20));
+}
+
+#[test]
 fn base64_length_is_checked_before_decoding() {
     // 100 KB of characters that are not base64 at all: refused for their
     // length, which is only possible if the length is checked first.

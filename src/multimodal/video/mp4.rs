@@ -44,6 +44,8 @@ fn bad(msg: impl std::fmt::Display) -> Error {
 /// The first video track of `bytes` (a whole MP4 file), if it is H.264.
 pub fn avc_track(bytes: &[u8]) -> Result<AvcTrack> {
     let ctx = mp4parse::read_mp4(&mut Cursor::new(bytes)).map_err(|e| match e {
+        _ if !starts_like_mp4(bytes) => bad("is not an MP4 file (it does not begin with an MP4 box such as ftyp)"),
+        _ if cut_short(bytes) => bad("is truncated (it ends inside a box); send the whole file"),
         mp4parse::Error::UnexpectedEOF | mp4parse::Error::Io(_) => bad("is truncated (it ends inside a box)"),
         mp4parse::Error::MoovMissing => bad("has no `moov` box: it is not an MP4 file, or it is cut short"),
         mp4parse::Error::OutOfMemory => bad("declares more data than can be held"),
@@ -106,6 +108,39 @@ pub fn avc_track(bytes: &[u8]) -> Result<AvcTrack> {
         samples,
         fps,
     })
+}
+
+/// Whether the first top-level box is one an MP4 or QuickTime file begins with.
+fn starts_like_mp4(bytes: &[u8]) -> bool {
+    const FIRST: [&[u8; 4]; 9] = [b"ftyp", b"styp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pdin", b"uuid"];
+    bytes.get(4..8).is_some_and(|t| FIRST.iter().any(|f| f[..] == *t))
+}
+
+/// Whether the file's top-level boxes, which tile a whole file, run past
+/// its end (a download or copy cut short).
+fn cut_short(bytes: &[u8]) -> bool {
+    let mut at = 0usize;
+    while let Some(head) = bytes.get(at..at + 8) {
+        let size = u64::from(u32::from_be_bytes([head[0], head[1], head[2], head[3]]));
+        let size = match size {
+            // To the end of the file.
+            0 => return false,
+            // A 64-bit size follows the type.
+            1 => match bytes.get(at + 8..at + 16) {
+                Some(b) => b.iter().fold(0u64, |n, x| (n << 8) | u64::from(*x)),
+                None => return true,
+            },
+            s => s,
+        };
+        if size < 8 {
+            return false;
+        }
+        match usize::try_from(size).ok().and_then(|s| at.checked_add(s)) {
+            Some(end) if end <= bytes.len() => at = end,
+            _ => return true,
+        }
+    }
+    at < bytes.len()
 }
 
 fn unsupported(codec: &str) -> Error {
