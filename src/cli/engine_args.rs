@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use crate::engine::EngineConfig;
 use crate::error::Result;
 use crate::multimodal::fetch::FetchSettings;
+use crate::multimodal::video::VideoSampling;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct EngineArgs {
@@ -56,6 +57,12 @@ pub struct EngineArgs {
     /// (default: only public addresses; cloud metadata endpoints are always refused).
     #[arg(long)]
     pub allow_private_media_urls: bool,
+    /// How media files are loaded, per modality, as JSON: video files take
+    /// `num_frames` (frames kept, spread evenly; -1 all; default 32) and
+    /// `fps` (most frames kept per second; default no cap), e.g.
+    /// '{"video": {"num_frames": 16}}'. Other keys are refused.
+    #[arg(long, value_name = "JSON")]
+    pub media_io_kwargs: Option<String>,
 }
 
 impl EngineArgs {
@@ -95,17 +102,63 @@ impl EngineArgs {
         }
     }
 
-    /// Where request media may come from: these flags, and the fetch
-    /// timeout from KESTREL_IMAGE_FETCH_TIMEOUT.
+    /// Where request media may come from and how video files are sampled:
+    /// these flags, and the fetch timeouts from KESTREL_IMAGE_FETCH_TIMEOUT
+    /// and KESTREL_VIDEO_FETCH_TIMEOUT.
     pub fn fetch_settings(&self) -> Result<FetchSettings> {
+        let video_sampling = match &self.media_io_kwargs {
+            Some(j) => video_sampling(j).map_err(|m| crate::Error::InvalidInput(format!("--media-io-kwargs: {m}")))?,
+            None => VideoSampling::default(),
+        };
         Ok(FetchSettings {
             allowed_local_media_path: self.allowed_local_media_path.clone(),
             allowed_domains: self.allowed_media_domains.clone(),
             allow_private_addresses: self.allow_private_media_urls,
+            video_sampling,
             ..FetchSettings::from_env()?
         })
     }
 }
+
+/// vLLM's `--media-io-kwargs` (a JSON object of per-modality objects, the
+/// keyword arguments of `VideoMediaIO` and the loader's `load_bytes`): the
+/// `video` keys Kestrel implements, `num_frames` and `fps`; every other key
+/// is refused by name with the reason.
+fn video_sampling(json: &str) -> std::result::Result<VideoSampling, String> {
+    let v: serde_json::Value = serde_json::from_str(json).map_err(|e| format!("not valid JSON ({e})"))?;
+    let obj = v.as_object().ok_or_else(|| format!("expected a JSON object such as {EXAMPLE}, got {v}"))?;
+    let mut out = VideoSampling::default();
+    for (modality, kwargs) in obj {
+        if modality != "video" {
+            return Err(format!(
+                "{modality:?}: Kestrel has loading options for video files only (`video`: num_frames, fps)"
+            ));
+        }
+        let kwargs = kwargs.as_object().ok_or_else(|| format!("`video` must be an object such as {EXAMPLE}"))?;
+        for (k, val) in kwargs {
+            match k.as_str() {
+                "num_frames" => match val.as_i64() {
+                    Some(n) if n == -1 || n > 0 => out.num_frames = n,
+                    _ => return Err(format!("video num_frames must be an integer > 0, or -1 for all, got {val}")),
+                },
+                "fps" => match val.as_f64() {
+                    Some(f) if f > 0.0 || f == -1.0 => out.fps = f,
+                    _ => return Err(format!("video fps must be a number > 0, or -1 for no cap, got {val}")),
+                },
+                "video_backend" => return Err("video video_backend: Kestrel has one video decoder (OpenH264)".into()),
+                "max_duration" | "frame_recovery" => {
+                    return Err(format!(
+                        "video {k}: not implemented (only vLLM's opencv_dynamic/recovery loaders take it)"
+                    ))
+                }
+                other => return Err(format!("video {other:?}: unknown; Kestrel takes num_frames and fps")),
+            }
+        }
+    }
+    Ok(out)
+}
+
+const EXAMPLE: &str = r#"{"video": {"num_frames": 16}}"#;
 
 #[cfg(test)]
 mod tests {
@@ -155,6 +208,30 @@ mod tests {
         assert_eq!(f.allowed_domains, Some(vec!["a.com".to_string(), "b.org".to_string()]));
         assert_eq!(f.allowed_local_media_path, None);
         assert!(f.allow_private_addresses);
+        assert_eq!(f.video_sampling, VideoSampling::default());
+    }
+
+    #[test]
+    fn media_io_kwargs_set_video_sampling_and_refuse_the_rest() {
+        let s = |j: &str| Cli::parse_from(["x", "--media-io-kwargs", j]).engine.fetch_settings();
+        let got = s(r#"{"video": {"num_frames": 8, "fps": 2}}"#).unwrap().video_sampling;
+        assert_eq!(got, VideoSampling { num_frames: 8, fps: 2.0 });
+        assert_eq!(s(r#"{"video": {"num_frames": -1}}"#).unwrap().video_sampling.num_frames, -1);
+        for (j, why) in [
+            ("[1]", "expected a JSON object"),
+            ("{", "not valid JSON"),
+            (r#"{"image": {}}"#, "\"image\": Kestrel has loading options for video files only"),
+            (r#"{"video": 3}"#, "`video` must be an object"),
+            (r#"{"video": {"num_frames": 0}}"#, "num_frames must be an integer > 0, or -1"),
+            (r#"{"video": {"num_frames": 2.5}}"#, "num_frames must be an integer"),
+            (r#"{"video": {"fps": 0}}"#, "fps must be a number > 0"),
+            (r#"{"video": {"video_backend": "opencv"}}"#, "one video decoder"),
+            (r#"{"video": {"max_duration": 10}}"#, "max_duration: not implemented"),
+            (r#"{"video": {"frames": 10}}"#, "\"frames\": unknown"),
+        ] {
+            let e = s(j).unwrap_err().to_string();
+            assert!(e.starts_with("--media-io-kwargs: ") && e.contains(why), "{j}: {e}");
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@ use crate::engine::{Frontend, Request};
 use crate::error::{Error, Result};
 use crate::multimodal::fetch::MediaFetcher;
 use crate::multimodal::image::{decode_rgb8, DEFAULT_MAX_PIXELS};
+use crate::multimodal::video::{decode_mp4, VideoLimits};
 use crate::multimodal::Media;
 use protocol::{resolve_max_tokens, ChatInput};
 
@@ -111,7 +112,9 @@ impl MediaTimings {
 
 /// Fetches and decodes a request's media, in order, items in parallel:
 /// images and video frames are decoded to RGB8 (at most `max_pixels` each),
-/// embeddings files read by `embeds` (one image per file). Errors name the item.
+/// video files decoded and sampled as the fetcher's settings say
+/// (`multimodal::video`), embeddings files read by `embeds` (one image per
+/// file). Errors name the item.
 pub fn load_media(
     refs: &[MediaRef],
     fetcher: &MediaFetcher,
@@ -168,6 +171,15 @@ pub fn load_media_timed(
                     .map(|(f, url)| image(url).map_err(|e| in_item(&format!("frame {f}"), e)))
                     .collect::<Result<Vec<_>>>()
                     .map(Media::Video),
+                MediaRef::VideoFile(url) => {
+                    let bytes = timings.fetch(|| fetcher.fetch_video(url))?;
+                    let s = fetcher.settings();
+                    let limits = VideoLimits {
+                        max_frame_pixels: s.video_limits.max_frame_pixels.min(max_pixels),
+                        ..s.video_limits
+                    };
+                    timings.decode(|| decode_mp4(&bytes, s.video_sampling, &limits)).map(|v| Media::Video(v.frames))
+                }
                 MediaRef::ImageEmbeds(url) => {
                     let bytes = timings.fetch(|| fetcher.fetch(url))?;
                     let mut items = timings.decode(|| embeds(&bytes))?;
@@ -189,6 +201,7 @@ fn kind(r: &MediaRef) -> &'static str {
     match r {
         MediaRef::Image(_) => "image",
         MediaRef::Video(_) => "video",
+        MediaRef::VideoFile(_) => "video_url",
         MediaRef::ImageEmbeds(_) => "image_embeds",
     }
 }

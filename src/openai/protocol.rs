@@ -104,6 +104,8 @@ pub enum MediaRef {
     Image(String),
     /// A video given as its frames, in order.
     Video(Vec<String>),
+    /// A video file (`video_url`): an H.264 MP4, decoded and sampled.
+    VideoFile(String),
     /// A safetensors file of precomputed `image_embeds` + `image_grid_thw`
     /// (one image).
     ImageEmbeds(String),
@@ -345,7 +347,7 @@ fn template_content(content: &Value, msg: usize, media: &mut Vec<MediaRef>) -> R
         let kind = match obj.get("type") {
             Some(Value::String(t)) => t.as_str(),
             Some(_) => return Err(bad("`type` must be a string")),
-            None => ["text", "image_url", "image_embeds", "video"]
+            None => ["text", "image_url", "image_embeds", "video", "video_url"]
                 .into_iter()
                 .find(|k| obj.contains_key(*k))
                 .ok_or_else(|| bad("a content part needs a `type`"))?,
@@ -355,15 +357,7 @@ fn template_content(content: &Value, msg: usize, media: &mut Vec<MediaRef>) -> R
             "image_url" => {
                 // Either {"url": ..., "detail": ...} (detail is accepted and
                 // ignored, as vLLM does) or the URL string itself.
-                let url = match obj.get("image_url") {
-                    Some(Value::String(s)) => s.clone(),
-                    Some(Value::Object(o)) => match o.get("url") {
-                        Some(Value::String(s)) => s.clone(),
-                        _ => return Err(bad("`image_url.url` must be a string")),
-                    },
-                    _ => return Err(bad("`image_url` must be an object {\"url\": ...} or a URL string")),
-                };
-                media.push(MediaRef::Image(url));
+                media.push(MediaRef::Image(url_of(obj, "image_url").map_err(|m| bad(&m))?));
                 out.push(json!({"type": "image"}));
             }
             "image_embeds" => {
@@ -383,18 +377,32 @@ fn template_content(content: &Value, msg: usize, media: &mut Vec<MediaRef>) -> R
                 out.push(json!({"type": "video"}));
             }
             "video_url" => {
-                return Err(bad(
-                    "video files are not supported; send the frames as {\"type\": \"video\", \"video\": [url, ...]}",
-                ))
+                // An MP4 file (http(s), data:video/mp4;base64, or local),
+                // decoded and sampled when the media is loaded.
+                media.push(MediaRef::VideoFile(url_of(obj, "video_url").map_err(|m| bad(&m))?));
+                out.push(json!({"type": "video"}));
             }
             other => {
                 return Err(bad(&format!(
-                    "unknown content part type {other:?}; expected text, image_url, image_embeds or video"
+                    "unknown content part type {other:?}; expected text, image_url, image_embeds, video or video_url"
                 )))
             }
         }
     }
     Ok(Value::Array(out))
+}
+
+/// The URL of an `image_url` / `video_url` part: `{"url": ...}` (other
+/// keys such as `detail` ignored, as vLLM does) or the URL string itself.
+fn url_of(obj: &serde_json::Map<String, Value>, key: &str) -> std::result::Result<String, String> {
+    match obj.get(key) {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Object(o)) => match o.get("url") {
+            Some(Value::String(s)) => Ok(s.clone()),
+            _ => Err(format!("`{key}.url` must be a string")),
+        },
+        _ => Err(format!("`{key}` must be an object {{\"url\": ...}} or a URL string")),
+    }
 }
 
 // ---- response ----

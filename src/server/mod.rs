@@ -198,7 +198,7 @@ impl State {
     pub fn check_media_limits(&self, media: &[MediaRef]) -> Result<(), ApiError> {
         note(|n| n.media = media.len());
         let images = media.iter().filter(|m| matches!(m, MediaRef::Image(_) | MediaRef::ImageEmbeds(_))).count();
-        let videos = media.iter().filter(|m| matches!(m, MediaRef::Video(_))).count();
+        let videos = media.iter().filter(|m| matches!(m, MediaRef::Video(_) | MediaRef::VideoFile(_))).count();
         for (kind, n, limit) in [("image", images, self.cfg.limits.image), ("video", videos, self.cfg.limits.video)] {
             if n > limit {
                 return Err(ApiError::bad_request(format!(

@@ -54,7 +54,9 @@ fn interleaved_parts_become_placeholders_in_order() {
         {"type": "image_url", "image_url": "data:image/png;base64,AAAA"},
         {"type": "image_embeds", "image_embeds": "/data/e.safetensors"},
         {"type": "video", "video": ["f0.png", "f1.png"]},
-        {"image_url": {"url": "http://a/untyped.png"}}
+        {"image_url": {"url": "http://a/untyped.png"}},
+        {"type": "video_url", "video_url": {"url": "http://a/clip.mp4"}},
+        {"video_url": "data:video/mp4;base64,AAAA"}
     ])))
     .unwrap();
     assert_eq!(
@@ -66,7 +68,9 @@ fn interleaved_parts_become_placeholders_in_order() {
             {"type": "image"},
             {"type": "image"},
             {"type": "video"},
-            {"type": "image"}
+            {"type": "image"},
+            {"type": "video"},
+            {"type": "video"}
         ])
     );
     assert_eq!(
@@ -77,6 +81,8 @@ fn interleaved_parts_become_placeholders_in_order() {
             MediaRef::ImageEmbeds("/data/e.safetensors".into()),
             MediaRef::Video(vec!["f0.png".into(), "f1.png".into()]),
             MediaRef::Image("http://a/untyped.png".into()),
+            MediaRef::VideoFile("http://a/clip.mp4".into()),
+            MediaRef::VideoFile("data:video/mp4;base64,AAAA".into()),
         ]
     );
 }
@@ -217,7 +223,10 @@ fn bad_content_parts_are_named() {
     let part = |p: Value| err(user(json!([{"type": "text", "text": "x"}, p])));
     let e = part(json!({"type": "input_audio", "input_audio": {}}));
     assert!(e.contains("messages[0].content[1]: unknown content part type \"input_audio\""), "{e}");
-    assert!(part(json!({"type": "video_url", "video_url": {"url": "v.mp4"}})).contains("video files are not supported"));
+    assert!(
+        part(json!({"type": "video_url", "video_url": {"uri": "v.mp4"}})).contains("`video_url.url` must be a string")
+    );
+    assert!(part(json!({"type": "video_url", "video_url": 3})).contains("`video_url` must be an object"));
     assert!(
         part(json!({"type": "image_url", "image_url": {"detail": "low"}})).contains("`image_url.url` must be a string")
     );
