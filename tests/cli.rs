@@ -106,6 +106,7 @@ fn readme_vllm_flags_match_serve_help() {
     assert!(compat.len() >= 14, "{compat:?}");
     // Shared with `generate` (EngineArgs), so not among VllmFlags, but vLLM's.
     assert!(table.iter().any(|f| f == "--mm-processor-kwargs"), "{table:?}");
+    assert!(table.iter().any(|f| f == "--media-io-kwargs"), "{table:?}");
     for flag in compat {
         assert!(table.contains(&flag), "{flag} is missing from README's vLLM flags table");
         assert!(names(&help, &flag), "{flag} is missing from `kestrel serve --help`");
@@ -119,6 +120,8 @@ fn refused(args: &[&str], env: &[(&str, &str)]) -> String {
         .args(args)
         .env_remove("KESTREL_IMAGE_FETCH_TIMEOUT")
         .env_remove("VLLM_IMAGE_FETCH_TIMEOUT")
+        .env_remove("KESTREL_VIDEO_FETCH_TIMEOUT")
+        .env_remove("VLLM_VIDEO_FETCH_TIMEOUT")
         .envs(env.iter().copied())
         .output()
         .unwrap();
@@ -136,6 +139,8 @@ fn refused_vllm_flags_exit_with_the_reason() {
         (&["--kv-cache-dtype", "fp8"], "activation dtype"),
         (&["--mm-processor-kwargs", r#"{"num_crops": 4}"#], "not a setting of Qwen2-VL's processor"),
         (&["--mm-processor-kwargs", "[4]"], "expected a JSON object"),
+        (&["--media-io-kwargs", r#"{"video": {"num_frames": 0}}"#], "num_frames must be an integer > 0, or -1"),
+        (&["--media-io-kwargs", r#"{"video": {"video_backend": "opencv"}}"#], "one video decoder"),
     ] {
         let err = refused(args, &[]);
         assert!(err.contains("kestrel serve: ") && err.contains(why), "{args:?}: {err}");
@@ -155,4 +160,9 @@ fn vllm_image_fetch_timeout_is_read_and_ours_wins() {
     assert!(err.contains("VLLM_IMAGE_FETCH_TIMEOUT=\"soon\""), "{err}");
     let err = refused(&[], &[("VLLM_IMAGE_FETCH_TIMEOUT", "5"), ("KESTREL_IMAGE_FETCH_TIMEOUT", "later")]);
     assert!(err.contains("KESTREL_IMAGE_FETCH_TIMEOUT=\"later\""), "{err}");
+    // The video fetch timeout is read the same way.
+    let err = refused(&[], &[("VLLM_VIDEO_FETCH_TIMEOUT", "0")]);
+    assert!(err.contains("VLLM_VIDEO_FETCH_TIMEOUT=\"0\""), "{err}");
+    let err = refused(&[], &[("VLLM_VIDEO_FETCH_TIMEOUT", "5"), ("KESTREL_VIDEO_FETCH_TIMEOUT", "-1")]);
+    assert!(err.contains("KESTREL_VIDEO_FETCH_TIMEOUT=\"-1\""), "{err}");
 }
