@@ -42,6 +42,8 @@ fn chat(body: &str) {
         .map(|m| match m {
             MediaRef::Image(_) => Media::Image(stand_in()),
             MediaRef::Video(frames) => Media::Video(frames.iter().map(|_| stand_in()).collect()),
+            // A decoded file stands in as two frames (decoding is the video target's business).
+            MediaRef::VideoFile(_) => Media::Video(vec![stand_in(), stand_in()]),
             // One merged token's worth of features for a 1x2x2 patch grid.
             MediaRef::ImageEmbeds(_) => {
                 Media::ImageEmbeds { values: vec![0.5; 4 / (merge * merge) * hidden], grid: [1, 2, 2] }

@@ -131,3 +131,20 @@ impl OneOrThree {
         }
     }
 }
+
+/// An error naming the first of `fields` (config key, value) that is 0.
+pub fn require_positive(fields: &[(&str, usize)]) -> Result<()> {
+    match fields.iter().find(|(_, v)| *v == 0) {
+        Some((name, _)) => Err(Error::Config(format!("`{name}` is 0; it must be positive"))),
+        None => Ok(()),
+    }
+}
+
+/// GQA needs `heads` divisible by `kv_heads`; the keys are the config's
+/// names of the two fields (with their prefix).
+pub fn require_gqa(heads: (&str, usize), kv_heads: (&str, usize)) -> Result<()> {
+    if heads.1.is_multiple_of(kv_heads.1) {
+        return Ok(());
+    }
+    Err(Error::Config(format!("`{}` ({}) must be divisible by `{}` ({})", heads.0, heads.1, kv_heads.0, kv_heads.1)))
+}

@@ -130,6 +130,25 @@ pub fn image_features_in_order(
     Ok(all)
 }
 
+/// The image features of a prompt for a family whose tower takes all the
+/// prompt's pixel images in one call (`encode`, run only when there are
+/// some): precomputed ones go among them in prompt order, `rows_of` rows
+/// each. No video.
+pub fn image_media_features(
+    dev: &Device,
+    hidden: usize,
+    input: &PreparedInput,
+    encode: impl FnOnce() -> Result<Tensor>,
+    rows_of: impl Fn([usize; 3]) -> usize,
+) -> Result<MediaFeatures> {
+    let pixels = if input.images.grids.is_empty() { None } else { Some(encode()?) };
+    let image = match (pixels, input.image_embeds.is_empty()) {
+        (pixels, true) => pixels,
+        (pixels, false) => Some(image_features_in_order(dev, hidden, input, pixels.as_ref(), rows_of)?),
+    };
+    Ok(MediaFeatures { image, video: None })
+}
+
 /// A prompt's media features, rows in placeholder order per kind.
 pub struct MediaFeatures {
     pub image: Option<Tensor>,

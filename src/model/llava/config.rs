@@ -13,7 +13,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::model::config::{read_json, Activation, Obj};
+use crate::model::config::{read_json, require_gqa, require_positive, Activation, Obj};
 
 /// `architectures` values this family serves.
 pub const SUPPORTED_ARCHITECTURES: [&str; 1] = ["LlavaForConditionalGeneration"];
@@ -141,7 +141,7 @@ impl LlavaConfig {
 
     fn validate(&self) -> Result<()> {
         let (t, v) = (&self.text_config, &self.vision_config);
-        for (name, value) in [
+        require_positive(&[
             ("text_config.hidden_size", t.hidden_size),
             ("text_config.num_hidden_layers", t.num_hidden_layers),
             ("text_config.num_attention_heads", t.num_attention_heads),
@@ -152,17 +152,11 @@ impl LlavaConfig {
             ("vision_config.num_attention_heads", v.num_attention_heads),
             ("vision_config.patch_size", v.patch_size),
             ("vision_config.image_size", v.image_size),
-        ] {
-            if value == 0 {
-                return Err(Error::Config(format!("`{name}` is 0; it must be positive")));
-            }
-        }
-        if !t.num_attention_heads.is_multiple_of(t.num_key_value_heads) {
-            return Err(Error::Config(format!(
-                "`text_config.num_attention_heads` ({}) must be divisible by `num_key_value_heads` ({})",
-                t.num_attention_heads, t.num_key_value_heads
-            )));
-        }
+        ])?;
+        require_gqa(
+            ("text_config.num_attention_heads", t.num_attention_heads),
+            ("num_key_value_heads", t.num_key_value_heads),
+        )?;
         if t.head_dim % 2 != 0 {
             return Err(Error::Config(format!("text head dim {} must be even for RoPE", t.head_dim)));
         }

@@ -14,7 +14,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::model::config::{read_json, Activation, Obj};
+use crate::model::config::{read_json, require_gqa, require_positive, Activation, Obj};
 use crate::model::decoder::LongRope;
 use crate::model::llava::config::ClipVisionConfig;
 
@@ -139,7 +139,7 @@ impl Phi3VConfig {
 
     fn validate(&self) -> Result<()> {
         let (t, v) = (&self.text_config, &self.vision_config);
-        for (name, value) in [
+        require_positive(&[
             ("hidden_size", t.hidden_size),
             ("num_hidden_layers", t.num_hidden_layers),
             ("num_attention_heads", t.num_attention_heads),
@@ -148,17 +148,8 @@ impl Phi3VConfig {
             ("vocab_size", t.vocab_size),
             ("img_processor.vision_config.hidden_size", v.hidden_size),
             ("img_processor.vision_config.num_attention_heads", v.num_attention_heads),
-        ] {
-            if value == 0 {
-                return Err(Error::Config(format!("`{name}` is 0; it must be positive")));
-            }
-        }
-        if !t.num_attention_heads.is_multiple_of(t.num_key_value_heads) {
-            return Err(Error::Config(format!(
-                "`num_attention_heads` ({}) must be divisible by `num_key_value_heads` ({})",
-                t.num_attention_heads, t.num_key_value_heads
-            )));
-        }
+        ])?;
+        require_gqa(("num_attention_heads", t.num_attention_heads), ("num_key_value_heads", t.num_key_value_heads))?;
         if t.head_dim % 2 != 0 {
             return Err(Error::Config(format!("head dim {} must be even for RoPE", t.head_dim)));
         }

@@ -20,7 +20,7 @@ use crate::error::Result;
 use crate::model::connector::MlpProjector;
 use crate::model::contract::{Model, ModelSpec};
 use crate::model::decoder::Decoder;
-use crate::model::inputs::{image_features_in_order, MediaFeatures, PreparedInput};
+use crate::model::inputs::{image_media_features, MediaFeatures, PreparedInput};
 use crate::model::vision::clip::{ClipDims, ClipVision};
 use crate::model::vision::VisionAct;
 use crate::ops::embedding;
@@ -167,23 +167,14 @@ impl Model for Phi3V {
     }
 
     fn encode_media(&self, input: &PreparedInput, observe: &mut dyn FnMut(&str, &Tensor)) -> Result<MediaFeatures> {
-        let total = input.images.grids.len() + input.image_embeds.len();
-        if total == 0 {
-            return Ok(MediaFeatures { image: None, video: None });
-        }
-        let pixels = if input.images.grids.is_empty() {
-            None
-        } else {
-            Some(self.encode_images(&input.images.values, &input.images.grids, observe)?)
-        };
-        if input.image_embeds.is_empty() {
-            return Ok(MediaFeatures { image: pixels, video: None });
-        }
         let ms = self.config.merged_side();
-        let all = image_features_in_order(&self.device, self.text.dims.hidden, input, pixels.as_ref(), |g| {
-            super::processor::tokens_for(ms, [g[1], g[2]])
-        })?;
-        Ok(MediaFeatures { image: Some(all), video: None })
+        image_media_features(
+            &self.device,
+            self.text.dims.hidden,
+            input,
+            || self.encode_images(&input.images.values, &input.images.grids, observe),
+            |g| super::processor::tokens_for(ms, [g[1], g[2]]),
+        )
     }
 
     /// The tower's live tensors for one image's views at once: residual,

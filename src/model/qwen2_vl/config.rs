@@ -34,7 +34,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::model::config::{Activation, Obj};
+use crate::model::config::{require_gqa, require_positive, Activation, Obj};
 
 /// `architectures` values we serve.
 pub const SUPPORTED_ARCHITECTURES: [&str; 2] = ["Qwen2VLForConditionalGeneration", "Qwen2VLModel"];
@@ -202,7 +202,7 @@ impl Qwen2VlConfig {
     pub fn validate(&self) -> Result<()> {
         let t = &self.text_config;
         let v = &self.vision_config;
-        for (name, value) in [
+        require_positive(&[
             ("hidden_size", t.hidden_size),
             ("intermediate_size", t.intermediate_size),
             ("num_hidden_layers", t.num_hidden_layers),
@@ -217,11 +217,7 @@ impl Qwen2VlConfig {
             ("vision_config.patch_size", v.patch_size),
             ("vision_config.temporal_patch_size", v.temporal_patch_size),
             ("vision_config.spatial_merge_size", v.spatial_merge_size),
-        ] {
-            if value == 0 {
-                return Err(Error::Config(format!("`{name}` is 0; it must be positive")));
-            }
-        }
+        ])?;
         if !t.hidden_size.is_multiple_of(t.num_attention_heads) {
             return Err(Error::Config(format!(
                 "`hidden_size` ({}) must be divisible by `num_attention_heads` ({})",
@@ -235,12 +231,7 @@ impl Qwen2VlConfig {
                 t.hidden_size / t.num_attention_heads
             )));
         }
-        if !t.num_attention_heads.is_multiple_of(t.num_key_value_heads) {
-            return Err(Error::Config(format!(
-                "`num_attention_heads` ({}) must be divisible by `num_key_value_heads` ({})",
-                t.num_attention_heads, t.num_key_value_heads
-            )));
-        }
+        require_gqa(("num_attention_heads", t.num_attention_heads), ("num_key_value_heads", t.num_key_value_heads))?;
         let sum: usize = t.mrope_section.iter().sum();
         if 2 * sum != t.head_dim {
             return Err(Error::Config(format!(
