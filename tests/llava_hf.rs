@@ -16,51 +16,42 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use common::golden::rel_err;
+use common::golden::{rel_err, Fixture};
 use kestrel::engine::engine::load;
 use kestrel::engine::{EngineConfig, Event, Pooling, Task};
 use kestrel::model::llava::config::LlavaConfig;
 use kestrel::model::llava::model::clip_dims;
 use kestrel::model::llava::processor::{preprocess, ClipProcessorConfig};
 use kestrel::model::{registry, seq};
-use kestrel::multimodal::image::{decode_rgb8, DEFAULT_MAX_PIXELS};
 use kestrel::multimodal::Media;
 use kestrel::Tensor;
 
 const REL_BOUND: f64 = 1e-5;
 
+fn fx() -> Fixture {
+    Fixture::new("tiny-llava")
+}
+
 fn model_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llava")
+    fx().dir()
 }
 
 fn golden_file(name: &str) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
-    common::golden::tensors(&model_dir().join(format!("golden/{name}.safetensors")))
+    fx().golden(name)
 }
 
 fn cases() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(model_dir().join("golden/cases.json")).unwrap()).unwrap()
+    fx().cases()
 }
 
 fn image(file: &str) -> image::RgbImage {
-    decode_rgb8(&std::fs::read(model_dir().join("golden").join(file)).unwrap(), DEFAULT_MAX_PIXELS).unwrap()
+    fx().image(file)
 }
 
-/// HF's message parts name image files; ours carry the images separately.
 fn messages_and_media(case: &serde_json::Value) -> (serde_json::Value, Vec<Media>) {
-    let mut media = Vec::new();
-    let mut msgs = case["messages"].clone();
-    for m in msgs.as_array_mut().unwrap() {
-        let Some(parts) = m["content"].as_array_mut() else { continue };
-        for part in parts {
-            if part["type"] == "image" {
-                media.push(Media::Image(image(part["image"].as_str().unwrap())));
-                *part = serde_json::json!({"type": "image"});
-            }
-        }
-    }
-    (msgs, media)
+    fx().messages_and_media(case)
 }
 
 #[test]
