@@ -187,3 +187,53 @@ fn precomputed_embeddings_with_image_sizes_equal_pixels() {
     let e = fe.processor.parse_image_embeds(&file(tokens, [300, 672])).err().unwrap().to_string();
     assert!(e.contains("multiples of 336"), "{e}");
 }
+
+/// `--mm-processor-kwargs '{"num_crops": N}'` over preprocessor_config.json's
+/// 4: a 672×672 image is a 2×2 grid at 4 and a single crop at 1; keys the
+/// processor does not have are refused by name.
+#[test]
+fn num_crops_comes_from_the_processor_kwargs() {
+    use kestrel::model::ProcessorKwargs;
+    let grid = |kwargs: serde_json::Value| {
+        let kwargs: ProcessorKwargs = kwargs.as_object().unwrap().clone();
+        kestrel::model::processor_with(&fixture(), &kwargs).map(|p| p.image_grid(672, 672).unwrap())
+    };
+    assert_eq!(grid(serde_json::json!({})).unwrap(), [1, 2, 2]);
+    assert_eq!(grid(serde_json::json!({"num_crops": 1})).unwrap(), [1, 1, 1]);
+    assert_eq!(grid(serde_json::json!({"num_crops": 16})).unwrap(), [1, 4, 4]);
+    let e = grid(serde_json::json!({"max_pixels": 100})).err().unwrap().to_string();
+    assert!(e.contains("max_pixels") && e.contains("num_crops"), "{e}");
+    let e = grid(serde_json::json!({"num_crops": 0})).err().unwrap().to_string();
+    assert!(e.contains("num_crops"), "{e}");
+}
+
+/// The guide's offline multi-image prompt: `kestrel generate --model DIR
+/// --image a --image b --prompt ...` answers with the greedy tokens the
+/// engine's one-sequence decoding gives for the same message.
+#[test]
+fn generate_takes_several_images() {
+    let dir = fixture();
+    let files = ["img_336x336.png", "img_640x200.png"];
+    let (fe, core) = load(&cpu()).unwrap();
+    let prompt = "What are the animals in these images?";
+    let msgs = serde_json::json!([{"role": "user", "content": [
+        {"type": "image"}, {"type": "image"}, {"type": "text", "text": prompt}]}]);
+    let input = fe.prepare_chat(&msgs, &files.map(image)).unwrap();
+    let stop = {
+        let mut s = fe.spec().eos_token_id.clone();
+        s.extend_from_slice(fe.tokenizer.eos_token_ids());
+        s
+    };
+    let tokens = seq::generate_greedy(core.runner().model.as_ref(), &input, 8, &stop).unwrap();
+    let expected = fe.tokenizer.decode(&tokens, true).unwrap();
+    let golden = dir.join("golden");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kestrel"))
+        .args(["generate", "--device", "cpu", "--max-tokens", "8", "--prompt", prompt, "--model"])
+        .arg(&dir)
+        .args(files.iter().flat_map(|f| ["--image".into(), golden.join(f).display().to_string()]))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.strip_suffix('\n').unwrap_or(&stdout), expected);
+}
