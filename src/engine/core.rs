@@ -160,9 +160,7 @@ impl EngineCore {
             return Err(Error::InvalidInput(format!("request id {id} is already running")));
         }
         let Request { mut input, params } = req;
-        if let Some(lr) = &self.runner().model.decoder().dims.longrope {
-            input.set_rope_table(lr.table_for(input.input_ids.len() + params.max_tokens));
-        }
+        self.fix_rope_table(&mut input, params.max_tokens);
         let input = Arc::new(input);
         let mut live = Vec::with_capacity(params.n);
         for index in 0..params.n {
@@ -203,9 +201,7 @@ impl EngineCore {
             return Err(Error::InvalidInput(format!("request id {id} is already running")));
         }
         let mut input = input;
-        if let Some(lr) = &self.runner().model.decoder().dims.longrope {
-            input.set_rope_table(lr.table_for(input.input_ids.len()));
-        }
+        self.fix_rope_table(&mut input, 0);
         let input = Arc::new(input);
         let sid = self.next_seq;
         self.next_seq += 1;
@@ -228,6 +224,15 @@ impl EngineCore {
         let params = RequestParams { max_tokens: 1, ..Default::default() };
         self.reqs.insert(id, RequestState { params, sink, live: vec![sid], usage });
         Ok(())
+    }
+
+    /// Fixes a longrope decoder's table for a sequence of this prompt and up
+    /// to `max_tokens` more (nothing for other decoders).
+    fn fix_rope_table(&self, input: &mut PreparedInput, max_tokens: usize) {
+        let dims = &self.runner().model.decoder().dims;
+        if let Some(table) = dims.rope_table_for(input.input_ids.len() + max_tokens) {
+            input.set_rope_table(table);
+        }
     }
 
     /// Ends a request now: its blocks go back to the pool at once and its

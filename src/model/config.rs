@@ -20,6 +20,20 @@ pub fn read_json(dir: &Path) -> Result<Value> {
     serde_json::from_str(&text).map_err(|e| Error::Config(format!("{}: not valid JSON: {e}", path.display())))
 }
 
+/// `parse` over `<dir>/config.json`; its config errors name the file.
+pub fn parse_dir<T>(dir: &Path, parse: impl FnOnce(&Value) -> Result<T>) -> Result<T> {
+    parse(&read_json(dir)?).map_err(|e| match e {
+        Error::Config(m) => Error::Config(format!("{}: {m}", dir.join("config.json").display())),
+        e => e,
+    })
+}
+
+/// `parse` over config.json's text.
+pub fn parse_str<T>(s: &str, parse: impl FnOnce(&Value) -> Result<T>) -> Result<T> {
+    let v: Value = serde_json::from_str(s).map_err(|e| Error::Config(format!("config.json is not valid JSON: {e}")))?;
+    parse(&v)
+}
+
 /// Activation functions by their transformers `ACT2FN` names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {

@@ -110,6 +110,12 @@ impl DecoderDims {
         attn + 3 * h * self.intermediate + 2 * h
     }
 
+    /// The longrope table of a sequence that may grow to `max_len` tokens
+    /// ([`LongRope::table_for`]); None without longrope.
+    pub fn rope_table_for(&self, max_len: usize) -> Option<i32> {
+        self.longrope.as_ref().map(|lr| lr.table_for(max_len))
+    }
+
     /// KV cache bytes one token adds: K and V of every layer.
     pub fn kv_bytes_per_token(&self, dtype_bytes: usize) -> usize {
         2 * self.layers * self.kv_heads * self.head_dim * dtype_bytes
@@ -364,6 +370,11 @@ impl Decoder {
         let n = x.shape()[0];
         crate::ensure_shape!(n == batch.tokens, "decoder", "{n} rows for a batch of {} tokens", batch.tokens);
         let scale = 1.0 / (d.head_dim as f32).sqrt();
+        let sections = d.mrope_section;
+        let freqs = match (&self.rope_tables, &d.longrope) {
+            (Some(t), Some(lr)) => rope::Freqs::Table { inv_freq: t, mscale: lr.attention_factor },
+            _ => rope::Freqs::Theta(d.rope_theta),
+        };
 
         let mut h = Tensor::empty(&dev, &[n, d.hidden], dt)?;
         norm::rms_norm(&mut h, &x, &self.layers[0].input_norm, d.eps)?;
@@ -373,11 +384,6 @@ impl Decoder {
             let mut qkv = Tensor::empty(&dev, &[n, l.qkv.shape()[0]], dt)?;
             gemm::gemm(&mut qkv, &h, &l.qkv)?;
             let mut q = Tensor::empty(&dev, &[n, d.heads, d.head_dim], dt)?;
-            let (sections, theta) = (d.mrope_section, d.rope_theta);
-            let freqs = match (&self.rope_tables, &d.longrope) {
-                (Some(t), Some(lr)) => rope::Freqs::Table { inv_freq: t, mscale: lr.attention_factor },
-                _ => rope::Freqs::Theta(theta),
-            };
             let (kc, vc) = (&mut kv.k[i], &mut kv.v[i]);
             qkv_rope::qkv_rope_cache(
                 &mut q,

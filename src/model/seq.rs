@@ -51,8 +51,8 @@ pub fn embed_prompt(m: &dyn Model, input: &PreparedInput, observe: &mut dyn FnMu
 /// one the input fixed, else the decoder's choice for that length (None
 /// without longrope).
 pub fn rope_table(m: &dyn Model, input: &PreparedInput, max_len: usize) -> Option<i32> {
-    let lr = m.decoder().dims.longrope.as_ref()?;
-    Some(input.rope_table.unwrap_or_else(|| lr.table_for(max_len)))
+    let table = m.decoder().dims.rope_table_for(max_len)?;
+    Some(input.rope_table.unwrap_or(table))
 }
 
 /// Runs the prompt into `cache`; returns the final-normed hidden states of

@@ -13,7 +13,9 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::model::config::{read_json, require_gqa, require_positive, Activation, Obj};
+use crate::model::config::{parse_dir, parse_str, require_gqa, require_positive, Activation, Obj};
+use crate::model::vision::clip::ClipDims;
+use crate::model::vision::VisionAct;
 
 /// `architectures` values this family serves.
 pub const SUPPORTED_ARCHITECTURES: [&str; 1] = ["LlavaForConditionalGeneration"];
@@ -49,6 +51,36 @@ pub struct ClipVisionConfig {
     pub layer_norm_eps: f64,
 }
 
+impl ClipVisionConfig {
+    /// The tower's shape; `act_field` names `hidden_act` in errors.
+    pub fn dims(&self, act_field: &str) -> Result<ClipDims> {
+        Ok(ClipDims {
+            hidden: self.hidden_size,
+            intermediate: self.intermediate_size,
+            layers: self.num_hidden_layers,
+            heads: self.num_attention_heads,
+            image_size: self.image_size,
+            patch: self.patch_size,
+            channels: self.num_channels,
+            eps: self.layer_norm_eps as f32,
+            act: VisionAct::from_config(self.hidden_act, act_field)?,
+        })
+    }
+
+    /// Flops of the patch embedding and the first `layers` layers on one
+    /// image: per layer 4 hidden² + 2 hidden·intermediate MACs per row and
+    /// full attention over the image's rows (patches + the class token).
+    pub fn image_flops(&self, layers: usize) -> f64 {
+        let side = self.image_size / self.patch_size;
+        let patches = (side * side) as f64;
+        let rows = patches + 1.0;
+        let (e, m) = (self.hidden_size as f64, self.intermediate_size as f64);
+        let embed = 2.0 * patches * (self.num_channels * self.patch_size * self.patch_size) as f64 * e;
+        let layer = 2.0 * rows * (4.0 * e * e + 2.0 * e * m) + 4.0 * rows * rows * e;
+        embed + layers as f64 * layer
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct LlavaConfig {
     pub text_config: LlamaTextConfig,
@@ -66,16 +98,11 @@ pub struct LlavaConfig {
 
 impl LlavaConfig {
     pub fn from_dir(dir: &Path) -> Result<Self> {
-        Self::from_value(&read_json(dir)?).map_err(|e| match e {
-            Error::Config(m) => Error::Config(format!("{}: {m}", dir.join("config.json").display())),
-            e => e,
-        })
+        parse_dir(dir, Self::from_value)
     }
 
     pub fn from_json_str(s: &str) -> Result<Self> {
-        let v: Value =
-            serde_json::from_str(s).map_err(|e| Error::Config(format!("config.json is not valid JSON: {e}")))?;
-        Self::from_value(&v)
+        parse_str(s, Self::from_value)
     }
 
     pub fn from_value(root: &Value) -> Result<Self> {

@@ -94,15 +94,8 @@ pub fn spec(c: &LlavaConfig) -> ModelSpec {
 /// row and full attention over the image's rows, then the projector.
 pub fn vision_flops(c: &LlavaConfig) -> f64 {
     let v = &c.vision_config;
-    let side = v.image_size / v.patch_size;
-    let patches = (side * side) as f64;
-    let rows = patches + 1.0;
-    let (e, m) = (v.hidden_size as f64, v.intermediate_size as f64);
-    let layers =
-        model::clip_dims(c).and_then(|d| d.layers_for(c.vision_feature_layer)).unwrap_or(v.num_hidden_layers) as f64;
-    let embed = 2.0 * patches * (v.num_channels * v.patch_size * v.patch_size) as f64 * e;
-    let layer = 2.0 * rows * (4.0 * e * e + 2.0 * e * m) + 4.0 * rows * rows * e;
-    let th = c.text_config.hidden_size as f64;
+    let layers = model::clip_dims(c).and_then(|d| d.layers_for(c.vision_feature_layer)).unwrap_or(v.num_hidden_layers);
+    let (e, th) = (v.hidden_size as f64, c.text_config.hidden_size as f64);
     let projector = 2.0 * c.image_tokens() as f64 * (e * th + th * th);
-    embed + layers * layer + projector
+    v.image_flops(layers) + projector
 }

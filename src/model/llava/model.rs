@@ -29,18 +29,7 @@ pub struct Llava {
 
 /// The tower's shape from the config.
 pub fn clip_dims(c: &LlavaConfig) -> Result<ClipDims> {
-    let v = &c.vision_config;
-    Ok(ClipDims {
-        hidden: v.hidden_size,
-        intermediate: v.intermediate_size,
-        layers: v.num_hidden_layers,
-        heads: v.num_attention_heads,
-        image_size: v.image_size,
-        patch: v.patch_size,
-        channels: v.num_channels,
-        eps: v.layer_norm_eps as f32,
-        act: VisionAct::from_config(v.hidden_act, "vision_config.hidden_act")?,
-    })
+    c.vision_config.dims("vision_config.hidden_act")
 }
 
 impl Llava {

@@ -14,7 +14,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::model::config::{read_json, require_gqa, require_positive, Activation, Obj};
+use crate::model::config::{parse_dir, parse_str, require_gqa, require_positive, Activation, Obj};
 use crate::model::decoder::LongRope;
 use crate::model::llava::config::ClipVisionConfig;
 
@@ -53,16 +53,11 @@ pub struct Phi3VConfig {
 
 impl Phi3VConfig {
     pub fn from_dir(dir: &Path) -> Result<Self> {
-        Self::from_value(&read_json(dir)?).map_err(|e| match e {
-            Error::Config(m) => Error::Config(format!("{}: {m}", dir.join("config.json").display())),
-            e => e,
-        })
+        parse_dir(dir, Self::from_value)
     }
 
     pub fn from_json_str(s: &str) -> Result<Self> {
-        let v: Value =
-            serde_json::from_str(s).map_err(|e| Error::Config(format!("config.json is not valid JSON: {e}")))?;
-        Self::from_value(&v)
+        parse_str(s, Self::from_value)
     }
 
     pub fn from_value(root: &Value) -> Result<Self> {

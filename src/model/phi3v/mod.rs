@@ -100,15 +100,9 @@ pub fn spec(c: &Phi3VConfig, image_token_id: u32) -> ModelSpec {
 /// projector on every image token.
 pub fn vision_flops(c: &Phi3VConfig, crops: [usize; 2], tokens: usize) -> f64 {
     let v = &c.vision_config;
-    let side = v.image_size / v.patch_size;
-    let patches = (side * side) as f64;
-    let rows = patches + 1.0;
-    let (e, m) = (v.hidden_size as f64, v.intermediate_size as f64);
-    let layers = model::clip_dims(c).and_then(|d| d.layers_for(c.layer_idx)).unwrap_or(v.num_hidden_layers) as f64;
-    let embed = 2.0 * patches * (v.num_channels * v.patch_size * v.patch_size) as f64 * e;
-    let layer = 2.0 * rows * (4.0 * e * e + 2.0 * e * m) + 4.0 * rows * rows * e;
+    let layers = model::clip_dims(c).and_then(|d| d.layers_for(c.layer_idx)).unwrap_or(v.num_hidden_layers);
     let views = (1 + crops[0] * crops[1]) as f64;
-    let th = c.text_config.hidden_size as f64;
+    let (e, th) = (v.hidden_size as f64, c.text_config.hidden_size as f64);
     let projector = 2.0 * tokens as f64 * (4.0 * e * th + th * th);
-    views * (embed + layers * layer) + projector
+    views * v.image_flops(layers) + projector
 }

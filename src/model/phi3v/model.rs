@@ -39,18 +39,7 @@ pub struct Phi3V {
 
 /// The tower's shape from the config.
 pub fn clip_dims(c: &Phi3VConfig) -> Result<ClipDims> {
-    let v = &c.vision_config;
-    Ok(ClipDims {
-        hidden: v.hidden_size,
-        intermediate: v.intermediate_size,
-        layers: v.num_hidden_layers,
-        heads: v.num_attention_heads,
-        image_size: v.image_size,
-        patch: v.patch_size,
-        channels: v.num_channels,
-        eps: v.layer_norm_eps as f32,
-        act: VisionAct::from_config(v.hidden_act, "img_processor.vision_config.hidden_act")?,
-    })
+    c.vision_config.dims("img_processor.vision_config.hidden_act")
 }
 
 /// Rows of the gather for one image of `crops` = [h, w] crops whose views

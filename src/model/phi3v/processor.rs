@@ -42,22 +42,22 @@ pub fn tokens_for(side: usize, crops: [usize; 2]) -> usize {
     (h * w + 1) * side * side + 1 + (h + 1) * side
 }
 
-/// The id of added token `content` in the folder's tokenizer.json.
-fn added_token(dir: &Path, content: &str) -> Option<u32> {
-    let s = std::fs::read_to_string(dir.join("tokenizer.json")).ok()?;
-    let v: Value = serde_json::from_str(&s).ok()?;
-    v.get("added_tokens")?
-        .as_array()?
-        .iter()
-        .find(|t| t.get("content").and_then(Value::as_str) == Some(content))
-        .and_then(|t| t.get("id")?.as_u64())
-        .map(|i| i as u32)
+/// The added tokens (content, id) of the folder's tokenizer.json; none when
+/// it is absent or unreadable (the tokenizer's own loading reports that).
+fn added_tokens(dir: &Path) -> Vec<(String, u32)> {
+    let Some(v) =
+        std::fs::read_to_string(dir.join("tokenizer.json")).ok().and_then(|s| serde_json::from_str::<Value>(&s).ok())
+    else {
+        return Vec::new();
+    };
+    let list = v.get("added_tokens").and_then(Value::as_array).map_or(&[][..], Vec::as_slice);
+    list.iter().filter_map(|t| Some((t.get("content")?.as_str()?.to_owned(), t.get("id")?.as_u64()? as u32))).collect()
 }
 
-/// `<|image|>`'s id in the folder's tokenizer.json (its added tokens), or
-/// the published id when the tokenizer does not name it.
-pub fn image_token_id(dir: &Path, c: &Phi3VConfig) -> Result<u32> {
-    let id = added_token(dir, "<|image|>").unwrap_or(PUBLISHED_IMAGE_TOKEN_ID);
+/// `<|image|>`'s id among the tokenizer's added tokens, or the published id
+/// when the tokenizer does not name it.
+fn image_token_id(added: &[(String, u32)], c: &Phi3VConfig) -> Result<u32> {
+    let id = added.iter().find(|(t, _)| t == "<|image|>").map_or(PUBLISHED_IMAGE_TOKEN_ID, |&(_, i)| i);
     if id as usize >= c.text_config.vocab_size {
         return Err(Error::Config(format!(
             "the image placeholder `<|image|>` (id {id}) is outside the vocabulary ({}); the tokenizer \
@@ -73,8 +73,9 @@ pub fn image_token_id(dir: &Path, c: &Phi3VConfig) -> Result<u32> {
 /// stops on `</s>` (2) only, but the model ends its turns with `<|end|>`, as
 /// its template writes them.
 pub fn spec_in(dir: &Path, c: &Phi3VConfig) -> Result<ModelSpec> {
-    let mut spec = super::spec(c, image_token_id(dir, c)?);
-    if let Some(end) = added_token(dir, "<|end|>") {
+    let added = added_tokens(dir);
+    let mut spec = super::spec(c, image_token_id(&added, c)?);
+    if let Some(&(_, end)) = added.iter().find(|(t, _)| t == "<|end|>") {
         if !spec.eos_token_id.contains(&end) {
             spec.eos_token_id.push(end);
         }
@@ -120,8 +121,9 @@ impl HdConfig {
         for (key, v) in kwargs {
             match key.as_str() {
                 "num_crops" => {
-                    num_crops = v.as_u64().filter(|&n| (1..=64).contains(&n)).ok_or_else(|| {
-                        Error::InvalidInput(format!("--mm-processor-kwargs: `num_crops` must be 1..=64, got {v}"))
+                    let max = hd::MAX_NUM_CROPS as u64;
+                    num_crops = v.as_u64().filter(|&n| (1..=max).contains(&n)).ok_or_else(|| {
+                        Error::InvalidInput(format!("--mm-processor-kwargs: `num_crops` must be 1..={max}, got {v}"))
                     })? as usize
                 }
                 other => {
@@ -253,10 +255,6 @@ impl Processor for Phi3VProcessor {
         input.images = images;
         input.image_embeds = image_embeds;
         Ok(input)
-    }
-
-    fn text_input(&self, prompt: String, ids: Vec<u32>) -> PreparedInput {
-        PreparedInput::text(prompt, ids)
     }
 
     /// vLLM's form for Phi-3-vision: `image_embeds` (Σ tokens, hidden) or
