@@ -121,6 +121,7 @@ const LAUNCH_CONSTS: &[(&str, &str, &str)] = &[
     ("flash_attention.cu", "FA_BN", "Keys per K/V tile of the tensor-core attention kernel."),
     ("flash_attention.cu", "FA_DIM_ALIGN", "The tensor-core kernel's tiles hold the head dim rounded up to this."),
     ("flash_attention.cu", "FA_ROW_PAD", "bf16 values past the tile head dim in each of its shared-memory rows."),
+    ("bitmask.cu", "BITMASK_THREADS", "Threads per block of the token-bitmask kernel, one mask word each."),
 ];
 
 /// The macro list of the head dims the attention kernels are instantiated

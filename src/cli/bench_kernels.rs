@@ -20,7 +20,7 @@ use crate::cli::roofline::Ceilings;
 use crate::cuda::Gpu;
 use crate::engine::sampling::SamplingParams;
 use crate::error::{Error, Result};
-use crate::ops::{activation, attention, gemm, norm, sampling, softmax};
+use crate::ops::{activation, attention, bitmask, gemm, norm, sampling, softmax};
 use crate::{DType, Device, Tensor};
 
 const WARMUP: usize = 5;
@@ -283,6 +283,7 @@ pub fn run(gpu: &Arc<Gpu>) -> Result<KernelReport> {
     }
 
     rows.extend(bench_sampling(gpu, &dev, ceil.copy_gbps, &mut seed)?);
+    rows.extend(bench_bitmask(gpu, &dev, ceil.copy_gbps, &mut seed)?);
 
     let (maj, min) = gpu.capability();
     Ok(KernelReport { device: gpu.name().to_owned(), capability: format!("sm_{maj}{min}"), ceilings: ceil, rows })
@@ -435,6 +436,67 @@ fn bench_sampling(gpu: &Arc<Gpu>, dev: &Device, copy_gbs: f64, seed: &mut u64) -
             ceiling: copy_gbs,
         });
     }
+    Ok(rows)
+}
+
+// ----------------------------------------------------------------------------
+// Token bitmask (ops::bitmask): a decode step's 64 constrained rows.
+
+/// `apply_token_bitmask_f32` on 64 rows of 151936 f32 logits. Bytes: the
+/// logits once (every 128-byte line holds a forbidden token at these
+/// densities, so each is written, whole or in part; the kernel reads none)
+/// plus the masks, over the copy ceiling. Masks allow 1 token in 16 (a
+/// grammar in mid-value) or half of them; the kernel rows launch on masks
+/// already on the device, the op row includes its two uploads from pageable
+/// host memory (the rows, and 1.2 MB of masks), which is what a step pays
+/// today. Calls alternate between two logits tensors (78 MB, over L2).
+fn bench_bitmask(gpu: &Arc<Gpu>, dev: &Device, copy_gbs: f64, seed: &mut u64) -> Result<Vec<Row>> {
+    let (r, v) = (64usize, 151936usize);
+    let words = v.div_ceil(32);
+    let mut logits = [rand_f32(dev, &[r, v], 8.0, seed)?, rand_f32(dev, &[r, v], 8.0, seed)?];
+    let ids: Vec<usize> = (0..r).collect();
+    let ids32: Vec<i32> = (0..r as i32).collect();
+    let rbuf = gpu.alloc(r * 4)?;
+    gpu.upload(&rbuf, &ids32)?;
+    let mut word = || {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (*seed >> 32) as u32
+    };
+    let half: Vec<u32> = (0..r * words).map(|_| word()).collect();
+    let sparse: Vec<u32> = (0..r * words).map(|_| word() & word() & word() & word()).collect();
+    let bytes = r * v * 4 + r * words * 4;
+    let mut rows = Vec::new();
+    for (name, masks) in [("1/16 allowed", &sparse), ("1/2 allowed", &half)] {
+        let mbuf = gpu.alloc(masks.len() * 4)?;
+        gpu.upload(&mbuf, masks)?;
+        let mut call = 0;
+        let ms = median(gpu.time_ms(WARMUP, ITERS, || {
+            call += 1;
+            let l = crate::ops::ptr(&logits[call % 2]);
+            bitmask::launch(gpu, l, rbuf.ptr(), mbuf.ptr(), r, v, words)
+        })?);
+        rows.push(Row {
+            name: format!("bitmask {name}"),
+            shape: format!("{r}x{v} f32"),
+            ms,
+            rate: gb(bytes, ms),
+            unit: "GB/s",
+            ceiling: copy_gbs,
+        });
+    }
+    let mut call = 0;
+    let ms = median(gpu.time_ms(WARMUP, ITERS, || {
+        call += 1;
+        bitmask::apply_token_bitmask(&mut logits[call % 2], &ids, &sparse, words)
+    })?);
+    rows.push(Row {
+        name: "bitmask op 1/16".into(),
+        shape: format!("{r}x{v} f32 +upload"),
+        ms,
+        rate: gb(bytes, ms),
+        unit: "GB/s",
+        ceiling: copy_gbs,
+    });
     Ok(rows)
 }
 

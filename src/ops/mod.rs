@@ -12,6 +12,7 @@
 pub mod activation;
 pub mod argmax;
 pub mod attention;
+pub mod bitmask;
 pub mod embedding;
 mod flash_decoding;
 pub mod gemm;

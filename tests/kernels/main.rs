@@ -12,6 +12,7 @@ mod harness;
 mod activation;
 mod argmax;
 mod attention;
+mod bitmask;
 mod copy;
 mod embedding;
 mod gemm;
@@ -41,6 +42,7 @@ fn all_cases() -> Vec<Case> {
     v.extend(qkv_rope::cases());
     v.extend(copy::cases());
     v.extend(sampling::cases());
+    v.extend(bitmask::cases());
     v
 }
 
