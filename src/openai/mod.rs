@@ -7,6 +7,7 @@ pub mod embeddings;
 pub mod protocol;
 pub mod stream;
 pub mod tokenize;
+pub mod tools;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};

@@ -19,6 +19,12 @@ use crate::model::weights::Weights;
 use crate::tensor::Device;
 use config::VisionConfig;
 
+/// Qwen2-VL's chat template with Qwen2.5's Hermes function calling
+/// (`<tools>` in the system turn, `<tool_call>` and `<tool_response>`
+/// blocks); renders what the built-in template renders when the
+/// conversation has no tools, tool calls or tool messages.
+pub const TOOL_CHAT_TEMPLATE: &str = include_str!("tool_chat_template.jinja");
+
 pub static FAMILY: Family = Family {
     name: "qwen2_vl",
     architectures: &config::SUPPORTED_ARCHITECTURES,
@@ -33,6 +39,9 @@ pub static FAMILY: Family = Family {
     load: load_boxed,
     weights: |dir: &Path| Weights::open(dir),
 };
+
+#[cfg(test)]
+mod tool_template_tests;
 
 fn load_boxed(dir: &Path, dev: &Device) -> Result<Box<dyn Model>> {
     Ok(Box::new(Qwen2Vl::load(dir, dev)?))
