@@ -27,4 +27,5 @@ pub mod model;
 pub mod multimodal;
 pub mod openai;
 pub mod server;
+pub mod structured;
 pub mod text;

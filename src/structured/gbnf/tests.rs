@@ -1,0 +1,197 @@
+//! GBNF → Lark: exact output for small grammars, errors with their lines.
+
+use super::{gbnf_to_lark, is_gbnf, MAX_NESTING};
+
+/// vLLM's `guided_grammar` example (docs/features/structured_outputs.md).
+const SQL: &str = r#"root ::= select_statement
+select_statement ::= "SELECT " column " from " table " where " condition
+column ::= "col_1 " | "col_2 "
+table ::= "table_1 " | "table_2 "
+condition ::= column "= " number
+number ::= "1 " | "2 "
+"#;
+
+/// Arithmetic, llama.cpp style: left-recursive rules, classes with `+`,
+/// a `ws` rule that may end in the newline the root then asks for.
+const ARITHMETIC: &str = r#"# one equation a line
+root   ::= (expr "=" ws term "\n")+
+expr   ::= expr [-+] ws term | term
+term   ::= term [*/] ws factor | factor
+factor ::= ident | number | "(" ws expr ")" ws
+ident  ::= [a-z] [a-z0-9_]* ws
+number ::= "-"? [0-9]+ ("." [0-9]{1,6})? ws
+ws     ::= [ \t\n]*
+"#;
+
+/// JSON, the shape of llama.cpp's grammars/json.gbnf: rules over several
+/// lines, an empty alternative, `{m,n}`, escapes in classes.
+const JSON: &str = r#"root ::= value
+value ::= object | array | string | number | ("true" | "false" | "null") ws
+
+object ::=
+  "{" ws (
+    member
+    ("," ws member)*
+  )? "}" ws
+member ::= string ":" ws value
+
+array ::= "[" ws (
+    value ("," ws value)*
+  )? "]" ws
+
+string ::= "\"" (
+    [^"\\\x7F\x00-\x1F] |
+    "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4}) # escapes
+  )* "\"" ws
+
+number ::= "-"? ("0" | [1-9] [0-9]{0,15}) ("." [0-9]+)? ([eE] [-+]? [0-9]{1,4})? ws
+ws ::= | " " | "\n" [ \t]{0,20}
+"#;
+
+fn lark(src: &str) -> String {
+    gbnf_to_lark(src).unwrap_or_else(|e| panic!("{src:?} failed: {e}"))
+}
+
+fn err(src: &str) -> String {
+    match gbnf_to_lark(src) {
+        Ok(out) => panic!("{src:?} converted to {out:?}, expected an error"),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn sql_example_converts_rule_for_rule() {
+    let want = r#"start: select_statement
+select_statement: "SELECT " column " from " table " where " condition
+column: "col_1 " | "col_2 "
+table: "table_1 " | "table_2 "
+condition: column "= " number
+number: "1 " | "2 "
+"#;
+    assert_eq!(lark(SQL), want);
+}
+
+#[test]
+fn literals_are_decoded_and_json_escaped() {
+    assert_eq!(
+        lark(r#"root ::= "a\"b\\c\n\r\t" "\x41\u00e9\U0001F600" "\x01\x7f\u0085" """#),
+        "start: \"a\\\"b\\\\c\\n\\r\\t\" \"Aé😀\" \"\\u0001\\u007f\\u0085\" \"\"\n"
+    );
+    // Raw UTF-8 and llama.cpp's `\[ \]`, and the extra `\' \/`.
+    assert_eq!(lark(r#"root ::= "ぁ[]\[\]\'\/""#), "start: \"ぁ[][]'/\"\n");
+}
+
+#[test]
+fn classes_become_one_char_regexes() {
+    assert_eq!(lark("root ::= [a-z0-9_]"), "start: /[a-z0-9_]/\n");
+    assert_eq!(lark(r#"root ::= [^"\\\n]"#), "start: /[^\"\\\\\\n]/\n");
+    // `-` first or last is a char; class syntax and `/` are escaped.
+    assert_eq!(lark("root ::= [-a] [a-] [/^&~]"), "start: /[\\-a]/ /[a\\-]/ /[\\/\\^\\&\\~]/\n");
+    assert_eq!(lark(r"root ::= [\[\]\\]"), "start: /[\\[\\]\\\\]/\n");
+    assert_eq!(lark(r"root ::= [\x00-\x1F\x7F ]"), "start: /[\\x{0}-\\x{1f}\\x{7f} ]/\n");
+    assert_eq!(lark("root ::= [ぁ-ゟ]"), "start: /[ぁ-ゟ]/\n");
+    assert_eq!(lark("root ::= ."), "start: /(?s:.)/\n");
+}
+
+#[test]
+fn repetitions_keep_their_bounds() {
+    assert_eq!(
+        lark(r#"root ::= "a"* "b"+ "c"? "d"{3} "e"{2,} "f"{2,5} "g"{,4} "h"{ 1 , 2 }"#),
+        "start: \"a\"* \"b\"+ \"c\"? \"d\"{3} \"e\"{2,} \"f\"{2,5} \"g\"{0,4} \"h\"{1,2}\n"
+    );
+    // llguidance refuses `x{0}`; it matches only the empty string.
+    assert_eq!(lark(r#"root ::= "a"{0} "b"{0,0}"#), "start: \"\" \"\"\n");
+    // Groups and stacked operators get parentheses.
+    assert_eq!(
+        lark("root ::= (\"a\" \"b\")* (\"c\" | \"d\")+ \"e\"*? x{2}\nx ::= \"x\"").lines().next(),
+        Some("start: (\"a\" \"b\")* (\"c\" | \"d\")+ (\"e\"*)? x{2}")
+    );
+}
+
+#[test]
+fn grouping_and_alternation() {
+    assert_eq!(
+        lark(r#"root ::= "a" | "b" "c" | ("d" | "e") "f" | () | ("g" "h") "i" | ("j")"#),
+        "start: \"a\" | \"b\" \"c\" | (\"d\" | \"e\") \"f\" | \"\" | (\"g\" \"h\") \"i\" | \"j\"\n"
+    );
+    // An empty alternative, first or last (llama.cpp's json-schema `space`).
+    assert_eq!(lark(r#"root ::= | " " |"#), "start: \"\" | \" \" | \"\"\n");
+}
+
+#[test]
+fn names_map_to_lowercase_lark_names() {
+    let src = "root ::= Foo-Bar x_1 2nd\nFoo-Bar ::= \"a\"\nx_1 ::= \"b\"\n2nd::=\"c\"\n";
+    assert_eq!(lark(src), "start: foo-bar x_1 r_2nd\nfoo-bar: \"a\"\nx_1: \"b\"\nr_2nd: \"c\"\n");
+}
+
+#[test]
+fn rules_span_lines_comments_and_crlf() {
+    let src = "# header\r\n\r\nroot ::= (\r\n  \"a\" # first\r\n  | \"b\"\r\n)\r\n  move\r\n  | \"c\"\r\n\
+               move ::=\r\n  \"m\"\r\n";
+    assert_eq!(lark(src), "start: (\"a\" | \"b\") move | \"c\"\nmove: \"m\"\n");
+    // A postfix operator may sit on the next line, as inside llama.cpp groups.
+    assert_eq!(lark("root ::= (\"a\"\n  )\n  *\n"), "start: \"a\"*\n");
+}
+
+#[test]
+fn errors_name_the_line() {
+    let cases: &[(&str, &str)] = &[
+        ("root ::= \"abc", "line 1, column 10: string literal is not closed"),
+        ("root ::= \"a\"\nx ::= \"b\nc\"", "line 2, column 7: string literal is not closed"),
+        ("root ::= [a-z", "line 1, column 10: character class is not closed"),
+        ("root ::= []", "line 1, column 10: empty character class"),
+        ("root ::= [^]", "line 1, column 10: empty character class"),
+        ("root ::= [z-a]", "line 1, column 11: class range `z-a` is reversed"),
+        ("root ::= \"a\"\n\nfoo ::= bar", "line 3, column 9: rule `bar` is not defined"),
+        ("main ::= \"a\"", "no `root` rule"),
+        ("", "no `root` rule"),
+        ("root ::= \"a\"{3,2}", "line 1, column 13: repetition `{3,2}` has min above max"),
+        ("root ::= \"a\"{}", "line 1, column 13: expected `{m}`"),
+        ("root ::= \"a\"{,}", "line 1, column 13: expected `{m}`"),
+        ("root ::= \"a\"{2", "line 1, column 13: expected `{m}`"),
+        ("root ::= \"a\"{x}", "line 1, column 13: expected `{m}`"),
+        ("root ::= \"a\"{99999999999}", "line 1, column 14: repetition count above the limit"),
+        ("root ::= *", "line 1, column 10: `*` must follow"),
+        ("root ::= (\"a\"", "line 1, column 10: `(` is never closed"),
+        ("root ::= (\"a\"\nx ::= \"b\")", "line 1, column 10: `(` is never closed"),
+        ("root ::= \"a\")", "line 1, column 13: `)` without a matching `(`"),
+        ("root ::= \"a\"\nroot ::= \"b\"", "line 2, column 1: rule `root` is already defined on line 1"),
+        ("root ::= x\nx ::= \"a\"\nX ::= \"b\"", "line 3, column 1: rule names `x` (line 2) and `X`"),
+        ("root ::= start\nstart ::= \"a\"", "line 2, column 1: rule names `root` (line 1) and `start`"),
+        ("root ::= \"\\q\"", "line 1, column 11: unknown escape `\\q`"),
+        ("root ::= \"\\x4\"", "line 1, column 11: `\\x` needs 2 hex digits"),
+        ("root ::= \"\\uD800\"", "line 1, column 11: `\\uD800` is not a Unicode scalar value"),
+        ("root ::= [\\U00110000]", "line 1, column 11: `\\U00110000` is not a Unicode scalar"),
+        ("root ::= <[1000]>", "line 1, column 10: token references"),
+        ("root ::= \"a\" b ::= \"c\"", "line 1, column 16: `::=` must follow a rule name"),
+        ("\"a\"\nroot ::= \"b\"", "line 1, column 1: expected a rule `name ::= ...`, found `\"`"),
+        ("root ::= \"a\" ; \"b\"", "line 1, column 14: unexpected `;`"),
+    ];
+    for (src, want) in cases {
+        let got = err(src);
+        assert!(got.contains(want), "{src:?}: got {got:?}, want {want:?}");
+    }
+    // The postfix chain and the nesting are bounded, not a stack overflow.
+    assert!(err(&format!("root ::= \"a\"{}", "*".repeat(1000))).contains("too many repetition"));
+    let deep = format!("root ::= {}\"a\"{}", "(".repeat(100_000), ")".repeat(100_000));
+    assert!(err(&deep).contains(&format!("deeper than {MAX_NESTING}")));
+    let ok = format!("root ::= {}\"a\"{}", "(".repeat(MAX_NESTING), ")".repeat(MAX_NESTING));
+    assert_eq!(lark(&ok), "start: \"a\"\n");
+}
+
+#[test]
+fn detects_gbnf_but_not_lark() {
+    for src in [SQL, ARITHMETIC, JSON, "root::=\"a\"", "  # c\n\n  my-rule ::= x"] {
+        assert!(is_gbnf(src), "{src:?}");
+    }
+    let lark_like = [
+        "start: \"a\" | b\nb: /[a-z]+/",
+        "%llguidance {}\nstart: x\nx: \"::=\"",
+        "# root ::= \"a\"\nstart: x", // a comment
+        "start: x ::= y",             // not at the start of a line
+        "",
+    ];
+    for src in lark_like {
+        assert!(!is_gbnf(src), "{src:?}");
+    }
+}
