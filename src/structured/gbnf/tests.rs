@@ -1,6 +1,11 @@
-//! GBNF → Lark: exact output for small grammars, errors with their lines.
+//! GBNF → Lark: exact output for small grammars, errors with their lines, and
+//! the converted grammars run in llguidance against strings that GBNF
+//! accepts or rejects.
 
-use super::{gbnf_to_lark, is_gbnf, MAX_NESTING};
+use super::{gbnf_to_lark, is_gbnf, MAX_NESTING, MAX_REPEAT};
+use llguidance::api::TopLevelGrammar;
+use llguidance::toktrie::ApproximateTokEnv;
+use llguidance::{Matcher, ParserFactory};
 
 /// vLLM's `guided_grammar` example (docs/features/structured_outputs.md).
 const SQL: &str = r#"root ::= select_statement
@@ -56,6 +61,36 @@ fn err(src: &str) -> String {
     match gbnf_to_lark(src) {
         Ok(out) => panic!("{src:?} converted to {out:?}, expected an error"),
         Err(e) => e,
+    }
+}
+
+/// A matcher for `lark` over a tokenizer of one token per byte (token id =
+/// byte value), so a string's bytes are its tokens.
+fn matcher(lark: &str) -> Matcher {
+    let env = ApproximateTokEnv::single_byte_env();
+    let mut factory = ParserFactory::new_simple(&env).expect("parser factory");
+    factory.quiet();
+    let grammar = TopLevelGrammar::from_lark(lark.to_string());
+    Matcher::new(factory.create_parser(grammar))
+}
+
+/// Whether llguidance, running the conversion of `gbnf`, accepts all of `input`.
+fn accepts(gbnf: &str, input: &str) -> bool {
+    let lark = lark(gbnf);
+    let mut m = matcher(&lark);
+    assert!(!m.is_error(), "{lark:?} does not compile: {:?}", m.get_error());
+    let tokens: Vec<u32> = input.bytes().map(u32::from).collect();
+    // A rejected byte puts the matcher in its error state.
+    let _ = m.consume_tokens(&tokens);
+    !m.is_error() && m.is_accepting().unwrap_or(false)
+}
+
+fn check_strings(gbnf: &str, good: &[&str], bad: &[&str]) {
+    for s in good {
+        assert!(accepts(gbnf, s), "should accept {s:?}");
+    }
+    for s in bad {
+        assert!(!accepts(gbnf, s), "should reject {s:?}");
     }
 }
 
@@ -194,4 +229,173 @@ fn detects_gbnf_but_not_lark() {
     for src in lark_like {
         assert!(!is_gbnf(src), "{src:?}");
     }
+}
+
+#[test]
+fn sql_example_runs_in_llguidance() {
+    check_strings(
+        SQL,
+        &["SELECT col_1  from table_2  where col_2 = 1 "],
+        &[
+            "SELECT col_1 from table_2 where col_2 = 1 ",
+            "SELECT col_3  from table_2  where col_2 = 1 ",
+            "SELECT col_1  from table_2  where col_2 = 1",
+            "SELECT col_1  from table_2  where col_2 = 1 x",
+            "",
+        ],
+    );
+}
+
+#[test]
+fn arithmetic_runs_in_llguidance() {
+    check_strings(
+        ARITHMETIC,
+        &[
+            "x=1\n",
+            "a1 + b_2*(c - 3.5)= -7\n",
+            "x = 2\ny=(1+2)*3\n",
+            // ws may take the newline; the root then needs another.
+            "x=1 \n\n",
+        ],
+        &["", "x=1", "x==1\n", "1x=1\n", "x=1.1234567\n", "x=(1\n", "X=1\n"],
+    );
+}
+
+#[test]
+fn json_grammar_runs_in_llguidance() {
+    check_strings(
+        JSON,
+        &[
+            "{}",
+            "[]",
+            "{\"a\": [1, -2.5e3, true, null, \"x\\\"y\\u00e9\"]}",
+            "[\n  {\"k\":\"v\"},\n\t\"é\"]",
+            "0",
+            "\"\"",
+        ],
+        &["{", "{\"a\" 1}", "[1,]", "01", "\"a\nb\"", "\"\\q\"", "\"\\u12\"", "[1]  ", "tru"],
+    );
+}
+
+#[test]
+fn dot_classes_and_bounds_match_as_in_gbnf() {
+    // `.` is any code point, newline included; `[^...]` too.
+    check_strings("root ::= . . .", &["a\nb", "é😀\t"], &["ab", "abcd"]);
+    check_strings("root ::= [^a]", &["\n", "b", "😀"], &["a", ""]);
+    check_strings(r"root ::= [\x00-\x1F]", &["\u{0}", "\n", "\u{1f}"], &[" "]);
+    check_strings("root ::= [ぁ-ゟ]+", &["ぁゟ"], &["ア", ""]);
+    check_strings(r#"root ::= "ab"{2,3} "c"{,1}"#, &["abab", "ababab", "ababc"], &["ab", "abababab"]);
+    check_strings(r#"root ::= ("x" | "yz"){2}"#, &["xx", "xyz", "yzyz"], &["x", "xxx"]);
+    check_strings(r#"root ::= "a"{0} "b""#, &["b"], &["ab"]);
+    check_strings(r#"root ::= [a-z]+ "!""#, &["hi!"], &["hi", "!"]);
+    check_strings(r#"root ::= [/\]\[-] "\"\\""#, &["/\"\\", "]\"\\", "-\"\\"], &["a\"\\"]);
+}
+
+/// The known difference (module docs): a string literal is one greedy lexeme,
+/// so it wins over a shorter path that would end a lexeme inside it.
+#[test]
+fn a_literal_is_one_greedy_lexeme() {
+    let g = r#"root ::= ("a" | "ab") "bc""#;
+    assert!(accepts(g, "abbc"));
+    assert!(!accepts(g, "abc"), "GBNF accepts this; llguidance would now too");
+    let g = r#"root ::= [a-z]* "ing""#;
+    assert!(accepts(g, "running"));
+    assert!(!accepts(g, "singing"), "GBNF accepts this; llguidance would now too");
+}
+
+#[test]
+fn degenerate_grammars_compile() {
+    // An unused rule, one that only `x{0}` names, a rule that never ends.
+    check_strings("root ::= \"a\"\nunused ::= \"b\"", &["a"], &["b"]);
+    check_strings("root ::= x{0} \"b\"\nx ::= \"a\"", &["b"], &["ab"]);
+    check_strings("root ::= a\na ::= a", &[], &["", "a"]);
+    check_strings("root ::= a | \"x\"\na ::= a \"y\"", &["x"], &["xy", "y"]);
+    // Loops over what may match nothing.
+    check_strings("root ::= (\"\")*", &[""], &["a"]);
+    check_strings("root ::= (\"a\"?)+ \"b\"", &["b", "aab"], &["a"]);
+    check_strings("root ::= (\"a\"*)* \"b\"", &["b", "aaab"], &["ba"]);
+    // The largest counts still compile (llguidance builds O(log n) rules).
+    let max = format!("root ::= (\"a\"{{{MAX_REPEAT}}}){{0,{MAX_REPEAT}}}");
+    check_strings(&max, &[""], &["a"]);
+}
+
+/// xorshift64*: a fixed, dependency-free stream for the fuzz-ish tests.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+#[test]
+fn random_bytes_never_panic() {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    // Bytes drawn mostly from GBNF's own syntax, so the parser gets deep.
+    let alphabet = b"root ::=\"[]()|*+?{},.-^\\xuU0123456789abcXYZ_#\n\r\t <>!:";
+    for _ in 0..4000 {
+        let len = rng.below(64);
+        let bytes: Vec<u8> = (0..len)
+            .map(|_| match rng.below(8) {
+                0 => rng.next() as u8,
+                _ => alphabet[rng.below(alphabet.len())],
+            })
+            .collect();
+        let src = String::from_utf8_lossy(&bytes);
+        let _ = is_gbnf(&src);
+        if let Ok(out) = gbnf_to_lark(&src) {
+            compiles(&src, &out);
+        }
+    }
+}
+
+#[test]
+fn mutated_grammars_never_panic_and_compile_when_accepted() {
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let pieces = [
+        "\"", "[", "]", "(", ")", "|", "*", "+", "?", "{2,3}", "{,", "}", "\\", "\\x4", "\\u00e9", "::=", "\n", "#",
+        ".", "-", "^", "root", "ws", "é", "\r\n", " ",
+    ];
+    let (mut converted, mut total) = (0, 0);
+    for sample in [SQL, ARITHMETIC, JSON] {
+        for _ in 0..300 {
+            let mut chars: Vec<char> = sample.chars().collect();
+            for _ in 0..1 + rng.below(3) {
+                let at = rng.below(chars.len() + 1);
+                match rng.below(3) {
+                    0 if at < chars.len() => {
+                        let n = (1 + rng.below(4)).min(chars.len() - at);
+                        chars.drain(at..at + n);
+                    }
+                    1 => {
+                        let piece = pieces[rng.below(pieces.len())];
+                        chars.splice(at..at, piece.chars());
+                    }
+                    _ if at < chars.len() => chars[at] = char::from(rng.below(128) as u8),
+                    _ => {}
+                }
+            }
+            let src: String = chars.into_iter().collect();
+            total += 1;
+            if let Ok(out) = gbnf_to_lark(&src) {
+                converted += 1;
+                compiles(&src, &out);
+            }
+        }
+    }
+    // The mutations are small: many grammars survive them.
+    assert!(converted >= total / 20, "{converted} of {total} converted");
+}
+
+/// Whatever the converter accepts, llguidance compiles.
+fn compiles(src: &str, out: &str) {
+    let m = matcher(out);
+    assert!(!m.is_error(), "{src:?} gave {out:?}, which llguidance rejects: {:?}", m.get_error());
 }
