@@ -10,6 +10,7 @@
 //! - `ops`    every op with a CPU f32 reference and a CUDA launcher
 //! - `openai` OpenAI-compatible request/response bodies and media loading
 //! - `server` the OpenAI-compatible HTTP server (`kestrel serve`)
+//! - `structured` grammars for structured outputs (GBNF to llguidance Lark)
 
 pub mod cli;
 pub mod cuda;
@@ -27,4 +28,5 @@ pub mod model;
 pub mod multimodal;
 pub mod openai;
 pub mod server;
+pub mod structured;
 pub mod text;

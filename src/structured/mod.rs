@@ -1,0 +1,2 @@
+//! Structured outputs: grammars that constrain decoding, and their conversions.
+pub mod gbnf;
