@@ -10,7 +10,7 @@
 //! - `ops`    every op with a CPU f32 reference and a CUDA launcher
 //! - `openai` OpenAI-compatible request/response bodies and media loading
 //! - `server` the OpenAI-compatible HTTP server (`kestrel serve`)
-//! - `structured` grammars for structured outputs (GBNF to llguidance Lark)
+//! - `structured` output constraints (JSON schema, regex, choices, Lark or GBNF grammars) on llguidance
 
 pub mod cli;
 pub mod cuda;

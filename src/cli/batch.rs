@@ -30,6 +30,7 @@ use crate::error::{Error, Result};
 use crate::multimodal::fetch::MediaFetcher;
 use crate::openai::protocol::ErrorResponse;
 use crate::openai::protocol::{ChatCompletionRequest, ChatCompletionResponse, ChatInput};
+use crate::openai::tools::ToolMode;
 
 /// The one endpoint a batch line may name.
 pub const CHAT_URL: &str = "/v1/chat/completions";
@@ -97,6 +98,7 @@ pub fn run(args: &EngineArgs, dir: &Path, input: &Path, output: &Path) -> Result
                     frontend.model_name.clone(),
                     created,
                     &o,
+                    &line.input.as_ref().map_or(ToolMode::Off, |i| tool_mode(frontend, i).unwrap_or(ToolMode::Off)),
                     &token_text,
                     &token_bytes,
                 );
@@ -179,7 +181,7 @@ fn run_lines(
     let prepared: Vec<Result<Request>> = lines
         .par_iter()
         .map(|l| match &l.input {
-            Ok(input) => prepare(frontend, fetcher, input),
+            Ok(input) => tool_mode(frontend, input).and_then(|_| prepare(frontend, fetcher, input)),
             Err(msg) => Err(Error::InvalidInput(msg.clone())),
         })
         .collect();
@@ -203,6 +205,11 @@ fn run_lines(
             })
         })
         .collect()
+}
+
+/// How a line's answers are read for tool calls (the family's own format for "auto").
+fn tool_mode(frontend: &crate::engine::Frontend, input: &ChatInput) -> Result<ToolMode> {
+    ToolMode::new(&input.tools, &input.tool_choice, frontend.tool_parser, input.parallel_tool_calls)
 }
 
 pub use crate::openai::{prepare, prepare_timed};

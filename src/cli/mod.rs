@@ -15,4 +15,5 @@ pub mod generate;
 pub mod model_args;
 pub mod roofline;
 pub mod serve;
+pub mod tool_flags;
 pub mod vllm_flags;

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use crate::cli::engine_args::EngineArgs;
 use crate::cli::model_args::model_dir;
+use crate::cli::tool_flags::ToolFlags;
 use crate::cli::vllm_flags::{self, DtypeArg, VllmFlags};
 use crate::engine::{Engine, EngineConfig, Pooling, Task};
 use crate::error::{Error, Result};
@@ -97,6 +98,8 @@ pub struct ServeArgs {
     pub engine: Box<EngineArgs>,
     #[command(flatten)]
     pub vllm: VllmFlags,
+    #[command(flatten)]
+    pub tools: ToolFlags,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -217,6 +220,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     // Listen first, so a taken port fails before the model is fetched and loads.
     let http = bind(&args.host, args.port, cfg_connection(args))?;
     let dir = model_dir(model.as_deref(), args.vllm.revision.as_deref())?;
+    let tool_parser = args.tools.parser(crate::model::registry::detect(&dir)?.tool_parser)?;
     let tokenizer_dir = tokenizer_dir(model.as_deref(), &args.vllm)?;
     // After the download: until here Ctrl-C stops at once (a partial file resumes next time).
     let mut signals = Signals::install()?;
@@ -241,6 +245,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         engine_iteration_timeout: args.engine_iteration_timeout,
         default_seed: args.vllm.seed,
         request_log: args.vllm.request_log(),
+        tool_parser,
     };
     let engine = Engine::start(engine_cfg)?;
     let (name, device) = (engine.frontend().model_name.clone(), engine.frontend().device.clone());

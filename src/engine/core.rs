@@ -22,6 +22,7 @@ use super::scheduler::{Plan, Scheduler, SchedulerConfig, SeqId, Tokens};
 use crate::error::{Error, Result};
 use crate::model::inputs::{MediaFeatures, PreparedInput};
 use crate::ops::{self, sampling::SampleRow};
+use crate::structured::Grammar;
 use crate::tensor::{DType, Tensor};
 use crate::text::detokenizer::{IncrementalDetokenizer, StopChecker};
 use crate::text::tokenizer::Tokenizer;
@@ -40,6 +41,8 @@ struct Sequence {
     features: Option<MediaFeatures>,
     /// An embedding request: pooled after one whole-prompt step, never sampled.
     pool: Option<PoolingConfig>,
+    /// The output's constraint and where this choice stands in it.
+    grammar: Option<Grammar>,
 }
 
 impl Sequence {
@@ -159,8 +162,10 @@ impl EngineCore {
         if self.reqs.contains_key(&id) {
             return Err(Error::InvalidInput(format!("request id {id} is already running")));
         }
-        let Request { mut input, params } = req;
+        let Request { mut input, mut params } = req;
         self.fix_rope_table(&mut input, params.max_tokens);
+        // Each choice follows its own copy; the request keeps none.
+        let grammar = params.grammar.take();
         let input = Arc::new(input);
         let mut live = Vec::with_capacity(params.n);
         for index in 0..params.n {
@@ -178,6 +183,7 @@ impl EngineCore {
                 stop: StopChecker::new(&params.stop),
                 features: None,
                 pool: None,
+                grammar: grammar.clone(),
             };
             let sid = self.next_seq;
             self.next_seq += 1;
@@ -217,6 +223,7 @@ impl EngineCore {
             features: None,
             pool: Some(pool),
             input: input.clone(),
+            grammar: None,
         };
         self.seqs.0.insert(sid, seq);
         self.sched.add(sid);
@@ -404,6 +411,7 @@ impl EngineCore {
     /// A row's own failure (every logit NaN, say) fails only its request.
     fn sample(&mut self, seqs: &[SeqId], mut logits: Tensor) -> Result<Vec<Result<Sampled>>> {
         let vocab = logits.shape()[1];
+        let mask_errors = self.apply_grammars(seqs, &mut logits)?;
         let on_host: Vec<bool> = seqs.iter().map(|sid| self.seqs.0[sid].sampler.params().logprobs.is_some()).collect();
         let host: Vec<usize> = (0..seqs.len()).filter(|&i| on_host[i]).collect();
         let device: Vec<usize> = (0..seqs.len()).filter(|&i| !on_host[i]).collect();
@@ -441,7 +449,7 @@ impl EngineCore {
             if !on_host[i] {
                 let t = tokens.next().expect("one token per device row");
                 out.push(if t == ops::sampling::NO_TOKEN {
-                    Err(Error::Shape { op: "sample", msg: format!("every logit in a row of {vocab} is -inf or NaN") })
+                    Err(self.no_token(*sid, vocab))
                 } else {
                     Ok(Sampled { token: t as u32, logprob: 0.0, top: Vec::new() })
                 });
@@ -456,7 +464,55 @@ impl EngineCore {
             let s = self.seqs.0.get_mut(sid).expect("present");
             out.push(s.sampler.sample(&mut row, &s.input.input_ids, &s.output));
         }
+        // A row whose grammar failed was sampled unconstrained: its token is void.
+        for (i, e) in mask_errors {
+            out[i] = Err(e);
+        }
         Ok(out)
+    }
+
+    /// Sets to -inf, in the logits' rows of constrained sequences, every
+    /// token their grammar does not allow next (vLLM applies its grammar
+    /// bitmask to the logits the same way, before sampling and logprobs).
+    /// The masks are computed on this thread's rayon pool, one sequence per
+    /// task, while the device may still run the forward pass. A grammar that
+    /// fails is returned as its row's error; the others go on.
+    fn apply_grammars(&mut self, seqs: &[SeqId], logits: &mut Tensor) -> Result<Vec<(usize, Error)>> {
+        use rayon::prelude::*;
+        let row_of: HashMap<SeqId, usize> = seqs.iter().enumerate().map(|(i, &sid)| (sid, i)).collect();
+        let mut work: Vec<(usize, &mut Grammar)> =
+            self.seqs.0.iter_mut().filter_map(|(sid, s)| Some((*row_of.get(sid)?, s.grammar.as_mut()?))).collect();
+        if work.is_empty() {
+            return Ok(Vec::new());
+        }
+        work.sort_by_key(|w| w.0);
+        let words = work[0].1.words();
+        let results: Vec<(usize, Result<Vec<u32>>)> = work.par_iter_mut().map(|(i, g)| (*i, g.allowed())).collect();
+        let (mut rows, mut masks, mut errors) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, r) in results {
+            match r {
+                Ok(m) if m.len() == words => {
+                    rows.push(i);
+                    masks.extend(m);
+                }
+                Ok(m) => errors.push((i, Error::Shape { op: "grammar", msg: format!("{} mask words", m.len()) })),
+                Err(e) => errors.push((i, e)),
+            }
+        }
+        ops::bitmask::apply_token_bitmask(logits, &rows, &masks, words)?;
+        Ok(errors)
+    }
+
+    /// Why a row had no token to give.
+    fn no_token(&self, sid: SeqId, vocab: usize) -> Error {
+        match self.seqs.0.get(&sid).and_then(|s| s.grammar.as_ref()) {
+            Some(g) => Error::InvalidInput(format!(
+                "the {} allows no token here that the request's other settings permit \
+                 (min_tokens, stop_token_ids or penalties rule out all it allows)",
+                g.constraint().what()
+            )),
+            None => Error::Shape { op: "sample", msg: format!("every logit in a row of {vocab} is -inf or NaN") },
+        }
     }
 
     /// vLLM's min_tokens processor: no EOS or stop id before min_tokens.
@@ -482,8 +538,17 @@ impl EngineCore {
         r.usage.completion_tokens += 1;
         let n_out = s.output.len();
         let may_stop = n_out >= p.min_tokens;
+        let is_eos = self.cfg.eos.contains(&tok);
+        // The grammar moves past the token (an EOS that ends the choice needs no step).
+        let mut grammar_done = false;
+        if let Some(g) = s.grammar.as_mut() {
+            if !is_eos || p.ignore_eos {
+                g.accept(tok)?;
+                grammar_done = g.finished();
+            }
+        }
         let mut finish = None;
-        if may_stop && !p.ignore_eos && self.cfg.eos.contains(&tok) {
+        if may_stop && !p.ignore_eos && is_eos {
             finish = Some((FinishReason::Stop, None));
         } else if may_stop && p.stop_token_ids.contains(&tok) {
             finish = Some((FinishReason::Stop, Some(StopReason::Token(tok))));
@@ -501,6 +566,10 @@ impl EngineCore {
             } else {
                 text = piece;
             }
+        }
+        if finish.is_none() && grammar_done {
+            // The constrained output is complete: nothing else could follow.
+            finish = Some((FinishReason::Stop, None));
         }
         if finish.is_none() && (n_out >= p.max_tokens || s.total() >= self.cfg.max_model_len) {
             finish = Some((FinishReason::Length, None));

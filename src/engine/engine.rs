@@ -22,6 +22,7 @@ use crate::error::{Error, Result};
 use crate::model::inputs::PreparedInput;
 use crate::model::{registry, ModelSpec, Processor};
 use crate::multimodal::Media;
+use crate::structured::Grammars;
 use crate::tensor::Device;
 use crate::text::{chat_template::ChatTemplate, tokenizer::Tokenizer};
 
@@ -86,6 +87,9 @@ pub struct Frontend {
     pub family: &'static str,
     pub tokenizer: Arc<Tokenizer>,
     pub template: ChatTemplate,
+    /// The family's tool-aware template, for requests with tools when
+    /// `template` does not render them (and was not chosen by the user).
+    pub tool_template: Option<ChatTemplate>,
     /// The family's prompt side: placeholders, preprocessing, positions,
     /// precomputed embeddings.
     pub processor: Arc<dyn Processor>,
@@ -100,6 +104,10 @@ pub struct Frontend {
     pub pooling: Option<PoolingConfig>,
     /// Most tokens one step computes (bounds an embedding input).
     pub max_num_batched_tokens: usize,
+    /// Compiles requests' output constraints (structured outputs, tools).
+    pub grammars: Arc<Grammars>,
+    /// The family's tool-call format (a `--tool-call-parser` name), if any.
+    pub tool_parser: Option<&'static str>,
 }
 
 impl Frontend {
@@ -113,6 +121,16 @@ impl Frontend {
     /// Prepares an already rendered prompt with its media.
     pub fn prepare_prompt(&self, prompt: String, media: &[Media]) -> Result<PreparedInput> {
         self.processor.prepare_prompt(&self.tokenizer, prompt, media)
+    }
+
+    /// The template for a request that sends tools: the model's own when it
+    /// renders them, else the family's tool template; None when neither does.
+    pub fn tools_template(&self) -> Option<&ChatTemplate> {
+        if self.template.renders_tools() {
+            Some(&self.template)
+        } else {
+            self.tool_template.as_ref()
+        }
     }
 
     /// The model's family-neutral facts.
@@ -252,6 +270,13 @@ pub fn load(cfg: &EngineConfig) -> Result<(Frontend, EngineCore)> {
         (files, model)
     });
     let (tokenizer, template, t_files) = files?;
+    let tool_template = match family.tool_template {
+        Some(src) if !template.renders_tools() && cfg.chat_template.is_none() => Some(
+            ChatTemplate::new(src, &format!("{} tool template", family.name), template.special_tokens().clone())?
+                .with_string_content(family.placeholder),
+        ),
+        _ => None,
+    };
     let (model, dev, t_device) = model?;
     let t_weights = t0.elapsed();
     let mut eos = spec.eos_token_id.clone();
@@ -332,6 +357,7 @@ pub fn load(cfg: &EngineConfig) -> Result<(Frontend, EngineCore)> {
         family: family.name,
         tokenizer: tokenizer.clone(),
         template,
+        tool_template,
         processor,
         max_model_len,
         num_blocks: runner.num_blocks(),
@@ -340,6 +366,8 @@ pub fn load(cfg: &EngineConfig) -> Result<(Frontend, EngineCore)> {
         task: cfg.task,
         pooling,
         max_num_batched_tokens: cfg.max_num_batched_tokens,
+        grammars: Arc::new(Grammars::new(tokenizer.clone(), spec.vocab_size(), &core_cfg.eos)),
+        tool_parser: family.tool_parser,
     };
     Ok((frontend, EngineCore::new(runner, tokenizer, core_cfg)))
 }

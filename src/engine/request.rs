@@ -5,6 +5,7 @@
 use crate::engine::sampling::SamplingParams;
 use crate::error::{Error, Result};
 use crate::model::inputs::PreparedInput;
+use crate::structured::Grammar;
 
 /// Identifies a request inside one engine (the server maps its own ids to these).
 pub type RequestId = u64;
@@ -36,6 +37,9 @@ pub struct RequestParams {
     pub skip_special_tokens: bool,
     /// Independent choices to generate for the prompt.
     pub n: usize,
+    /// The output's constraint, compiled (`structured::Grammars::compile`);
+    /// each choice follows its own copy.
+    pub grammar: Option<Grammar>,
 }
 
 impl Default for RequestParams {
@@ -49,6 +53,7 @@ impl Default for RequestParams {
             ignore_eos: false,
             skip_special_tokens: true,
             n: 1,
+            grammar: None,
         }
     }
 }

@@ -154,6 +154,13 @@ pub struct Family {
     /// The prompt text of the n-th image (1-based), which a template
     /// written for string content gets in place of an image part.
     pub placeholder: crate::text::chat_template::Placeholder,
+    /// How the family's models write tool calls (a `--tool-call-parser`
+    /// name), if they were trained to.
+    pub tool_parser: Option<&'static str>,
+    /// A chat template that renders `tools`, tool calls and tool results in
+    /// that format, for requests with tools when the model's own template
+    /// does not render them.
+    pub tool_template: Option<&'static str>,
     /// The prompt side from a model folder, with `--mm-processor-kwargs`.
     pub processor: fn(&Path, &ProcessorKwargs) -> Result<Arc<dyn Processor>>,
     /// The device side from a model folder.

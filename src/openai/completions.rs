@@ -17,6 +17,7 @@ use super::protocol::{
 };
 use crate::engine::request::{RequestOutput, RequestParams, TokenLogprob};
 use crate::error::{Error, Result};
+use crate::structured::{Constraint, ConstraintFields};
 
 /// vLLM's default `max_tokens` for completions (chat's default is "the rest
 /// of the context").
@@ -50,6 +51,9 @@ pub struct CompletionRequest {
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     pub skip_special_tokens: Option<bool>,
+    /// Output constraints: `response_format`, `structured_outputs`, `guided_*`.
+    #[serde(flatten)]
+    pub constraint: ConstraintFields,
 }
 
 /// The one prompt of a completion request.
@@ -67,6 +71,8 @@ pub struct CompletionInput {
     pub params: RequestParams,
     /// What the request asked for (default 16).
     pub max_tokens: usize,
+    /// What the output is held to (compiled into `params.grammar` by the server).
+    pub constraint: Option<Constraint>,
 }
 
 impl CompletionRequest {
@@ -115,6 +121,7 @@ impl CompletionRequest {
             top_logprobs: top,
             n: self.n,
             skip_special_tokens: self.skip_special_tokens,
+            constraint: self.constraint.clone(),
             ..Default::default()
         };
         let input = chat.to_chat_input().map_err(|e| match e {
@@ -122,7 +129,7 @@ impl CompletionRequest {
             Error::InvalidInput(m) => Error::InvalidInput(m.replace("top_logprobs", "logprobs")),
             e => e,
         })?;
-        Ok(CompletionInput { prompt, params: input.params, max_tokens })
+        Ok(CompletionInput { prompt, params: input.params, max_tokens, constraint: input.constraint })
     }
 }
 

@@ -139,10 +139,15 @@ pub fn prepare_timed(
     input: &ChatInput,
     timings: &MediaTimings,
 ) -> Result<Request> {
+    // A constraint that does not compile fails the request before its media is fetched.
+    let grammar = input.constraint.as_ref().map(|c| frontend.grammars.compile(c)).transpose()?;
     let embeds = |b: &[u8]| frontend.processor.parse_image_embeds(b);
     let media = load_media_timed(&input.media, fetcher, DEFAULT_MAX_PIXELS as usize, &embeds, timings)?;
-    let prepared = timings.preprocess(|| frontend.prepare_prompt(input.render(&frontend.template)?, &media))?;
+    let prepared = timings.preprocess(|| {
+        frontend.prepare_prompt(input.render_for(&frontend.template, frontend.tools_template())?, &media)
+    })?;
     let mut params = input.params.clone();
+    params.grammar = grammar;
     params.max_tokens = resolve_max_tokens(input.max_tokens, prepared.input_ids.len(), frontend.max_model_len)?;
     params.validate()?;
     Ok(Request { input: prepared, params })

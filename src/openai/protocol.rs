@@ -16,6 +16,11 @@ use serde_json::{json, Map, Value};
 use crate::engine::request::{RequestOutput, RequestParams, StopReason, TokenLogprob, Usage};
 use crate::engine::sampling::{SamplingParams, MAX_LOGPROBS};
 use crate::error::{Error, Result};
+use crate::openai::tools::{
+    named_schema, parse_tool_choice, parse_tools, postprocess_messages, required_schema, tools_for_template, Tool,
+    ToolChoice, ToolMode,
+};
+use crate::structured::{Constraint, ConstraintFields, JsonOptions};
 use crate::text::chat_template::ChatTemplate;
 
 /// POST /v1/chat/completions body. Every sampling field is optional and
@@ -56,6 +61,14 @@ pub struct ChatCompletionRequest {
     /// Continue the final (assistant) message instead of starting a new
     /// one; only `false` is supported.
     pub continue_final_message: Option<bool>,
+    /// Functions the model may call (OpenAI's `tools`), `tool_choice` and
+    /// `parallel_tool_calls` (default true).
+    pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
+    /// Output constraints: `response_format`, `structured_outputs`, `guided_*`.
+    #[serde(flatten)]
+    pub constraint: ConstraintFields,
 }
 
 /// One chat message. Fields other than role and content (`name`,
@@ -130,6 +143,13 @@ pub struct ChatInput {
     /// `chat_template_kwargs`: a JSON object, or null.
     pub chat_template_kwargs: Value,
     pub add_generation_prompt: bool,
+    /// What the output is held to, compiled by `prepare` (`params.grammar`).
+    pub constraint: Option<Constraint>,
+    /// The request's tools (empty: none), what it lets the model do with
+    /// them, and whether several calls may come in one answer.
+    pub tools: Vec<Tool>,
+    pub tool_choice: ToolChoice,
+    pub parallel_tool_calls: bool,
 }
 
 const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
@@ -143,6 +163,33 @@ impl ChatInput {
     /// message is a `system` one unless the template mentions the
     /// `developer` role itself (vLLM, OpenAI).
     pub fn render(&self, template: &ChatTemplate) -> Result<String> {
+        self.render_tools(template, None)
+    }
+
+    /// `render` for a frontend: a request with tools is rendered with its
+    /// own template, else with the model's when that renders tools, else
+    /// with the family's tool template; when none renders them it is a 400
+    /// (tools the model never sees would be accepted and ignored).
+    pub fn render_for(&self, template: &ChatTemplate, tools_template: Option<&ChatTemplate>) -> Result<String> {
+        if self.tools.is_empty() || self.chat_template.is_some() {
+            return self.render_tools(template, None);
+        }
+        match tools_template {
+            Some(t) => self.render_tools(t, Some(tools_for_template(&self.tools))),
+            None => Err(Error::InvalidInput(
+                "this model's chat template does not render tools, and Kestrel has no tool template for its \
+                 family; start the server with --chat-template FILE (or send chat_template) with one that does"
+                    .into(),
+            )),
+        }
+    }
+
+    fn render_tools(&self, template: &ChatTemplate, tools: Option<Value>) -> Result<String> {
+        let tools = match (tools, self.chat_template.is_some() && !self.tools.is_empty()) {
+            (Some(t), _) => t,
+            (None, true) => tools_for_template(&self.tools),
+            (None, false) => Value::Null,
+        };
         let own;
         let (tmpl, from_request) = match &self.chat_template {
             Some(src) => {
@@ -174,7 +221,7 @@ impl ChatInput {
                 messages = &rewritten;
             }
         }
-        let out = tmpl.render_with(messages, self.add_generation_prompt, &self.chat_template_kwargs);
+        let out = tmpl.render_tools(messages, self.add_generation_prompt, &self.chat_template_kwargs, &tools);
         // With the request's own template or variables, a failure is the
         // request's to fix (a 400); with neither, it is the server's.
         let kwargs = self.chat_template_kwargs.as_object().is_some_and(|m| !m.is_empty());
@@ -285,16 +332,44 @@ impl ChatCompletionRequest {
             ignore_eos: self.ignore_eos.unwrap_or(d.ignore_eos),
             skip_special_tokens: self.skip_special_tokens.unwrap_or(d.skip_special_tokens),
             n: self.n.unwrap_or(d.n),
+            grammar: None,
         };
         params.validate()?;
+        let tools = parse_tools(self.tools.as_ref().unwrap_or(&Value::Null))?;
+        let tool_choice = parse_tool_choice(self.tool_choice.as_ref(), &tools)?;
+        let parallel_tool_calls = self.parallel_tool_calls.unwrap_or(true);
+        // tool_choice "required" or a named function holds the output to a
+        // schema, as vLLM does; then no other constraint may be given.
+        let tool_schema = match &tool_choice {
+            ToolChoice::Named(n) => tools.iter().find(|t| &t.name == n).map(named_schema),
+            ToolChoice::Required => Some(required_schema(&tools, parallel_tool_calls)?),
+            _ => None,
+        };
+        let constraint = match (self.constraint.constraint()?, tool_schema) {
+            (Some(_), Some(_)) => {
+                return bad("tool_choice \"required\" or a named function already constrains the output; \
+                            response_format, structured_outputs and guided_* cannot be added to it"
+                    .into())
+            }
+            (c, None) => c,
+            // vLLM lets the JSON take any whitespace; a call's arguments are written as
+            // `json.dumps` writes them instead (`JsonOptions::tool_calls`).
+            (None, Some(schema)) => Some(Constraint::Json { schema, options: JsonOptions::tool_calls() }),
+        };
+        let mut messages = Value::Array(messages);
+        postprocess_messages(&mut messages);
         Ok(ChatInput {
-            messages: Value::Array(messages),
+            messages,
             media,
             params,
             max_tokens,
             chat_template: self.chat_template.clone(),
             chat_template_kwargs,
             add_generation_prompt: self.add_generation_prompt.unwrap_or(true),
+            constraint,
+            tools,
+            tool_choice,
+            parallel_tool_calls,
         })
     }
 }
@@ -425,7 +500,7 @@ pub struct ChatChoice {
     pub message: AssistantMessage,
     /// Present (not null) when the request asked for logprobs.
     pub logprobs: Option<ChoiceLogprobs>,
-    /// "stop", "length" or "abort".
+    /// "stop", "length", "tool_calls" or "abort".
     pub finish_reason: &'static str,
     /// vLLM's extension: the stop token id (a number) or stop string that
     /// ended the choice; null for EOS or any other end.
@@ -435,7 +510,11 @@ pub struct ChatChoice {
 #[derive(Clone, Debug, Serialize)]
 pub struct AssistantMessage {
     pub role: &'static str,
-    pub content: String,
+    /// Null when the answer is only tool calls.
+    pub content: Option<String>,
+    /// OpenAI's `{"id", "type": "function", "function": {"name",
+    /// "arguments"}}` entries; empty without calls (vLLM sends `[]`).
+    pub tool_calls: Vec<Value>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -528,25 +607,34 @@ impl UsageInfo {
 }
 
 impl ChatCompletionResponse {
-    /// The response for a finished request. `token_text` turns a token id
-    /// into its text (the tokenizer's decode of that one id) for logprobs.
+    /// The response for a finished request; `tools` says how its text is
+    /// read for tool calls. `token_text` turns a token id into its text
+    /// (the tokenizer's decode of that one id) for logprobs.
     pub fn new(
         id: String,
         model: String,
         created: u64,
         out: &RequestOutput,
+        tools: &ToolMode,
         token_text: &dyn Fn(u32) -> String,
         token_bytes: &dyn Fn(u32) -> Vec<u8>,
     ) -> Self {
         let choices = out
             .choices
             .iter()
-            .map(|c| ChatChoice {
-                index: c.index,
-                message: AssistantMessage { role: "assistant", content: c.text.clone() },
-                logprobs: c.logprobs.as_deref().map(|l| chat_logprobs(l, token_text, token_bytes)),
-                finish_reason: c.finish_reason.as_str(),
-                stop_reason: stop_reason_json(&c.stop_reason),
+            .map(|c| {
+                let a = tools.answer(&c.text, c.finish_reason.as_str());
+                ChatChoice {
+                    index: c.index,
+                    message: AssistantMessage {
+                        role: "assistant",
+                        content: a.content,
+                        tool_calls: a.calls.iter().map(|t| t.to_json()).collect(),
+                    },
+                    logprobs: c.logprobs.as_deref().map(|l| chat_logprobs(l, token_text, token_bytes)),
+                    finish_reason: a.finish_reason,
+                    stop_reason: stop_reason_json(&c.stop_reason),
+                }
             })
             .collect();
         ChatCompletionResponse {

@@ -8,13 +8,16 @@
 //! `tool_calls` before a chat template sees them (chat_utils.py
 //! `_postprocess_messages`).
 //!
-//! Everything here is pure: no engine, no template. Every problem with a
+//! What answers become (content, calls, finish reason; whole and
+//! streamed) is in `output`. Everything here is pure: no engine, no template. Every problem with a
 //! request is `Error::InvalidInput` (a 400) whose message starts with the
 //! field's path (`tools[2].function.name ...`).
 
 mod hermes;
+mod output;
 
 pub use hermes::{parse_hermes, HermesStream, ToolDelta};
+pub use output::{Answer, ToolMode, ToolStream};
 
 use serde_json::{json, Map, Value};
 

@@ -25,6 +25,7 @@ use crate::openai::protocol::{
     chat_logprobs, resolve_max_tokens, stop_reason_json, ChatCompletionRequest, ChatCompletionResponse, ErrorResponse,
 };
 use crate::openai::stream::{chat_choice, completion_choice, ChunkHeader};
+use crate::openai::tools::{ToolMode, ToolStream};
 use crate::openai::MediaTimings;
 
 /// How often a non-streaming request looks at whether its client is still there.
@@ -44,6 +45,7 @@ pub(crate) fn chat<'a>(
     state.check_model(req.model.as_deref())?;
     state.check_task(Task::Generate, "Chat Completions API")?;
     let input = req.to_chat_input()?;
+    let tools = ToolMode::new(&input.tools, &input.tool_choice, state.cfg.tool_parser, input.parallel_tool_calls)?;
     state.check_media_limits(&input.media)?;
     state.check_no_media_tokens(&input.messages)?;
     let timings = MediaTimings::default();
@@ -54,7 +56,7 @@ pub(crate) fn chat<'a>(
     }
     let request = prepared?;
     let include_usage = req.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
-    let kind = Kind::Chat;
+    let kind = Kind::Chat(tools);
     run(state, request, kind, req.stream.unwrap_or(false), include_usage, arrival, gone)
 }
 
@@ -69,11 +71,13 @@ pub(crate) fn completions<'a>(
     state.check_model(req.model.as_deref())?;
     state.check_task(Task::Generate, "Completions API")?;
     let input = req.to_input()?;
+    let grammar = input.constraint.as_ref().map(|c| state.frontend().grammars.compile(c)).transpose()?;
     let prepared = match input.prompt {
         Prompt::Text(text) => state.text_input(&text, true)?,
         Prompt::Tokens(ids) => state.token_input(ids)?,
     };
     let mut params = input.params;
+    params.grammar = grammar;
     let f = state.frontend();
     params.max_tokens = resolve_max_tokens(Some(input.max_tokens), prepared.input_ids.len(), f.max_model_len)?;
     params.validate()?;
@@ -82,9 +86,10 @@ pub(crate) fn completions<'a>(
     run(state, request, Kind::Completion, req.stream.unwrap_or(false), include_usage, arrival, gone)
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 enum Kind {
-    Chat,
+    /// How the answers are read for tool calls.
+    Chat(ToolMode),
     Completion,
 }
 
@@ -110,7 +115,7 @@ fn run<'a>(
     let (id, rx) = state.engine.submit(request)?;
     let mut job = Job { state, id, rx, ended: false, times: Times::new(arrival) };
     let (prefix, object) = match kind {
-        Kind::Chat => ("chatcmpl", "chat.completion.chunk"),
+        Kind::Chat(_) => ("chatcmpl", "chat.completion.chunk"),
         Kind::Completion => ("cmpl", "text_completion"),
     };
     let header = ChunkHeader {
@@ -122,15 +127,27 @@ fn run<'a>(
     };
     if stream {
         let offsets = vec![0; params.n];
-        return Ok(Reply::Stream(Box::new(Stream { job, header, kind, params, started: false, offsets })));
+        let tools = match &kind {
+            Kind::Chat(mode) => (0..params.n).map(|_| ToolStream::new(mode)).collect(),
+            Kind::Completion => Vec::new(),
+        };
+        return Ok(Reply::Stream(Box::new(Stream { job, header, kind, params, started: false, offsets, tools })));
     }
     let out = job.collect(&params, gone)?;
     let token_text = |t: u32| state.frontend().token_text(t);
     let token_bytes = |t: u32| state.frontend().token_bytes(t);
     Ok(match kind {
-        Kind::Chat => Reply::json(
+        Kind::Chat(mode) => Reply::json(
             200,
-            &ChatCompletionResponse::new(header.id, header.model, header.created, &out, &token_text, &token_bytes),
+            &ChatCompletionResponse::new(
+                header.id,
+                header.model,
+                header.created,
+                &out,
+                &mode,
+                &token_text,
+                &token_bytes,
+            ),
         ),
         Kind::Completion => {
             Reply::json(200, &CompletionResponse::new(header.id, header.model, header.created, &out, &token_text))
@@ -273,6 +290,8 @@ struct Stream<'a> {
     started: bool,
     /// Bytes of text sent so far per choice (completions' logprob offsets).
     offsets: Vec<usize>,
+    /// Chat: each choice's text read for tool calls.
+    tools: Vec<ToolStream>,
 }
 
 impl Stream<'_> {
@@ -283,7 +302,7 @@ impl Stream<'_> {
     fn finish_chunk(&self, index: usize, reason: &str, stop: Option<Value>) -> Value {
         let finish = Some((reason, stop));
         match self.kind {
-            Kind::Chat => self.header.chunk(chat_choice(index, json!({}), None, finish)),
+            Kind::Chat(_) => self.header.chunk(chat_choice(index, json!({}), None, finish)),
             Kind::Completion => self.header.chunk(completion_choice(index, "", None, finish)),
         }
     }
@@ -293,7 +312,7 @@ impl EventStream for Stream<'_> {
     fn next(&mut self) -> Option<Vec<String>> {
         if !self.started {
             self.started = true;
-            if self.kind == Kind::Chat {
+            if matches!(self.kind, Kind::Chat(_)) {
                 let roles = (0..self.params.n)
                     .map(|i| {
                         Self::json(&self.header.chunk(chat_choice(
@@ -319,9 +338,21 @@ impl EventStream for Stream<'_> {
                     return Some(Vec::new());
                 }
                 let chunk = match self.kind {
-                    Kind::Chat => {
-                        let lp = want_logprobs.then(|| json!(chat_logprobs(&logprobs, &token_text, &token_bytes)));
-                        chat_choice(index, json!({"content": text}), lp, None)
+                    Kind::Chat(_) => {
+                        let mut lp = want_logprobs.then(|| json!(chat_logprobs(&logprobs, &token_text, &token_bytes)));
+                        let mut deltas = match self.tools.get_mut(index) {
+                            Some(t) => t.push(&text),
+                            None => vec![json!({"content": text})],
+                        };
+                        // Logprobs of text held back (a call being written) ride on an empty delta.
+                        if deltas.is_empty() && lp.is_some() {
+                            deltas.push(json!({}));
+                        }
+                        let chunks: Vec<String> = deltas
+                            .into_iter()
+                            .map(|d| Self::json(&self.header.chunk(chat_choice(index, d, lp.take(), None))))
+                            .collect();
+                        return Some(chunks);
                     }
                     Kind::Completion => {
                         let offset = self.offsets.get(index).copied().unwrap_or(0);
@@ -335,7 +366,16 @@ impl EventStream for Stream<'_> {
                 vec![Self::json(&self.header.chunk(chunk))]
             }
             Event::Finished { index, reason, stop_reason } => {
-                vec![Self::json(&self.finish_chunk(index, reason.as_str(), stop_reason_json(&stop_reason)))]
+                let (deltas, reason) = match self.tools.get_mut(index) {
+                    Some(t) => t.finish(reason.as_str()),
+                    None => (Vec::new(), reason.as_str()),
+                };
+                let mut v: Vec<String> = deltas
+                    .into_iter()
+                    .map(|d| Self::json(&self.header.chunk(chat_choice(index, d, None, None))))
+                    .collect();
+                v.push(Self::json(&self.finish_chunk(index, reason, stop_reason_json(&stop_reason))));
+                v
             }
             Event::Done { usage } => {
                 let mut v = Vec::new();

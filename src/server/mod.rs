@@ -130,6 +130,9 @@ pub struct ServerConfig {
     /// The request log on stderr (vLLM's `--disable-log-requests`,
     /// `--uvicorn-log-level`).
     pub request_log: RequestLog,
+    /// How `tool_choice: "auto"` answers are read for calls (`hermes`);
+    /// None: such requests are refused.
+    pub tool_parser: Option<&'static str>,
 }
 
 /// What every worker shares.
@@ -288,6 +291,10 @@ pub struct Server {
 impl Server {
     pub fn new(http: tiny_http::Server, engine: Engine, fetcher: MediaFetcher, cfg: ServerConfig) -> Server {
         let metrics = Metrics::new(&engine.frontend().model_name);
+        if engine.frontend().task == Task::Generate {
+            // The grammar engine's token trie, built beside serving, not on the first constrained request.
+            engine.frontend().grammars.warm();
+        }
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
         let state = State {
             engine,

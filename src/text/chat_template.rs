@@ -155,6 +155,20 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         kwargs: &serde_json::Value,
     ) -> Result<String> {
+        self.render_tools(messages, add_generation_prompt, kwargs, &serde_json::Value::Null)
+    }
+
+    /// `render_with`, with the request's `tools` (OpenAI's list of
+    /// `{"type": "function", "function": {...}}`, or null for none) as the
+    /// template's `tools` variable, as transformers' `apply_chat_template`
+    /// passes them.
+    pub fn render_tools(
+        &self,
+        messages: &serde_json::Value,
+        add_generation_prompt: bool,
+        kwargs: &serde_json::Value,
+        tools: &serde_json::Value,
+    ) -> Result<String> {
         let flat;
         let messages = match self.placeholder.filter(|_| self.string_content) {
             Some(ph) => {
@@ -184,13 +198,19 @@ impl ChatTemplate {
             ctx.retain(|(k, _)| k != name);
         }
         ctx.push(("messages".into(), messages));
-        ctx.push(("tools".into(), Value::from(())));
+        ctx.push(("tools".into(), if tools.is_null() { Value::from(()) } else { to_value(tools) }));
         ctx.push(("documents".into(), Value::from(())));
         ctx.push(("add_generation_prompt".into(), Value::from(add_generation_prompt)));
 
         let tmpl = self.env.get_template(&self.origin).map_err(template_error)?;
         tmpl.render(Value::from_object(OrderedMap(ctx.into_iter().map(|(k, v)| (Value::from(k), v)).collect())))
             .map_err(template_error)
+    }
+
+    /// Whether the template reads the `tools` variable (renders a
+    /// request's tools for the model).
+    pub fn renders_tools(&self) -> bool {
+        self.source.contains("tools")
     }
 
     /// The template text.

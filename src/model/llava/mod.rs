@@ -29,6 +29,8 @@ pub static FAMILY: Family = Family {
     embedding_template: None,
     embedding_template_name: "",
     placeholder: |_| "<image>".into(),
+    tool_parser: None,
+    tool_template: None,
     processor: processor::LlavaProcessor::from_dir,
     load: load_boxed,
     weights: open_weights,

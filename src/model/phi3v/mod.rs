@@ -41,6 +41,8 @@ pub static FAMILY: Family = Family {
     embedding_template: Some(include_str!("vlm2vec_template.jinja")),
     embedding_template_name: "VLM2Vec",
     placeholder: |n| format!("<|image_{n}|>"),
+    tool_parser: None,
+    tool_template: None,
     processor: processor::Phi3VProcessor::from_dir,
     load: load_boxed,
     weights: open_weights,

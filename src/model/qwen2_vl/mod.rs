@@ -35,6 +35,8 @@ pub static FAMILY: Family = Family {
     embedding_template: None,
     embedding_template_name: "",
     placeholder: |_| "<|vision_start|><|image_pad|><|vision_end|>".into(),
+    tool_parser: Some("hermes"),
+    tool_template: Some(TOOL_CHAT_TEMPLATE),
     processor: inputs::Qwen2VlProcessor::from_dir,
     load: load_boxed,
     weights: |dir: &Path| Weights::open(dir),

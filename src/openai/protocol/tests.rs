@@ -293,7 +293,15 @@ fn response_json_has_openais_shape() {
     // Raw bytes come from the tokenizer, not the text: token 3 is a lone
     // byte of a multi-byte character here.
     let bytes = |id: u32| if id == 3 { vec![0x93] } else { text(id).into_bytes() };
-    let resp = ChatCompletionResponse::new("chatcmpl-1".into(), "tiny".into(), 1700000000, &out, &text, &bytes);
+    let resp = ChatCompletionResponse::new(
+        "chatcmpl-1".into(),
+        "tiny".into(),
+        1700000000,
+        &out,
+        &crate::openai::tools::ToolMode::Off,
+        &text,
+        &bytes,
+    );
     assert_eq!(
         serde_json::to_value(&resp).unwrap(),
         json!({
@@ -304,7 +312,7 @@ fn response_json_has_openais_shape() {
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": "Hi é"},
+                    "message": {"role": "assistant", "content": "Hi é", "tool_calls": []},
                     "logprobs": {"content": [
                         {"token": "Hi", "logprob": -0.5, "bytes": [72, 105], "top_logprobs": [
                             {"token": "Hi", "logprob": -0.5, "bytes": [72, 105]},
@@ -317,14 +325,14 @@ fn response_json_has_openais_shape() {
                 },
                 {
                     "index": 1,
-                    "message": {"role": "assistant", "content": "Yo"},
+                    "message": {"role": "assistant", "content": "Yo", "tool_calls": []},
                     "logprobs": {"content": []},
                     "finish_reason": "stop",
                     "stop_reason": "\n"
                 },
                 {
                     "index": 2,
-                    "message": {"role": "assistant", "content": ""},
+                    "message": {"role": "assistant", "content": "", "tool_calls": []},
                     "logprobs": null,
                     "finish_reason": "length",
                     "stop_reason": null
