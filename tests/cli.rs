@@ -102,6 +102,7 @@ fn readme_vllm_flags_match_serve_help() {
     // Every vLLM-compat flag is in the table (and so in --help).
     use clap::Args as _;
     let cmd = kestrel::cli::vllm_flags::VllmFlags::augment_args(clap::Command::new("x"));
+    let cmd = kestrel::cli::tool_flags::ToolFlags::augment_args(cmd);
     let compat: Vec<String> = cmd.get_arguments().filter_map(|a| a.get_long()).map(|l| format!("--{l}")).collect();
     assert!(compat.len() >= 14, "{compat:?}");
     // Shared with `generate` (EngineArgs), so not among VllmFlags, but vLLM's.

@@ -3,6 +3,7 @@
 
 pub mod fake_hub;
 pub mod golden;
+pub mod http;
 pub mod mp4;
 
 use std::io::{BufRead, BufReader, Write};

@@ -29,6 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 from openai.types import CreateEmbeddingResponse
 
+from checks_structured import make_checks
+
 MODEL = os.environ.get("KESTREL_MODEL", "kestrel-tiny-qwen2-vl")
 BASE_URL = os.environ["KESTREL_BASE_URL"]
 EMBED_BASE_URL = os.environ.get("KESTREL_EMBED_BASE_URL")
@@ -385,7 +387,7 @@ CHECKS = [
         ("error invalid base64 image", error_bad_base64),
         ("error max_tokens 0", error_max_tokens_zero),
         ("error unknown model", error_unknown_model),
-    ]),
+    ] + make_checks(expect, MODEL)),
     (EMBED_BASE_URL, [
         ("embeddings text", embed_text),
         ("embeddings chat image", embed_chat_image),
