@@ -47,6 +47,8 @@ enum BenchCommand {
     Startup(kestrel::cli::bench_startup::StartupArgs),
     /// Image decode, resize and patchify times, stage by stage (synthetic photo).
     Preprocess(kestrel::cli::bench_preprocess::PreprocessArgs),
+    /// A JSON-schema constraint's cost per token on the CPU (masks over the model's vocabulary).
+    Grammar(kestrel::cli::bench_grammar::GrammarArgs),
 }
 
 fn main() {
@@ -78,12 +80,15 @@ fn main() {
 
 /// Runs one bench subcommand, prints its report; the exit status.
 fn bench(cmd: BenchCommand) -> i32 {
-    use kestrel::cli::{bench, bench_decode, bench_kernels, bench_preprocess, bench_serve, bench_startup};
+    use kestrel::cli::{
+        bench, bench_decode, bench_grammar, bench_kernels, bench_preprocess, bench_serve, bench_startup,
+    };
     let (name, result) = match cmd {
         BenchCommand::Throughput(args) => ("throughput", bench::throughput(&args)),
         BenchCommand::Decode(args) => ("decode", bench_decode::decode(&args)),
         BenchCommand::Kernels(args) => ("kernels", bench_kernels::kernels(&args)),
         BenchCommand::Preprocess(args) => ("preprocess", bench_preprocess::run(&args)),
+        BenchCommand::Grammar(args) => ("grammar", bench_grammar::run(&args)),
         BenchCommand::Startup(args) => ("startup", bench_startup::startup(&args).map(|(report, _)| report)),
         BenchCommand::Serve(args) => match bench_serve::serve(&args) {
             // Failed requests are in the report and the JSON; the status says so too.

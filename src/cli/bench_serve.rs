@@ -93,6 +93,16 @@ pub struct ServeBenchArgs {
     /// bf16 GEMM rate of the server's card in TFLOP/s, for the roofline.
     #[arg(long, requires = "copy_gbps")]
     pub gemm_tflops: Option<f64>,
+    /// Fraction of requests (0 to 1, spread evenly) whose output is held to
+    /// --json-schema, as `vllm bench serve`'s structured-output benchmark
+    /// mixes them; the report then gives free and constrained requests apart.
+    #[arg(long, default_value_t = 0.0)]
+    pub structured_output_ratio: f64,
+    /// The schema of constrained requests (default: a small object of a
+    /// bounded string, an integer range and an enum), sent as vLLM's
+    /// `structured_outputs: {"json": ..., "disable_any_whitespace": true}`.
+    #[arg(long)]
+    pub json_schema: Option<PathBuf>,
     /// Flags for `kestrel serve` with --launch (after `--`).
     #[arg(last = true)]
     pub serve_args: Vec<String>,
@@ -232,6 +242,8 @@ pub struct Summary {
     pub tpot_ms: Dist,
     pub itl_ms: Dist,
     pub e2el_ms: Dist,
+    /// With --structured-output-ratio: free and constrained requests apart.
+    pub by_class: Vec<ClassStats>,
     /// Per completed request, in request order.
     pub input_lens: Vec<usize>,
     pub output_lens: Vec<usize>,
@@ -239,6 +251,39 @@ pub struct Summary {
     pub e2els_s: Vec<f64>,
     pub itls_s: Vec<Vec<f64>>,
     pub roofline: Option<RooflineResult>,
+}
+
+/// One class of requests (free, or held to the JSON schema) of a mixed run.
+#[derive(Serialize, Debug)]
+pub struct ClassStats {
+    pub class: &'static str,
+    pub completed: usize,
+    pub output_tokens: usize,
+    /// Output tokens/s of this class over the whole run.
+    pub output_throughput: f64,
+    pub ttft_ms: Dist,
+    pub tpot_ms: Dist,
+    pub itl_ms: Dist,
+}
+
+/// Whether request `i` is held to the schema: `ratio` of them, spread evenly.
+pub fn constrained(i: usize, ratio: f64) -> bool {
+    ((i + 1) as f64 * ratio).floor() > (i as f64 * ratio).floor()
+}
+
+/// The default schema of constrained requests: bounded, so every answer ends.
+pub fn default_schema() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 24},
+            "celsius": {"type": "integer", "minimum": -60, "maximum": 60},
+            "sky": {"enum": ["clear", "cloudy", "rain", "snow"]},
+            "summary": {"type": "string", "maxLength": 200}
+        },
+        "required": ["city", "celsius", "sky", "summary"],
+        "additionalProperties": false
+    })
 }
 
 /// The measured throughput against the workload's roofline.
@@ -255,6 +300,12 @@ pub struct RooflineResult {
 pub fn serve(args: &ServeBenchArgs) -> Result<(String, Summary)> {
     if args.num_prompts == 0 || args.output_len == 0 || args.max_concurrency == Some(0) {
         return Err(Error::InvalidInput("--num-prompts, --output-len and --max-concurrency must be positive".into()));
+    }
+    if !(0.0..=1.0).contains(&args.structured_output_ratio) {
+        return Err(Error::InvalidInput(format!(
+            "--structured-output-ratio must be between 0 and 1, got {}",
+            args.structured_output_ratio
+        )));
     }
     if args.request_rate.is_nan() || args.request_rate <= 0.0 {
         return Err(Error::InvalidInput(format!(
@@ -350,6 +401,14 @@ fn first_model(agent: &ureq::Agent, base: &str, key: Option<&str>) -> Result<Str
 /// Every request's JSON body, images encoded, before the clock starts.
 fn request_bodies(args: &ServeBenchArgs, model: &str) -> Result<Vec<String>> {
     use rayon::prelude::*;
+    let schema = match &args.json_schema {
+        None => default_schema(),
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).map_err(|source| Error::Io { path: p.display().to_string(), source })?;
+            serde_json::from_str(&text).map_err(|e| Error::InvalidInput(format!("{}: not JSON: {e}", p.display())))?
+        }
+    };
     (0..args.num_prompts)
         .into_par_iter()
         .map(|i| {
@@ -360,7 +419,7 @@ fn request_bodies(args: &ServeBenchArgs, model: &str) -> Result<Vec<String>> {
                 content.push(json!({"type": "image_url", "image_url": {"url": url}}));
             }
             content.push(json!({"type": "text", "text": synthetic_text(args.input_len, seed)}));
-            Ok(json!({
+            let mut body = json!({
                 "model": model,
                 "messages": [{"role": "user", "content": content}],
                 "max_tokens": args.output_len,
@@ -368,8 +427,11 @@ fn request_bodies(args: &ServeBenchArgs, model: &str) -> Result<Vec<String>> {
                 "ignore_eos": args.ignore_eos,
                 "stream": true,
                 "stream_options": {"include_usage": true},
-            })
-            .to_string())
+            });
+            if constrained(i, args.structured_output_ratio) {
+                body["structured_outputs"] = json!({"json": schema, "disable_any_whitespace": true});
+            }
+            Ok(body.to_string())
         })
         .collect()
 }
@@ -413,9 +475,13 @@ fn summarize(
 ) -> Summary {
     let mut errors: Vec<(String, usize)> = Vec::new();
     let mut ok: Vec<Record> = Vec::new();
-    for o in outcomes {
+    let mut ok_constrained: Vec<bool> = Vec::new();
+    for (i, o) in outcomes.into_iter().enumerate() {
         match o {
-            Ok(r) => ok.push(r),
+            Ok(r) => {
+                ok.push(r);
+                ok_constrained.push(constrained(i, args.structured_output_ratio));
+            }
             Err(e) => match errors.iter_mut().find(|(m, _)| *m == e) {
                 Some((_, n)) => *n += 1,
                 None => errors.push((e, 1)),
@@ -424,11 +490,30 @@ fn summarize(
     }
     let failed = errors.iter().map(|(_, n)| n).sum();
     let ttfts: Vec<f64> = ok.iter().filter_map(|r| r.ttft).collect();
-    let tpots: Vec<f64> = ok
-        .iter()
-        .filter_map(|r| r.ttft.filter(|_| r.output_tokens > 1).map(|t| (r.e2e - t) / (r.output_tokens - 1) as f64))
-        .collect();
+    let tpot = |r: &Record| r.ttft.filter(|_| r.output_tokens > 1).map(|t| (r.e2e - t) / (r.output_tokens - 1) as f64);
+    let tpots: Vec<f64> = ok.iter().filter_map(tpot).collect();
     let itls: Vec<f64> = ok.iter().flat_map(|r| r.itl.iter().copied()).collect();
+    let by_class = if args.structured_output_ratio > 0.0 {
+        [("free", false), ("json_schema", true)]
+            .into_iter()
+            .map(|(class, c)| {
+                let rs: Vec<&Record> =
+                    ok.iter().zip(&ok_constrained).filter(|(_, &k)| k == c).map(|(r, _)| r).collect();
+                let out: usize = rs.iter().map(|r| r.output_tokens).sum();
+                ClassStats {
+                    class,
+                    completed: rs.len(),
+                    output_tokens: out,
+                    output_throughput: out as f64 / duration,
+                    ttft_ms: Dist::of_seconds(&rs.iter().filter_map(|r| r.ttft).collect::<Vec<_>>()),
+                    tpot_ms: Dist::of_seconds(&rs.iter().filter_map(|r| tpot(r)).collect::<Vec<_>>()),
+                    itl_ms: Dist::of_seconds(&rs.iter().flat_map(|r| r.itl.iter().copied()).collect::<Vec<_>>()),
+                }
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     let total_in: usize = ok.iter().map(|r| r.prompt_tokens).sum();
     let total_out: usize = ok.iter().map(|r| r.output_tokens).sum();
     let roofline =
@@ -455,6 +540,7 @@ fn summarize(
         tpot_ms: Dist::of_seconds(&tpots),
         itl_ms: Dist::of_seconds(&itls),
         e2el_ms: Dist::of_seconds(&ok.iter().map(|r| r.e2e).collect::<Vec<_>>()),
+        by_class,
         input_lens: ok.iter().map(|r| r.prompt_tokens).collect(),
         output_lens: ok.iter().map(|r| r.output_tokens).collect(),
         ttfts_s: ok.iter().map(|r| r.ttft.unwrap_or(f64::NAN)).collect(),
@@ -539,6 +625,22 @@ fn report(s: &Summary) -> String {
     for (name, d) in [("TTFT", &s.ttft_ms), ("TPOT", &s.tpot_ms), ("ITL", &s.itl_ms), ("E2E", &s.e2el_ms)] {
         r += &format!("{name:<10} {:>9.2} {:>8.2} {:>8.2}\n", d.mean, d.median, d.p99);
     }
+    for c in &s.by_class {
+        r += &format!(
+            "{:<12} {:>4} requests, {:>7} output tokens, {:>8.1} tok/s; TPOT mean {:.2} p50 {:.2} p99 {:.2} ms; \
+             ITL p50 {:.2} p99 {:.2} ms; TTFT p50 {:.2} ms\n",
+            c.class,
+            c.completed,
+            c.output_tokens,
+            c.output_throughput,
+            c.tpot_ms.mean,
+            c.tpot_ms.median,
+            c.tpot_ms.p99,
+            c.itl_ms.median,
+            c.itl_ms.p99,
+            c.ttft_ms.median
+        );
+    }
     if let Some(x) = &s.roofline {
         r += &format!(
             "roofline: {:.1} tok/s (prefill {:.3} ms at {:.0} TFLOP/s + decode {:.3} ms at {:.0} GB/s); measured {:.1}% of it\n",
@@ -556,6 +658,16 @@ fn report(s: &Summary) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn constrained_requests_are_spread_by_the_ratio() {
+        for (ratio, n, want) in [(0.0, 10, 0), (0.5, 10, 5), (0.25, 8, 2), (1.0, 7, 7), (0.3, 10, 3)] {
+            let picks: Vec<usize> = (0..n).filter(|&i| constrained(i, ratio)).collect();
+            assert_eq!(picks.len(), want, "{ratio} of {n}: {picks:?}");
+        }
+        let half: Vec<bool> = (0..4).map(|i| constrained(i, 0.5)).collect();
+        assert_eq!(half, [false, true, false, true]);
+    }
 
     #[test]
     fn image_sizes_parse() {

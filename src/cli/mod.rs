@@ -5,6 +5,7 @@
 pub mod batch;
 pub mod bench;
 pub mod bench_decode;
+pub mod bench_grammar;
 pub mod bench_kernels;
 pub mod bench_preprocess;
 pub mod bench_serve;
