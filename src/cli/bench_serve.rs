@@ -75,7 +75,8 @@ pub struct ServeBenchArgs {
     #[arg(long)]
     pub ignore_eos: bool,
     /// Requests sent (the first prompt, one at a time) before the clock
-    /// starts, as vLLM's initial test run; if one fails the run stops there.
+    /// starts, as vLLM's initial test run, and then the first constrained
+    /// one if any; if one fails the run stops there.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
     /// Seconds one request may take before it counts as failed.
@@ -329,8 +330,14 @@ pub fn serve(args: &ServeBenchArgs) -> Result<(String, Summary)> {
     let bodies = request_bodies(args, &model)?;
     let arrive = arrivals(args.num_prompts, args.request_rate, args.seed);
     let url = format!("{base}/v1/chat/completions");
-    for _ in 0..args.warmup {
-        send(&agent, &url, args.api_key.as_deref(), &bodies[0])
+    // The first constrained body warms up too: the server's grammar engine
+    // is ready (its token trie built) before the clock starts.
+    let mut warm = vec![0; args.warmup];
+    if args.warmup > 0 {
+        warm.extend((0..args.num_prompts).find(|&i| constrained(i, args.structured_output_ratio)));
+    }
+    for i in warm {
+        send(&agent, &url, args.api_key.as_deref(), &bodies[i])
             .map_err(|e| Error::Engine(format!("the warm-up request failed ({e}); pass --warmup 0 to skip it")))?;
     }
     let (next, bodies, arrive) = (Arc::new(AtomicUsize::new(0)), Arc::new(bodies), Arc::new(arrive));

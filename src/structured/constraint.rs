@@ -18,7 +18,7 @@
 //! are refused with the reason.
 
 use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 
@@ -169,15 +169,21 @@ impl ConstraintFields {
             Some(Value::String(p)) => Some(p.clone()),
             Some(other) => return bad(format!("guided_whitespace_pattern must be a string, got {other}")),
         };
-        let options = JsonOptions { whitespace_pattern: ws, ..JsonOptions::default() };
+        let mut options = JsonOptions { whitespace_pattern: ws, ..JsonOptions::default() };
+        // structured_outputs' options (disable_any_whitespace, ...) hold for
+        // whichever field gives the constraint, as vLLM merges them.
+        let mut options_only = false;
+        if let Some(so) = present(&self.structured_outputs) {
+            let (opts, c) = structured_outputs(so, &options)?;
+            options = opts;
+            match c {
+                Some(c) => found.push(("structured_outputs", c)),
+                None => options_only = true,
+            }
+        }
         if let Some(rf) = present(&self.response_format) {
             if let Some(c) = response_format(rf, &options)? {
                 found.push(("response_format", c));
-            }
-        }
-        if let Some(so) = present(&self.structured_outputs) {
-            if let Some(c) = structured_outputs(so, &options)? {
-                found.push(("structured_outputs", c));
             }
         }
         let guided = [
@@ -193,6 +199,9 @@ impl ConstraintFields {
             }
         }
         match found.len() {
+            0 if options_only => bad("structured_outputs gives options but no constraint (json, regex, choice, \
+                                      grammar or json_object), and no other field gives one"
+                .into()),
             0 => Ok(None),
             1 => Ok(found.pop().map(|f| f.1)),
             _ => {
@@ -285,8 +294,9 @@ fn response_format(rf: &Value, options: &JsonOptions) -> Result<Option<Constrain
     }
 }
 
-/// vLLM's `structured_outputs` object.
-fn structured_outputs(so: &Value, base: &JsonOptions) -> Result<Option<Constraint>> {
+/// vLLM's `structured_outputs` object: its options over `base`, and its
+/// constraint if it gives one.
+fn structured_outputs(so: &Value, base: &JsonOptions) -> Result<(JsonOptions, Option<Constraint>)> {
     let Some(obj) = so.as_object() else {
         return bad(format!("structured_outputs must be an object, got {so}"));
     };
@@ -336,17 +346,9 @@ fn structured_outputs(so: &Value, base: &JsonOptions) -> Result<Option<Constrain
         names.push("json_object");
     }
     match kinds.len() {
-        0 if has_options(obj) => bad("structured_outputs gives options but no constraint (json, regex, choice, \
-                                      grammar or json_object)"
-            .into()),
-        0 => Ok(None),
-        1 => Ok(kinds.pop()),
+        0 | 1 => Ok((options, kinds.pop())),
         _ => bad(format!("structured_outputs may hold one constraint, but has {}", names.join(" and "))),
     }
-}
-
-fn has_options(obj: &Map<String, Value>) -> bool {
-    obj.values().any(|v| !v.is_null())
 }
 
 #[cfg(test)]

@@ -95,6 +95,13 @@ fn whitespace_and_property_options() {
     options.apply(&mut own);
     assert_eq!(own["additionalProperties"], json!(true));
     assert_eq!(own["x-guidance"]["whitespace_flexible"], json!(true));
+    // Options alone in structured_outputs apply to the constraint another field gives.
+    let c = constraint(json!({
+        "response_format": {"type": "json_object"},
+        "structured_outputs": {"disable_any_whitespace": true}
+    }))
+    .unwrap();
+    assert_eq!(c, Some(Constraint::json_object(JsonOptions { any_whitespace: false, ..JsonOptions::default() })));
     let c = constraint(json!({"guided_regex": "a", "guided_whitespace_pattern": " *"})).unwrap();
     assert_eq!(c, Some(Constraint::Regex("a".into())));
 }
