@@ -10,8 +10,9 @@
 #             checkpoint's tokenizer: trie build, compile, mask time per step
 #             at batch 1/8/64, any-whitespace and compact JSON
 #   serve     kestrel bench serve --launch on that checkpoint, 64 text
-#             requests of 128 words, 128 out, 64 in flight, three runs in one
-#             call: all free, half held to a JSON schema, all held
+#             requests of 128 words, 128 out, 64 in flight, in one call: all
+#             free and half held to a JSON schema, alternating twice, then all
+#             held (RATIOS overrides the list)
 #   demo      a server on the checkpoint and tools/structured_demo.py (the
 #             openai client: a JSON-schema answer, parse into pydantic, a
 #             named and a required tool call, a second turn)
@@ -50,12 +51,14 @@ if want grammar && [ -n "$m" ]; then
   record grammar "${PIPESTATUS[0]}"
 fi
 if want serve && [ -n "$m" ]; then
-  rc=0
-  for ratio in 0 0.5 1; do
-    echo "== --structured-output-ratio $ratio" | tee -a "$out/serve.txt"
+  rc=0 run=0
+  # Free and half-constrained alternate, twice, to see the noise between launches.
+  for ratio in ${RATIOS:-0 0.5 0 0.5 1}; do
+    run=$((run + 1))
+    echo "== run $run: --structured-output-ratio $ratio" | tee -a "$out/serve.txt"
     "$k" bench serve --launch --model "$m" --image-size 0 --input-len 128 --output-len 128 \
       --num-prompts 64 --max-concurrency 64 --ignore-eos --structured-output-ratio "$ratio" \
-      --result-json "$out/serve-$ratio.json" -- --device cuda --gpu-memory-utilization 0.8 \
+      --result-json "$out/serve-$run-$ratio.json" -- --device cuda --gpu-memory-utilization 0.8 \
       2>&1 | grep -v "^kestrel: request" | tee -a "$out/serve.txt"
     [ "${PIPESTATUS[0]}" = 0 ] || rc=1
   done
