@@ -245,6 +245,9 @@ pub struct Summary {
     pub e2el_ms: Dist,
     /// With --structured-output-ratio: free and constrained requests apart.
     pub by_class: Vec<ClassStats>,
+    /// The server's structured-output counters after the run (warm-up
+    /// included), when it exposes them (`kestrel serve`'s /metrics).
+    pub grammar_cost: Option<GrammarCost>,
     /// Per completed request, in request order.
     pub input_lens: Vec<usize>,
     pub output_lens: Vec<usize>,
@@ -265,6 +268,33 @@ pub struct ClassStats {
     pub ttft_ms: Dist,
     pub tpot_ms: Dist,
     pub itl_ms: Dist,
+}
+
+/// `kestrel:structured_output_*` from the server's /metrics.
+#[derive(Serialize, Debug, Clone, Copy, PartialEq)]
+pub struct GrammarCost {
+    pub masks: f64,
+    pub mask_cpu_s: f64,
+    pub engine_s: f64,
+}
+
+/// The server's structured-output counters, if its /metrics has them.
+fn grammar_cost(agent: &ureq::Agent, base: &str, key: Option<&str>) -> Option<GrammarCost> {
+    let mut rq = agent.get(format!("{base}/metrics"));
+    if let Some(k) = key {
+        rq = rq.header("Authorization", format!("Bearer {k}"));
+    }
+    let text = rq.call().ok()?.body_mut().read_to_string().ok()?;
+    let value = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    Some(GrammarCost {
+        masks: value("kestrel:structured_output_masks_total")?,
+        mask_cpu_s: value("kestrel:structured_output_mask_cpu_seconds_total")?,
+        engine_s: value("kestrel:structured_output_engine_seconds_total")?,
+    })
 }
 
 /// Whether request `i` is held to the schema: `ratio` of them, spread evenly.
@@ -365,9 +395,12 @@ pub fn serve(args: &ServeBenchArgs) -> Result<(String, Summary)> {
         outcomes.extend(h.join().map_err(|_| Error::Engine("a client thread panicked".into()))?);
     }
     let duration = start.elapsed().as_secs_f64();
+    let grammar_cost =
+        (args.structured_output_ratio > 0.0).then(|| grammar_cost(&agent, &base, args.api_key.as_deref())).flatten();
     drop(server);
     outcomes.sort_by_key(|(i, _)| *i);
-    let summary = summarize(args, model, outcomes.into_iter().map(|(_, o)| o).collect(), duration, roof.as_ref());
+    let mut summary = summarize(args, model, outcomes.into_iter().map(|(_, o)| o).collect(), duration, roof.as_ref());
+    summary.grammar_cost = grammar_cost;
     let report = report(&summary);
     if let Some(p) = &args.result_json {
         let text = serde_json::to_string_pretty(&summary).map_err(|e| Error::Engine(e.to_string()))?;
@@ -548,6 +581,7 @@ fn summarize(
         itl_ms: Dist::of_seconds(&itls),
         e2el_ms: Dist::of_seconds(&ok.iter().map(|r| r.e2e).collect::<Vec<_>>()),
         by_class,
+        grammar_cost: None,
         input_lens: ok.iter().map(|r| r.prompt_tokens).collect(),
         output_lens: ok.iter().map(|r| r.output_tokens).collect(),
         ttfts_s: ok.iter().map(|r| r.ttft.unwrap_or(f64::NAN)).collect(),
@@ -646,6 +680,15 @@ fn report(s: &Summary) -> String {
             c.itl_ms.median,
             c.itl_ms.p99,
             c.ttft_ms.median
+        );
+    }
+    if let Some(g) = s.grammar_cost.filter(|g| g.masks > 0.0) {
+        r += &format!(
+            "structured outputs (server counters, warm-up included): {:.0} masks, {:.1} us CPU each; \
+             engine thread {:.1} ms on grammars in all\n",
+            g.masks,
+            1e6 * g.mask_cpu_s / g.masks,
+            1e3 * g.engine_s
         );
     }
     if let Some(x) = &s.roofline {

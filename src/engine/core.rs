@@ -91,6 +91,18 @@ pub struct StepStats {
     pub preempted: usize,
 }
 
+/// What structured outputs have cost the engine thread so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct GrammarStats {
+    /// Allowed-token masks computed (one per constrained row per step).
+    pub masks: u64,
+    /// CPU time of those masks, summed over the rayon threads.
+    pub mask_cpu_s: f64,
+    /// Wall time the engine thread spent on grammars: masks (while the
+    /// device runs the forward pass), applying them, taking the tokens.
+    pub wall_s: f64,
+}
+
 /// Engine-wide settings the core enforces.
 #[derive(Clone, Debug)]
 pub struct CoreConfig {
@@ -111,6 +123,7 @@ pub struct EngineCore {
     seqs: Seqs,
     reqs: HashMap<RequestId, RequestState>,
     next_seq: SeqId,
+    grammar_stats: GrammarStats,
 }
 
 impl EngineCore {
@@ -125,6 +138,7 @@ impl EngineCore {
             seqs: Seqs::default(),
             reqs: HashMap::new(),
             next_seq: 0,
+            grammar_stats: GrammarStats::default(),
         }
     }
 
@@ -146,6 +160,10 @@ impl EngineCore {
 
     pub fn num_requests(&self) -> usize {
         self.reqs.len()
+    }
+
+    pub fn grammar_stats(&self) -> GrammarStats {
+        self.grammar_stats
     }
 
     pub fn preemptions(&self) -> u64 {
@@ -406,11 +424,8 @@ impl EngineCore {
     /// grammar is now finished, or why the token could not be taken.
     fn advance_grammars(&mut self, seqs: &[SeqId], tokens: &[Result<Sampled>]) -> HashMap<SeqId, Result<bool>> {
         use rayon::prelude::*;
-        let token_of: HashMap<SeqId, u32> = seqs
-            .iter()
-            .zip(tokens)
-            .filter_map(|(&sid, t)| t.as_ref().ok().map(|t| (sid, t.token)))
-            .collect();
+        let token_of: HashMap<SeqId, u32> =
+            seqs.iter().zip(tokens).filter_map(|(&sid, t)| t.as_ref().ok().map(|t| (sid, t.token))).collect();
         let (eos, reqs) = (&self.cfg.eos, &self.reqs);
         let mut work: Vec<(SeqId, u32, &mut Grammar)> = self
             .seqs
@@ -423,7 +438,13 @@ impl EngineCore {
                 (!eos.contains(&tok) || ignore_eos).then_some((*sid, tok, g))
             })
             .collect();
-        work.par_iter_mut().map(|(sid, tok, g)| (*sid, g.accept(*tok).map(|()| g.finished()))).collect()
+        if work.is_empty() {
+            return HashMap::new();
+        }
+        let t0 = std::time::Instant::now();
+        let out = work.par_iter_mut().map(|(sid, tok, g)| (*sid, g.accept(*tok).map(|()| g.finished()))).collect();
+        self.grammar_stats.wall_s += t0.elapsed().as_secs_f64();
+        out
     }
 
     fn first_waiting_request(&self) -> Option<RequestId> {
@@ -514,11 +535,21 @@ impl EngineCore {
         if work.is_empty() {
             return Ok(Vec::new());
         }
+        let t0 = std::time::Instant::now();
         work.sort_by_key(|w| w.0);
         let words = work[0].1.words();
-        let results: Vec<(usize, Result<Vec<u32>>)> = work.par_iter_mut().map(|(i, g)| (*i, g.allowed())).collect();
+        let results: Vec<(usize, Result<Vec<u32>>, f64)> = work
+            .par_iter_mut()
+            .map(|(i, g)| {
+                let t = std::time::Instant::now();
+                let m = g.allowed();
+                (*i, m, t.elapsed().as_secs_f64())
+            })
+            .collect();
+        self.grammar_stats.masks += results.len() as u64;
+        self.grammar_stats.mask_cpu_s += results.iter().map(|r| r.2).sum::<f64>();
         let (mut rows, mut masks, mut errors) = (Vec::new(), Vec::new(), Vec::new());
-        for (i, r) in results {
+        for (i, r, _) in results {
             match r {
                 Ok(m) if m.len() == words => {
                     rows.push(i);
@@ -528,7 +559,9 @@ impl EngineCore {
                 Err(e) => errors.push((i, e)),
             }
         }
-        ops::bitmask::apply_token_bitmask(logits, &rows, &masks, words)?;
+        let applied = ops::bitmask::apply_token_bitmask(logits, &rows, &masks, words);
+        self.grammar_stats.wall_s += t0.elapsed().as_secs_f64();
+        applied?;
         Ok(errors)
     }
 

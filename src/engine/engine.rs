@@ -166,6 +166,8 @@ pub struct EngineStats {
     pub step_errors: u64,
     /// Steps replayed from a CUDA graph.
     pub graph_steps: u64,
+    /// Structured outputs' cost on the engine thread.
+    pub grammar: super::core::GrammarStats,
 }
 
 enum Msg {
@@ -618,6 +620,7 @@ fn run(mut core: EngineCore, rx: Receiver<Msg>, stats: &Mutex<EngineStats>, hear
         s.steps += 1;
         s.step_errors += failed as u64;
         s.graph_steps = core.runner().graph_replays();
+        s.grammar = core.grammar_stats();
     }
     core.fail_all("the engine is shutting down");
     if let crate::tensor::Device::Cuda(gpu) = core.runner().model.device() {

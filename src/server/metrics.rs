@@ -219,6 +219,24 @@ impl Metrics {
             stats.preemptions as f64,
         );
         gauge("kestrel:engine_step_errors_total", "counter", "Engine steps that failed.", stats.step_errors as f64);
+        gauge(
+            "kestrel:structured_output_masks_total",
+            "counter",
+            "Allowed-token masks computed for constrained rows (one per row per step).",
+            stats.grammar.masks as f64,
+        );
+        gauge(
+            "kestrel:structured_output_mask_cpu_seconds_total",
+            "counter",
+            "CPU time of those masks, summed over threads.",
+            stats.grammar.mask_cpu_s,
+        );
+        gauge(
+            "kestrel:structured_output_engine_seconds_total",
+            "counter",
+            "Engine-thread wall time on grammars (masks, applying them, taking tokens).",
+            stats.grammar.wall_s,
+        );
         gauge("kestrel:http_requests_in_flight", "gauge", "HTTP requests being handled now.", in_flight as f64);
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
         gauge("kestrel:prompt_tokens_total", "counter", "Prefill tokens processed.", load(&self.prompt_tokens));
