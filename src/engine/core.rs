@@ -442,7 +442,11 @@ impl EngineCore {
             return HashMap::new();
         }
         let t0 = std::time::Instant::now();
-        let out = work.par_iter_mut().map(|(sid, tok, g)| (*sid, g.accept(*tok).map(|()| g.finished()))).collect();
+        let out = work
+            .par_iter_mut()
+            .with_max_len(1)
+            .map(|(sid, tok, g)| (*sid, g.accept(*tok).map(|()| g.finished())))
+            .collect();
         self.grammar_stats.wall_s += t0.elapsed().as_secs_f64();
         out
     }
@@ -538,8 +542,10 @@ impl EngineCore {
         let t0 = std::time::Instant::now();
         work.sort_by_key(|w| w.0);
         let words = work[0].1.words();
+        // One task per row (a mask takes 20 us to a few ms by the grammar's state), so idle threads steal.
         let results: Vec<(usize, Result<Vec<u32>>, f64)> = work
             .par_iter_mut()
+            .with_max_len(1)
             .map(|(i, g)| {
                 let t = std::time::Instant::now();
                 let m = g.allowed();
