@@ -209,6 +209,26 @@ fn bad_tool_requests_are_400_with_the_reason() {
 }
 
 #[test]
+fn tokenize_renders_the_tools_as_chat_does() {
+    let s = Server::start(&[]);
+    let messages = json!([{"role": "user", "content": "What is the weather in Oslo?"}]);
+    let count = |extra: Value| {
+        let mut body = json!({"messages": messages});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        let (status, v) = s.post("/tokenize", &body);
+        assert_eq!(status, 200, "{v}");
+        v["count"].as_u64().unwrap()
+    };
+    let (plain, with_tools) = (count(json!({})), count(json!({"tools": tools()})));
+    assert!(with_tools > plain + 50, "{plain} -> {with_tools}");
+    // The same prompt chat completions builds.
+    let (_, v) = s.post("/v1/chat/completions", &chat(json!({"max_tokens": 1, "tool_choice": "none"})));
+    assert_eq!(v["usage"]["prompt_tokens"].as_u64().unwrap(), with_tools);
+    let (status, _) = s.post("/tokenize", &json!({"prompt": "hi", "tools": tools()}));
+    assert_eq!(status, 400);
+}
+
+#[test]
 fn without_a_parser_auto_is_refused_but_forced_calls_work() {
     // A start that names no parser for a family without one fails; Qwen2-VL's
     // own (hermes) is the default, and a bad name is refused at start.

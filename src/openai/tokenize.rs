@@ -32,6 +32,9 @@ pub struct TokenizeRequest {
     pub chat_template_kwargs: Option<Value>,
     /// Only `false` is supported.
     pub continue_final_message: Option<bool>,
+    /// Functions for the chat template to render (chat form only), as in
+    /// chat completions.
+    pub tools: Option<Value>,
 }
 
 /// What to tokenize.
@@ -51,6 +54,9 @@ impl TokenizeRequest {
     /// The input and whether special tokens are added.
     pub fn to_input(&self) -> Result<(TokenizeInput, bool)> {
         match (&self.prompt, &self.messages) {
+            (Some(_), None) if self.tools.as_ref().is_some_and(|t| !t.is_null()) => {
+                Err(Error::InvalidInput("tools apply to messages, not to a prompt".into()))
+            }
             (Some(p), None) => Ok((TokenizeInput::Prompt(p.clone()), self.add_special_tokens.unwrap_or(true))),
             (None, Some(messages)) => {
                 let chat = ChatCompletionRequest {
@@ -59,6 +65,7 @@ impl TokenizeRequest {
                     chat_template_kwargs: self.chat_template_kwargs.clone(),
                     add_generation_prompt: self.add_generation_prompt,
                     continue_final_message: self.continue_final_message,
+                    tools: self.tools.clone(),
                     ..Default::default()
                 };
                 let input = chat.to_chat_input()?;

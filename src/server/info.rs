@@ -76,7 +76,7 @@ pub(crate) fn tokenize<'a>(state: &State, body: &str) -> Result<Reply<'a>, ApiEr
     let f = state.frontend();
     let text = match input {
         TokenizeInput::Prompt(p) => p,
-        TokenizeInput::Chat(chat) => chat.render(&f.template)?,
+        TokenizeInput::Chat(chat) => chat.render_for(&f.template, f.tools_template())?,
     };
     let tokens = f.tokenizer.encode_with(&text, add_special_tokens)?;
     let token_strs = req
