@@ -19,7 +19,7 @@ cd "$(dirname "$0")/../fuzz"
 secs="${1:-60}"
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(request chat_template image)
+[ ${#targets[@]} -gt 0 ] || targets=(request chat_template image structured)
 
 host="$(rustc -vV | sed -n 's/^host: //p')"
 # With --target, these flags reach only the fuzzed code, not build scripts
