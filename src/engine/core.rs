@@ -10,7 +10,7 @@
 //! gives the seed's stream and each choice differs.
 
 use std::collections::HashMap;
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 
 use super::blocks::BlockPool;
@@ -91,18 +91,6 @@ pub struct StepStats {
     pub preempted: usize,
 }
 
-/// What structured outputs have cost the engine thread so far.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct GrammarStats {
-    /// Allowed-token masks computed (one per constrained row per step).
-    pub masks: u64,
-    /// CPU time of those masks, summed over the rayon threads.
-    pub mask_cpu_s: f64,
-    /// Wall time the engine thread spent on grammars: masks (while the
-    /// device runs the forward pass), applying them, taking the tokens.
-    pub wall_s: f64,
-}
-
 /// Engine-wide settings the core enforces.
 #[derive(Clone, Debug)]
 pub struct CoreConfig {
@@ -114,6 +102,10 @@ pub struct CoreConfig {
     pub pooling: Option<PoolingConfig>,
 }
 
+pub use grammars::GrammarStats;
+
+mod grammars;
+
 pub struct EngineCore {
     runner: Runner,
     tokenizer: Arc<Tokenizer>,
@@ -124,6 +116,9 @@ pub struct EngineCore {
     reqs: HashMap<RequestId, RequestState>,
     next_seq: SeqId,
     grammar_stats: GrammarStats,
+    /// Grammars out on the rayon pool computing their next masks, started
+    /// at the end of a step (`start_masks`), back at the next (`join_masks`).
+    ahead: Option<Receiver<grammars::Ahead>>,
 }
 
 impl EngineCore {
@@ -139,6 +134,7 @@ impl EngineCore {
             reqs: HashMap::new(),
             next_seq: 0,
             grammar_stats: GrammarStats::default(),
+            ahead: None,
         }
     }
 
@@ -414,41 +410,8 @@ impl EngineCore {
                 self.fail(req, format!("could not continue the request: {e}"));
             }
         }
+        self.start_masks();
         Ok(stats)
-    }
-
-    /// Moves each constrained sequence's grammar past its sampled token, all
-    /// of them at once on the rayon pool (a grammar step is tens of
-    /// microseconds; one after another they would lengthen every step).
-    /// An EOS that ends the choice needs no step. Per sequence: whether its
-    /// grammar is now finished, or why the token could not be taken.
-    fn advance_grammars(&mut self, seqs: &[SeqId], tokens: &[Result<Sampled>]) -> HashMap<SeqId, Result<bool>> {
-        use rayon::prelude::*;
-        let token_of: HashMap<SeqId, u32> =
-            seqs.iter().zip(tokens).filter_map(|(&sid, t)| t.as_ref().ok().map(|t| (sid, t.token))).collect();
-        let (eos, reqs) = (&self.cfg.eos, &self.reqs);
-        let mut work: Vec<(SeqId, u32, &mut Grammar)> = self
-            .seqs
-            .0
-            .iter_mut()
-            .filter_map(|(sid, s)| {
-                let tok = *token_of.get(sid)?;
-                let ignore_eos = reqs.get(&s.req).is_some_and(|r| r.params.ignore_eos);
-                let g = s.grammar.as_mut()?;
-                (!eos.contains(&tok) || ignore_eos).then_some((*sid, tok, g))
-            })
-            .collect();
-        if work.is_empty() {
-            return HashMap::new();
-        }
-        let t0 = std::time::Instant::now();
-        let out = work
-            .par_iter_mut()
-            .with_max_len(1)
-            .map(|(sid, tok, g)| (*sid, g.accept(*tok).map(|()| g.finished())))
-            .collect();
-        self.grammar_stats.wall_s += t0.elapsed().as_secs_f64();
-        out
     }
 
     fn first_waiting_request(&self) -> Option<RequestId> {
@@ -523,64 +486,6 @@ impl EngineCore {
             out[i] = Err(e);
         }
         Ok(out)
-    }
-
-    /// Sets to -inf, in the logits' rows of constrained sequences, every
-    /// token their grammar does not allow next (vLLM applies its grammar
-    /// bitmask to the logits the same way, before sampling and logprobs).
-    /// The masks are computed on this thread's rayon pool, one sequence per
-    /// task, while the device may still run the forward pass. A grammar that
-    /// fails is returned as its row's error; the others go on.
-    fn apply_grammars(&mut self, seqs: &[SeqId], logits: &mut Tensor) -> Result<Vec<(usize, Error)>> {
-        use rayon::prelude::*;
-        let row_of: HashMap<SeqId, usize> = seqs.iter().enumerate().map(|(i, &sid)| (sid, i)).collect();
-        let mut work: Vec<(usize, &mut Grammar)> =
-            self.seqs.0.iter_mut().filter_map(|(sid, s)| Some((*row_of.get(sid)?, s.grammar.as_mut()?))).collect();
-        if work.is_empty() {
-            return Ok(Vec::new());
-        }
-        let t0 = std::time::Instant::now();
-        work.sort_by_key(|w| w.0);
-        let words = work[0].1.words();
-        // One task per row (a mask takes 20 us to a few ms by the grammar's state), so idle threads steal.
-        let results: Vec<(usize, Result<Vec<u32>>, f64)> = work
-            .par_iter_mut()
-            .with_max_len(1)
-            .map(|(i, g)| {
-                let t = std::time::Instant::now();
-                let m = g.allowed();
-                (*i, m, t.elapsed().as_secs_f64())
-            })
-            .collect();
-        self.grammar_stats.masks += results.len() as u64;
-        self.grammar_stats.mask_cpu_s += results.iter().map(|r| r.2).sum::<f64>();
-        let (mut rows, mut masks, mut errors) = (Vec::new(), Vec::new(), Vec::new());
-        for (i, r, _) in results {
-            match r {
-                Ok(m) if m.len() == words => {
-                    rows.push(i);
-                    masks.extend(m);
-                }
-                Ok(m) => errors.push((i, Error::Shape { op: "grammar", msg: format!("{} mask words", m.len()) })),
-                Err(e) => errors.push((i, e)),
-            }
-        }
-        let applied = ops::bitmask::apply_token_bitmask(logits, &rows, &masks, words);
-        self.grammar_stats.wall_s += t0.elapsed().as_secs_f64();
-        applied?;
-        Ok(errors)
-    }
-
-    /// Why a row had no token to give.
-    fn no_token(&self, sid: SeqId, vocab: usize) -> Error {
-        match self.seqs.0.get(&sid).and_then(|s| s.grammar.as_ref()) {
-            Some(g) => Error::InvalidInput(format!(
-                "the {} allows no token here that the request's other settings permit \
-                 (min_tokens, stop_token_ids or penalties rule out all it allows)",
-                g.constraint().what()
-            )),
-            None => Error::Shape { op: "sample", msg: format!("every logit in a row of {vocab} is -inf or NaN") },
-        }
     }
 
     /// vLLM's min_tokens processor: no EOS or stop id before min_tokens.

@@ -89,6 +89,7 @@ impl Grammars {
             matcher,
             eos: self.eos.clone(),
             words: self.vocab.div_ceil(32),
+            ahead: None,
         })
     }
 }
@@ -159,6 +160,9 @@ pub struct Grammar {
     eos: Arc<[u32]>,
     /// u32 words of a mask: the model's vocabulary, rounded up.
     words: usize,
+    /// The mask of the current state, computed ahead (`precompute`); a
+    /// token taken clears it.
+    ahead: Option<Result<Vec<u32>>>,
 }
 
 impl Clone for Grammar {
@@ -170,6 +174,7 @@ impl Clone for Grammar {
             matcher: self.matcher.deep_clone(),
             eos: self.eos.clone(),
             words: self.words,
+            ahead: None,
         }
     }
 }
@@ -201,6 +206,26 @@ impl Grammar {
     /// exactly `words()` words. Where the grammar may end, every end-of-text
     /// id is allowed, not only the one llguidance knows.
     pub fn allowed(&mut self) -> Result<Vec<u32>> {
+        match self.ahead.take() {
+            Some(m) => m,
+            None => self.compute(),
+        }
+    }
+
+    /// Computes the next mask now, for `allowed` to return later (the
+    /// engine does this on another thread while its own thread goes on).
+    pub fn precompute(&mut self) {
+        if self.ahead.is_none() && !self.finished() {
+            self.ahead = Some(self.compute());
+        }
+    }
+
+    /// Whether the next mask is ready.
+    pub fn has_mask(&self) -> bool {
+        self.ahead.is_some()
+    }
+
+    fn compute(&mut self) -> Result<Vec<u32>> {
         let vob = self.matcher.compute_mask_or_eos().map_err(|e| self.error(e))?;
         let mut words = vob.as_slice().to_vec();
         words.resize(self.words, 0);
@@ -217,6 +242,7 @@ impl Grammar {
 
     /// Moves past a sampled token. An end-of-text id ends the grammar.
     pub fn accept(&mut self, token: u32) -> Result<()> {
+        self.ahead = None;
         let t = if self.eos.contains(&token) { self.eos[0] } else { token };
         self.matcher.consume_token(t).map_err(|e| self.error(e))
     }
