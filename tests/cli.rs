@@ -56,6 +56,36 @@ fn generate_reports_a_missing_image_clearly() {
     assert!(err.contains("/nonexistent/cat.png") && err.contains("No such file"), "{err}");
 }
 
+/// `kestrel generate` with an output constraint: the answer follows it
+/// (the tiny model's weights are random; only the constraint shapes it),
+/// with an image too; a constraint that cannot compile is a clear error.
+#[test]
+fn generate_holds_the_answer_to_a_constraint() {
+    let run = |args: &[&str]| {
+        let out = kestrel().args(["generate", "--device", "cpu", "--max-tokens", "120"]).args(args).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).trim_end().to_owned(), out.stderr)
+    };
+    let (ok, text, err) = run(&["--prompt", "Answer", "--choice", "yes", "--choice", "no"]);
+    assert!(ok && (text == "yes" || text == "no"), "{text:?} {}", String::from_utf8_lossy(&err));
+    let img = fixtures().join("golden/one_image_img0.png");
+    let (ok, text, _) = run(&["--prompt", "Phone?", "--regex", "[0-9]{3}-[0-9]{4}", "--image", img.to_str().unwrap()]);
+    assert!(ok && text.len() == 8 && text.as_bytes()[3] == b'-', "{text:?}");
+    let schema = std::env::temp_dir().join(format!("kestrel-cli-schema-{}.json", std::process::id()));
+    std::fs::write(
+        &schema,
+        r#"{"type": "object", "properties": {"a": {"enum": ["x", "y"]}, "n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["a", "n"], "additionalProperties": false}"#,
+    )
+    .unwrap();
+    let (ok, text, _) =
+        run(&["--prompt", "JSON", "--json-schema", schema.to_str().unwrap(), "--disable-any-whitespace"]);
+    let _ = std::fs::remove_file(&schema);
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+    assert!(ok && ["x", "y"].contains(&v["a"].as_str().unwrap()) && v["n"].as_i64().unwrap() <= 9, "{text}");
+    let (ok, _, err) = run(&["--prompt", "x", "--regex", "("]);
+    let err = String::from_utf8_lossy(&err);
+    assert!(!ok && err.contains("regular expression cannot be used"), "{err}");
+}
+
 #[test]
 fn generate_on_cuda_without_a_gpu_says_why() {
     if kestrel::Device::cuda(0).is_ok() {
