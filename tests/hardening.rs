@@ -35,12 +35,7 @@ impl Server {
     }
 
     fn agent() -> ureq::Agent {
-        ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .proxy(None)
-            .timeout_global(Some(Duration::from_secs(120)))
-            .build()
-            .into()
+        common::http::agent()
     }
 
     /// POSTs raw text; (status, body).

@@ -7,6 +7,17 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+/// A test client: error statuses come back as responses, no proxy, 120 s
+/// for a whole request.
+pub fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .proxy(None)
+        .timeout_global(Some(Duration::from_secs(120)))
+        .build()
+        .into()
+}
+
 pub struct Server {
     child: Child,
     pub port: u16,
@@ -26,12 +37,7 @@ impl Server {
     }
 
     fn agent() -> ureq::Agent {
-        ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .proxy(None)
-            .timeout_global(Some(Duration::from_secs(120)))
-            .build()
-            .into()
+        agent()
     }
 
     /// POSTs JSON; (status, body as JSON, or as a JSON string if it is not JSON).
