@@ -52,10 +52,7 @@ pub fn run(args: &GrammarArgs) -> Result<String> {
     let spec = processor.spec().clone();
     let t0 = Instant::now();
     let tokenizer = Arc::new(Tokenizer::from_dir(&dir)?);
-    let mut eos = spec.eos_token_id.clone();
-    eos.extend_from_slice(tokenizer.eos_token_ids());
-    eos.sort_unstable();
-    eos.dedup();
+    let eos = crate::engine::engine::eos_ids(&spec, &tokenizer);
     let t_tok = t0.elapsed();
     let schema = match &args.json_schema {
         None => crate::cli::bench_serve::default_schema(),

@@ -281,10 +281,7 @@ pub fn load(cfg: &EngineConfig) -> Result<(Frontend, EngineCore)> {
     };
     let (model, dev, t_device) = model?;
     let t_weights = t0.elapsed();
-    let mut eos = spec.eos_token_id.clone();
-    eos.extend_from_slice(tokenizer.eos_token_ids());
-    eos.sort_unstable();
-    eos.dedup();
+    let eos = eos_ids(&spec, &tokenizer);
     let device = match &dev {
         Device::Cpu => "cpu".to_owned(),
         Device::Cuda(g) => g.name().to_owned(),
@@ -372,6 +369,16 @@ pub fn load(cfg: &EngineConfig) -> Result<(Frontend, EngineCore)> {
         tool_parser: family.tool_parser,
     };
     Ok((frontend, EngineCore::new(runner, tokenizer, core_cfg)))
+}
+
+/// The ids that end a choice: the model config's EOS ids and the
+/// tokenizer's (`eos_token`, generation_config.json's), sorted, once each.
+pub fn eos_ids(spec: &ModelSpec, tokenizer: &Tokenizer) -> Vec<u32> {
+    let mut eos = spec.eos_token_id.clone();
+    eos.extend_from_slice(tokenizer.eos_token_ids());
+    eos.sort_unstable();
+    eos.dedup();
+    eos
 }
 
 impl Engine {

@@ -153,29 +153,17 @@ pub struct ChatInput {
 }
 
 const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
-
 impl ChatInput {
-    /// The prompt text: the messages rendered with the request's own
-    /// `chat_template` if it gave one (compiled here; a syntax or render
-    /// error in it is the request's fault, a 400), else with `template`
-    /// (whose render errors are 400s too when the request gave variables).
-    /// `chat_template_kwargs` are extra template variables. A `developer`
-    /// message is a `system` one unless the template mentions the
-    /// `developer` role itself (vLLM, OpenAI).
-    pub fn render(&self, template: &ChatTemplate) -> Result<String> {
-        self.render_tools(template, None)
-    }
-
     /// `render` for a frontend: a request with tools is rendered with its
     /// own template, else with the model's when that renders tools, else
     /// with the family's tool template; when none renders them it is a 400
     /// (tools the model never sees would be accepted and ignored).
     pub fn render_for(&self, template: &ChatTemplate, tools_template: Option<&ChatTemplate>) -> Result<String> {
         if self.tools.is_empty() || self.chat_template.is_some() {
-            return self.render_tools(template, None);
+            return self.render(template);
         }
         match tools_template {
-            Some(t) => self.render_tools(t, Some(tools_for_template(&self.tools))),
+            Some(t) => self.render(t),
             None => Err(Error::InvalidInput(
                 "this model's chat template does not render tools, and Kestrel has no tool template for its \
                  family; start the server with --chat-template FILE (or send chat_template) with one that does"
@@ -184,12 +172,16 @@ impl ChatInput {
         }
     }
 
-    fn render_tools(&self, template: &ChatTemplate, tools: Option<Value>) -> Result<String> {
-        let tools = match (tools, self.chat_template.is_some() && !self.tools.is_empty()) {
-            (Some(t), _) => t,
-            (None, true) => tools_for_template(&self.tools),
-            (None, false) => Value::Null,
-        };
+    /// The prompt text: the messages rendered with the request's own
+    /// `chat_template` if it gave one (compiled here; a syntax or render
+    /// error in it is the request's fault, a 400), else with `template`
+    /// (whose render errors are 400s too when the request gave variables).
+    /// `chat_template_kwargs` are extra template variables. A `developer`
+    /// message is a `system` one unless the template mentions the
+    /// `developer` role itself (vLLM, OpenAI).
+    pub fn render(&self, template: &ChatTemplate) -> Result<String> {
+        // The request's tools (none for embeddings) go to whichever template renders.
+        let tools = if self.tools.is_empty() { Value::Null } else { tools_for_template(&self.tools) };
         let own;
         let (tmpl, from_request) = match &self.chat_template {
             Some(src) => {

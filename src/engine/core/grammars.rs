@@ -63,6 +63,12 @@ impl EngineCore {
         self.ahead = Some(rx);
     }
 
+    /// Whether any sequence is constrained (its grammar at home: call
+    /// `join_masks` first). Unconstrained steps stop here, with nothing built.
+    fn any_grammar(&self) -> bool {
+        self.seqs.0.values().any(|s| s.grammar.is_some())
+    }
+
     /// Puts the grammars `start_masks` sent out back on their sequences
     /// (those that ended meanwhile are dropped with their grammars).
     fn join_masks(&mut self) {
@@ -92,6 +98,9 @@ impl EngineCore {
     ) -> HashMap<SeqId, Result<bool>> {
         use rayon::prelude::*;
         self.join_masks();
+        if !self.any_grammar() {
+            return HashMap::new();
+        }
         let token_of: HashMap<SeqId, u32> =
             seqs.iter().zip(tokens).filter_map(|(&sid, t)| t.as_ref().ok().map(|t| (sid, t.token))).collect();
         let (eos, reqs) = (&self.cfg.eos, &self.reqs);
@@ -122,12 +131,16 @@ impl EngineCore {
     /// Sets to -inf, in the logits' rows of constrained sequences, every
     /// token their grammar does not allow next (vLLM applies its grammar
     /// bitmask to the logits the same way, before sampling and logprobs).
-    /// The masks are computed on this thread's rayon pool, one sequence per
-    /// task, while the device may still run the forward pass. A grammar that
-    /// fails is returned as its row's error; the others go on.
+    /// The masks were mostly computed ahead (`start_masks`); a sequence's
+    /// first is computed here, on the rayon pool, while the device may still
+    /// run the forward pass. A grammar that fails is returned as its row's
+    /// error; the others go on.
     pub(super) fn apply_grammars(&mut self, seqs: &[SeqId], logits: &mut Tensor) -> Result<Vec<(usize, Error)>> {
         use rayon::prelude::*;
         self.join_masks();
+        if !self.any_grammar() {
+            return Ok(Vec::new());
+        }
         let row_of: HashMap<SeqId, usize> = seqs.iter().enumerate().map(|(i, &sid)| (sid, i)).collect();
         let mut work: Vec<(usize, &mut Grammar)> =
             self.seqs.0.iter_mut().filter_map(|(sid, s)| Some((*row_of.get(sid)?, s.grammar.as_mut()?))).collect();

@@ -12,12 +12,6 @@ fn template(source: &str) -> ChatTemplate {
     ChatTemplate::new(source, "t", SpecialTokens::default()).unwrap()
 }
 
-/// The tool template with `tools` set from the `test_tools` variable
-/// (`ChatTemplate::render_with` passes `tools` as none).
-fn with_tools() -> ChatTemplate {
-    template(&format!("{{%- set tools = test_tools -%}}{TOOL_CHAT_TEMPLATE}"))
-}
-
 /// Conversations as the server passes them: media parts are
 /// `{"type": "image"}` / `{"type": "video"}`.
 fn conversations() -> Vec<Value> {
@@ -56,8 +50,7 @@ fn same_as_builtin_without_tools() {
                 let want = builtin.render_with(&m, gen, &kwargs).unwrap();
                 assert_eq!(tools.render_with(&m, gen, &kwargs).unwrap(), want, "{m} gen={gen} {kwargs}");
                 // An empty tools list is no tools.
-                let kw = json!({"test_tools": [], "add_vision_id": kwargs["add_vision_id"]});
-                assert_eq!(with_tools().render_with(&m, gen, &kw).unwrap(), want, "{m} tools=[]");
+                assert_eq!(tools.render_tools(&m, gen, &kwargs, &json!([])).unwrap(), want, "{m} tools=[]");
             }
         }
     }
@@ -104,8 +97,7 @@ fn renders_tools_calls_and_responses() {
          <|im_start|>user\n<tool_response>\n{{\"temp\": 21}}\n</tool_response>\n<tool_response>\n12:00\n\
          </tool_response><|im_end|>\n<|im_start|>user\nThanks<|im_end|>\n<|im_start|>assistant\n"
     );
-    let kw = json!({"test_tools": tools()});
-    assert_eq!(with_tools().render_with(&m, true, &kw).unwrap(), want);
+    assert_eq!(template(TOOL_CHAT_TEMPLATE).render_tools(&m, true, &Value::Null, &tools()).unwrap(), want);
 }
 
 #[test]
@@ -126,8 +118,8 @@ fn tools_without_system_message_and_calls_with_text() {
          <|im_start|>user\n<tool_response>\nPicture 2: <|vision_start|><|image_pad|><|vision_end|>a clock\n\
          </tool_response><|im_end|>\n"
     );
-    let kw = json!({"test_tools": tools(), "add_vision_id": true});
-    assert_eq!(with_tools().render_with(&m, false, &kw).unwrap(), want);
+    let kw = json!({"add_vision_id": true});
+    assert_eq!(template(TOOL_CHAT_TEMPLATE).render_tools(&m, false, &kw, &tools()).unwrap(), want);
 }
 
 /// A history with calls renders them as blocks even when the request
@@ -143,4 +135,40 @@ fn calls_in_history_without_tools() {
                 <|im_start|>assistant\n<tool_call>\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call><|im_end|>\n\
                 <|im_start|>user\n<tool_response>\nnoon\n</tool_response><|im_end|>\n<|im_start|>assistant\n";
     assert_eq!(template(TOOL_CHAT_TEMPLATE).render(&m, true).unwrap(), want);
+}
+
+/// A request's tools and assistant calls (arguments as the OpenAI client
+/// sends them, JSON strings) through `postprocess_messages` and
+/// `tools_for_template` into the tool template; the model's answer in that
+/// format parses back.
+#[test]
+fn round_trip_through_the_tool_template() {
+    use crate::openai::tools::{parse_hermes, parse_tools, postprocess_messages, tools_for_template};
+
+    let t = parse_tools(&json!([{"type": "function", "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    }}]))
+    .unwrap();
+    let mut m = json!([
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Weather here?"}]},
+        {"role": "assistant", "content": null, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "call_1"},
+    ]);
+    postprocess_messages(&mut m);
+    let prompt = template(TOOL_CHAT_TEMPLATE).render_tools(&m, true, &Value::Null, &tools_for_template(&t)).unwrap();
+    assert!(
+        prompt.contains("<tools>\n{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"description\"")
+    );
+    assert!(prompt.contains(
+        "<|im_start|>assistant\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call><|im_end|>\n"
+    ));
+    assert!(prompt
+        .ends_with("<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>\n<|im_start|>assistant\n"));
+    let answer = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Lyon\"}}\n</tool_call>";
+    let (content, calls) = parse_hermes(answer);
+    let calls: Vec<(String, String)> = calls.into_iter().map(|c| (c.name, c.arguments)).collect();
+    assert_eq!((content, calls), (None, vec![("get_weather".to_string(), r#"{"city":"Lyon"}"#.to_string())]));
 }

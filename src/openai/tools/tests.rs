@@ -395,38 +395,3 @@ fn hermes_stream_bad_block_after_a_call_is_content() {
     assert_eq!(s.push("Hi <tool_call>{x}"), [ToolDelta::Content("Hi".into())]);
     assert_eq!(s.push("</tool_call> more"), [ToolDelta::Content(" <tool_call>{x}</tool_call> more".into())]);
 }
-
-/// A request's tools and assistant calls (arguments as the OpenAI client
-/// sends them, JSON strings) through `postprocess_messages` and
-/// `tools_for_template` into Qwen2-VL's tool template; the model's answer
-/// in that format parses back.
-#[test]
-fn round_trip_through_the_qwen2_vl_tool_template() {
-    use crate::model::qwen2_vl::TOOL_CHAT_TEMPLATE;
-    use crate::text::chat_template::ChatTemplate;
-    use crate::text::tokenizer::SpecialTokens;
-
-    let t = tools(json!([weather()]));
-    let mut m = json!([
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Weather here?"}]},
-        {"role": "assistant", "content": null, "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]},
-        {"role": "tool", "content": "sunny", "tool_call_id": "call_1"},
-    ]);
-    postprocess_messages(&mut m);
-    // ChatTemplate passes `tools` as none; the test sets it from a variable.
-    let source = format!("{{%- set tools = test_tools -%}}{TOOL_CHAT_TEMPLATE}");
-    let tmpl = ChatTemplate::new(source, "t", SpecialTokens::default()).unwrap();
-    let prompt = tmpl.render_with(&m, true, &json!({"test_tools": tools_for_template(&t)})).unwrap();
-    assert!(
-        prompt.contains("<tools>\n{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"description\"")
-    );
-    assert!(prompt.contains(
-        "<|im_start|>assistant\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call><|im_end|>\n"
-    ));
-    assert!(prompt
-        .ends_with("<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>\n<|im_start|>assistant\n"));
-    let answer = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Lyon\"}}\n</tool_call>";
-    let (content, calls) = parse_hermes(answer);
-    assert_eq!((content, names_and_args(&calls)), (None, pairs(&[("get_weather", r#"{"city":"Lyon"}"#)])));
-}
